@@ -1,0 +1,286 @@
+"""The ``sparseseg`` command: sparsify, train, segment, evaluate, demo.
+
+Every subcommand drives the same engine as the napari widgets (``napari_sparseseg.core``).
+User errors print one line (``sparseseg: error: ...``) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .core import checkpoint, io
+from .core.errors import SparseSegError
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.replace("x", ",").split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a shape like 256,256 or 32,96,96, got {text!r}") from None
+
+
+def _out_path(out: Path, src: Path) -> Path:
+    stem = src.name[: -len(".zarr")] if src.name.endswith(".zarr") else src.stem
+    return out / f"{stem}.tif"
+
+
+# -- sparsify ------------------------------------------------------------------------------------
+def cmd_sparsify(args) -> int:
+    from .core.sparsify import sparsify
+
+    files = io.expand(args.labels, "--labels")
+    out = Path(args.out)
+    n_kept = n_total = 0
+    for i, path in enumerate(files):
+        lab = io.read_labels(path)
+        sparse = sparsify(lab, args.fraction, np.random.default_rng([args.seed, i]))
+        n_total += len(np.unique(lab[lab > 0]))
+        n_kept += len(np.unique(sparse[sparse > 0]))
+        io.write(_out_path(out, path), sparse)
+    print(f"kept {n_kept} of {n_total} objects in {len(files)} image(s) -> {out}/")
+    return 0
+
+
+# -- train ---------------------------------------------------------------------------------------
+def _load_pairs(images: str, labels: str):
+    pairs = io.pair(io.expand(images, "--images"), io.expand(labels, "--labels"))
+    imgs, labs, names = [], [], []
+    for ip, lp in pairs:
+        imgs.append(io.read(ip))
+        labs.append(io.read_labels(lp))
+        names.append(str(ip))
+    return imgs, labs, names
+
+
+def cmd_train(args) -> int:
+    from tqdm import tqdm
+
+    from .core.losses import SpocoLossConfig
+    from .core.training import TrainConfig, Trainer
+
+    out = Path(args.out)
+    init, resume = None, False
+    if (out / checkpoint.CONFIG).exists():
+        if not args.resume:
+            raise SparseSegError(
+                f"--out {out}: already holds a model; pass --resume to continue training it, or choose another folder"
+            )
+        init, resume = checkpoint.load(out, with_optimizer=True), True
+    elif args.resume:
+        raise SparseSegError(f"--resume: {out} holds no model to resume")
+    if args.init is not None:
+        if init is not None:
+            raise SparseSegError("--from and --resume cannot be combined: --resume continues the model in --out")
+        init = checkpoint.load(args.init)
+    imgs, labs, names = _load_pairs(args.images, args.labels)
+    loss = SpocoLossConfig(anchor=args.anchor, w_consistency=args.consistency_weight)
+    lr = args.lr if args.lr is not None else (1e-4 if (init is not None and not resume) else 1e-3)
+    config = TrainConfig(
+        iterations=args.iterations,
+        time_limit=args.time_limit,
+        batch_size=args.batch_size,
+        patch_shape=args.patch_shape,
+        lr=lr,
+        seed=args.seed,
+        device=args.device,
+        background_id=args.background_id,
+        scale=args.scale,
+        loss=loss,
+        checkpoint_every=args.checkpoint_every,
+    )
+    trainer = Trainer(imgs, labs, config, out=out, init=init, resume=resume, names=names)
+    print(
+        f"training SPOCO on {len(imgs)} image(s), {sum(len(s.objects) for s in trainer.samples)} annotated "
+        f"object(s), scale {trainer.model_config['scale']}, patch {trainer.patch}, device {trainer.device}"
+    )
+    # SIGTERM (e.g. a batch system's time limit) stops like Ctrl-C, after the current step
+    signal.signal(signal.SIGTERM, lambda *_: trainer.stop())
+    iters, tlimit = trainer._limits()
+    bar = tqdm(total=iters, unit="it", disable=args.quiet or None, dynamic_ncols=True)
+    events = trainer.run()
+    reason = ""
+    try:
+        for ev in events:
+            if ev.done:
+                reason = ev.reason
+                break
+            bar.update(1)
+            if ev.iteration % 5 == 0:
+                bar.set_postfix(loss=f"{ev.losses['loss']:.3f}", obj=f"{ev.losses['obj']:.3f}",
+                                con=f"{ev.losses['consistency']:.3f}")
+    except KeyboardInterrupt:
+        events.close()  # the trainer writes its checkpoint on close
+        reason = "interrupted (Ctrl-C)"
+    finally:
+        bar.close()
+    print(
+        f"stopped after {trainer.iteration} iterations ({trainer.seconds:.0f} s, "
+        f"{trainer.iteration / max(trainer.seconds, 1e-9):.2f} it/s): {reason or 'done'}; model saved to {out}/"
+    )
+    return 0
+
+
+# -- segment -------------------------------------------------------------------------------------
+def segment_image(model, image, args, name):
+    from .core.clustering import segment_embeddings
+    from .core.prediction import predict
+
+    emb = predict(model, image, device=args.device, name=name)
+    emb_g = None
+    if args.clustering == "consistency":
+        emb_g = predict(model, image, device=args.device, name=name, use_ema=True)
+    min_size = args.min_size
+    if min_size is None:
+        area = model.config.get("object_area_median") or 0
+        min_size = int(area / 20)
+    loss = model.config.get("loss", {})
+    return segment_embeddings(
+        emb, args.clustering, delta_var=loss.get("delta_var", 0.5), delta_dist=loss.get("delta_dist", 2.0),
+        bias=args.bias, min_size=min_size, background=args.background, embeddings_g=emb_g,
+    )
+
+
+def cmd_segment(args) -> int:
+    model = checkpoint.load(args.model)
+    files = io.expand(args.images, "--images")
+    out = Path(args.out)
+    for path in files:
+        t0 = time.perf_counter()
+        seg = segment_image(model, io.read(path), args, str(path))
+        dst = io.write(_out_path(out, path), seg.astype(np.uint32 if seg.max() > 65535 else np.uint16))
+        print(f"{path} -> {dst}: {int(seg.max())} objects in {time.perf_counter() - t0:.2f} s")
+    return 0
+
+
+# -- evaluate ------------------------------------------------------------------------------------
+def cmd_evaluate(args) -> int:
+    from .core.metrics import KEYS, evaluate, mean_scores
+
+    pairs = io.pair(io.expand(args.pred, "--pred"), io.expand(args.gt, "--gt"))
+    rows = []
+    for pp, gp in pairs:
+        pred, gt = io.read_labels(pp), io.read_labels(gp)
+        if pred.shape != gt.shape:
+            raise SparseSegError(f"{pp}: shape {pred.shape} does not match the ground truth {gp} {gt.shape}")
+        rows.append({"name": pp.name, **evaluate(pred, gt)})
+    mean = mean_scores(rows)
+    if args.json:
+        print(json.dumps({"images": rows, "mean": mean}, indent=1))
+    else:
+        print("name".ljust(28) + "".join(k.rjust(10) for k in KEYS))
+        for r in rows + [{"name": "mean", **mean}]:
+            print(r["name"][:27].ljust(28) + "".join(f"{r[k]:10.3f}" for k in KEYS))
+    return 0
+
+
+# -- demo ----------------------------------------------------------------------------------------
+def cmd_demo(args) -> int:
+    from .core.samples import synthetic_dataset
+    from .core.sparsify import sparsify
+
+    out = Path(args.out)
+    data = synthetic_dataset(args.n_train + 2, seed=args.seed)
+    for d in ("images", "sparse", "gt", "test", "test_gt"):
+        (out / d).mkdir(parents=True, exist_ok=True)
+    for i, (img, lab) in enumerate(data):
+        if i < args.n_train:
+            io.write(out / "images" / f"cells_{i:02d}.tif", img)
+            io.write(out / "sparse" / f"cells_{i:02d}.tif", sparsify(lab, args.fraction, np.random.default_rng([args.seed, i])))
+        else:
+            io.write(out / "test" / f"cells_{i:02d}.tif", img)
+            io.write(out / "test_gt" / f"cells_{i:02d}.tif", lab)
+    print(f"sample data: {args.n_train} training images with {args.fraction:.0%} of the cells labeled -> {out}/")
+    model_dir = out / "model"
+    train_args = [
+        "train", "--images", str(out / "images" / "*.tif"), "--labels", str(out / "sparse" / "*.tif"),
+        "--out", str(model_dir), "--time-limit", str(args.time_limit), "--seed", str(args.seed),
+    ]
+    if (model_dir / checkpoint.CONFIG).exists():
+        train_args.append("--resume")
+    main(train_args)
+    main(["segment", "--model", str(model_dir), "--images", str(out / "test" / "*.tif"), "--out", str(out / "seg")])
+    return main(["evaluate", "--pred", str(out / "seg" / "*.tif"), "--gt", str(out / "test_gt" / "*.tif")])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sparseseg",
+        description="Train instance segmentation from a few labeled objects (SPOCO) and segment images.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("sparsify", help="keep a random fraction of the objects (benchmark protocol SPOCO@p)")
+    s.add_argument("--labels", required=True, help="dense label images (quoted glob)")
+    s.add_argument("--fraction", type=float, required=True, help="fraction of objects to keep, in (0, 1]")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True, help="folder for <stem>.tif")
+    s.set_defaults(func=cmd_sparsify)
+
+    t = sub.add_parser("train", help="train an embedding network on sparse labels")
+    t.add_argument("--images", required=True, help="images (quoted glob); pair with --labels in sorted order")
+    t.add_argument("--labels", required=True, help="sparse labels: 0 = unlabeled, each id > 0 one complete object")
+    t.add_argument("--out", required=True, help="model folder to write")
+    t.add_argument("--time-limit", type=float, default=None, metavar="SECONDS", help="stop after this many seconds")
+    t.add_argument("--iterations", type=int, default=None, help="stop after this many iterations")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    t.add_argument("--from", dest="init", default=None, metavar="MODEL", help="fine-tune this model (lr 1e-4 by default)")
+    t.add_argument("--resume", action="store_true", help="continue training the model already in --out")
+    t.add_argument("--background-id", type=int, default=None, help="this label is background (full supervision)")
+    t.add_argument("--batch-size", type=int, default=4)
+    t.add_argument("--patch-shape", type=_parse_shape, default=None, help="training crop, e.g. 256,256")
+    t.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3; 1e-4 with --from)")
+    t.add_argument("--scale", type=float, default=None, help="downscale factor in y/x (default: from object size)")
+    t.add_argument("--anchor", choices=("pixel", "mean"), default="pixel", help="instance-selection anchor")
+    t.add_argument("--consistency-weight", type=float, default=1.0, help="weight of the embedding consistency term")
+    t.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    g = sub.add_parser("segment", help="predict embeddings and cluster them into objects")
+    g.add_argument("--model", required=True)
+    g.add_argument("--images", required=True, help="images (quoted glob)")
+    g.add_argument("--out", required=True, help="folder for <stem>.tif")
+    g.add_argument("--clustering", choices=("mws", "hdbscan", "meanshift", "consistency"), default="mws")
+    g.add_argument("--bias", type=float, default=0.0, help="> 0 splits more, < 0 merges more (mws)")
+    g.add_argument("--min-size", type=int, default=None, help="smaller objects are removed (default: 1/20 of the median annotated object)")
+    g.add_argument("--background", choices=("largest", "none"), default="largest",
+                   help="largest: the largest segment is background (0); none: dense tissue")
+    g.add_argument("--device", default="auto")
+    g.set_defaults(func=cmd_segment)
+
+    e = sub.add_parser("evaluate", help="score segmentations against ground truth")
+    e.add_argument("--pred", required=True)
+    e.add_argument("--gt", required=True)
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(func=cmd_evaluate)
+
+    d = sub.add_parser("demo", help="sample data -> sparse labels -> train -> segment -> score")
+    d.add_argument("--out", default="sparseseg-demo")
+    d.add_argument("--time-limit", type=float, default=120.0)
+    d.add_argument("--fraction", type=float, default=0.25)
+    d.add_argument("--n-train", type=int, default=6)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except SparseSegError as err:
+        print(f"sparseseg: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

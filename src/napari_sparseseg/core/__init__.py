@@ -1,0 +1,1 @@
+"""The engine: arrays in, arrays and progress events out. Imports neither Qt nor napari."""

@@ -1,0 +1,183 @@
+"""Model folders: ``config.json`` (everything needed to rebuild the model) + safetensors weights.
+
+Weights never go through pickle: they load with safetensors, the optimiser state with
+``torch.load(weights_only=True)``. A save writes new, versioned files first and replaces
+``config.json`` last (atomically, with the files' SHA-256), so a crash at any moment leaves the
+previous checkpoint intact, and a file changed behind our back is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import SparseSegError
+from .network import UNet, build_network
+
+FORMAT = "napari-sparseseg-model"
+VERSION = 1
+CONFIG = "config.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class Model:
+    """A trained model: the embedding network f, its EMA g (may be None) and the config."""
+
+    net: UNet
+    config: dict[str, Any]
+    ema: UNet | None = None
+    optimizer_state: dict | None = None
+    path: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ndim(self) -> int:
+        return int(self.config["network"]["ndim"])
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.config["network"]["in_channels"])
+
+
+def save(folder: str | os.PathLike, model: Model) -> Path:
+    """Write ``model`` into ``folder`` atomically; returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    it = int(model.config.get("training", {}).get("iteration", 0))
+    files: dict[str, str] = {}
+
+    def tensors(net):
+        return {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+
+    names = {"weights": f"weights-{it:08d}.safetensors"}
+    save_file(tensors(model.net), str(folder / f".{names['weights']}.tmp"))
+    os.replace(folder / f".{names['weights']}.tmp", folder / names["weights"])
+    if model.ema is not None:
+        names["ema"] = f"ema-{it:08d}.safetensors"
+        save_file(tensors(model.ema), str(folder / f".{names['ema']}.tmp"))
+        os.replace(folder / f".{names['ema']}.tmp", folder / names["ema"])
+    if model.optimizer_state is not None:
+        names["optimizer"] = f"optimizer-{it:08d}.pt"
+        tmp = folder / f".{names['optimizer']}.tmp"
+        torch.save(model.optimizer_state, tmp)
+        os.replace(tmp, folder / names["optimizer"])
+    for role, name in names.items():
+        files[role] = name
+    config = dict(model.config)
+    config["format"] = FORMAT
+    config["version"] = VERSION
+    config["files"] = {role: {"name": name, "sha256": _sha256(folder / name)} for role, name in files.items()}
+    _atomic_write_bytes(folder / CONFIG, json.dumps(config, indent=2).encode())
+    # only now that config.json points to the new files may the old ones go
+    keep = set(files.values()) | {CONFIG}
+    for p in folder.iterdir():
+        if p.is_file() and p.name not in keep and p.name.split("-")[0] in ("weights", "ema", "optimizer"):
+            p.unlink(missing_ok=True)
+    model.path = folder
+    return folder
+
+
+def read_config(folder: str | os.PathLike) -> dict[str, Any]:
+    folder = Path(folder)
+    cfg_path = folder / CONFIG
+    if not folder.exists():
+        raise SparseSegError(f"model folder {folder}: not found")
+    if not cfg_path.exists():
+        raise SparseSegError(f"model folder {folder}: has no {CONFIG}; expected a folder written by 'sparseseg train'")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as err:
+        raise SparseSegError(f"model folder {folder}: {CONFIG} is not valid JSON ({err})") from err
+    if config.get("format") != FORMAT:
+        raise SparseSegError(f"model folder {folder}: {CONFIG} is not a napari-sparseseg model")
+    if int(config.get("version", 0)) > VERSION:
+        raise SparseSegError(
+            f"model folder {folder}: written by a newer napari-sparseseg (format {config['version']}); please upgrade"
+        )
+    return config
+
+
+def _checked(folder: Path, config: dict, role: str) -> Path | None:
+    entry = config.get("files", {}).get(role)
+    if entry is None:
+        return None
+    path = folder / entry["name"]
+    if not path.exists():
+        raise SparseSegError(f"model folder {folder}: {entry['name']} is missing")
+    if _sha256(path) != entry["sha256"]:
+        raise SparseSegError(
+            f"model folder {folder}: {entry['name']} does not match the checksum in {CONFIG} "
+            "(the file was changed or damaged); refusing to load it"
+        )
+    return path
+
+
+def load(folder: str | os.PathLike, device: str | torch.device = "cpu", with_optimizer: bool = False) -> Model:
+    """Load a model folder without executing any code from it."""
+    folder = Path(folder)
+    config = read_config(folder)
+    try:
+        net = build_network(config["network"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise SparseSegError(f"model folder {folder}: invalid network description in {CONFIG} ({err})") from err
+    weights = _checked(folder, config, "weights")
+    if weights is None:
+        raise SparseSegError(f"model folder {folder}: {CONFIG} names no weights file")
+
+    def restore(target, path):
+        try:
+            target.load_state_dict(load_file(str(path)))
+        except Exception as err:
+            raise SparseSegError(f"model folder {folder}: {path.name} does not fit the network ({err})") from err
+        return target.to(device).eval()
+
+    net = restore(net, weights)
+    ema = None
+    ema_path = _checked(folder, config, "ema")
+    if ema_path is not None:
+        ema = restore(build_network(config["network"]), ema_path)
+        for p in ema.parameters():
+            p.requires_grad_(False)
+    opt_state = None
+    opt_path = _checked(folder, config, "optimizer") if with_optimizer else None
+    if opt_path is not None:
+        opt_state = torch.load(opt_path, map_location="cpu", weights_only=True)
+    return Model(net=net, config=config, ema=ema, optimizer_state=opt_state, path=folder)
+
+
+def check_compatible(config: dict, ndim: int, channels: int, what: str) -> None:
+    """Refuse a model for another dimensionality or channel count, naming both."""
+    net = config["network"]
+    if int(net["ndim"]) != ndim:
+        raise SparseSegError(
+            f"{what}: is {ndim}D but the model was trained on {net['ndim']}D images; "
+            f"use a {ndim}D model (train one on {ndim}D data)"
+        )
+    if int(net["in_channels"]) != channels:
+        raise SparseSegError(
+            f"{what}: has {channels} channel(s) but the model expects {net['in_channels']}"
+        )

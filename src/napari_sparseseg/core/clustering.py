@@ -1,0 +1,222 @@
+"""From pixel embeddings to instance labels: mutex watershed (default), HDBSCAN, mean-shift and
+consistency clustering, plus the post-processing users expect.
+
+Embeddings are float arrays (D, Y, X) or (D, Z, Y, X). Every function returns an integer label
+image where 0 is background (when background handling is on) and ids are consecutive.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+from skimage.segmentation import relabel_sequential
+
+from .errors import SparseSegError
+
+METHODS = ("mws", "hdbscan", "meanshift", "consistency")
+
+
+def default_offsets(ndim: int) -> list[list[int]]:
+    """Nearest neighbours first, then distances 3, 9 and 27 along every axis (8 in 2D, 12 in 3D)."""
+    offsets = []
+    for dist in (1, 3, 9, 27):
+        for ax in range(ndim):
+            o = [0] * ndim
+            o[ax] = -dist
+            offsets.append(o)
+    return offsets
+
+
+def _check(embeddings: np.ndarray) -> np.ndarray:
+    embeddings = np.asarray(embeddings)
+    if embeddings.ndim not in (3, 4) or not np.issubdtype(embeddings.dtype, np.floating):
+        raise SparseSegError(
+            f"embeddings: expected a float array shaped (D, Y, X) or (D, Z, Y, X), got {embeddings.dtype} {embeddings.shape}"
+        )
+    return embeddings.astype(np.float32, copy=False)
+
+
+def embedding_distances(embeddings: np.ndarray, offsets: list[list[int]]) -> np.ndarray:
+    """||e_i - e_{i+o}|| for every offset: (len(offsets), *S); NaN where i+o leaves the image."""
+    embeddings = _check(embeddings)
+    spatial = embeddings.shape[1:]
+    out = np.full((len(offsets),) + spatial, np.nan, dtype=np.float32)
+    for c, off in enumerate(offsets):
+        src = tuple(slice(max(0, -o), s - max(0, o)) for o, s in zip(off, spatial))
+        dst = tuple(slice(max(0, o), s - max(0, -o)) for o, s in zip(off, spatial))
+        diff = embeddings[(slice(None),) + src] - embeddings[(slice(None),) + dst]
+        out[(c,) + src] = np.sqrt(np.einsum("d...,d...->...", diff, diff))
+    return out
+
+
+def embeddings_to_affinities(embeddings: np.ndarray, offsets: list[list[int]], delta_dist: float = 2.0) -> np.ndarray:
+    """Repulsive weights ("disaffinities") w = 1 - max((2 dd - d) / (2 dd), 0)^2, as SPOCO defines them.
+
+    0 = same object, 1 = different objects. Edges leaving the image get 0 (no repulsion).
+    """
+    dist = embedding_distances(embeddings, offsets)
+    w = 1.0 - np.maximum((2 * delta_dist - dist) / (2 * delta_dist), 0.0) ** 2
+    return np.nan_to_num(w, nan=0.0).astype(np.float32)
+
+
+def mutex_watershed(
+    embeddings: np.ndarray,
+    offsets: list[list[int]] | None = None,
+    delta_dist: float = 2.0,
+    bias: float = 0.0,
+    strides: list[int] | None = None,
+    mask: np.ndarray | None = None,
+) -> np.ndarray:
+    """Mutex watershed (python-elf / bioimage-cpp) on the long-range grid graph of the embeddings.
+
+    ``bias`` > 0 favours splits (adds to the repulsive and subtracts from the attractive
+    weights), < 0 favours merges.
+    """
+    from elf.segmentation.mutex_watershed import mutex_watershed as elf_mws
+
+    ndim = embeddings.ndim - 1
+    offsets = offsets or default_offsets(ndim)
+    w = embeddings_to_affinities(embeddings, offsets, delta_dist)
+    if bias:
+        # w is a disaffinity in every channel, so one shift raises repulsion and lowers attraction
+        w = np.clip(w + bias, 0.0, 1.0)
+    # elf expects "disaffinities" for every channel and flips the first ndim (attractive) itself
+    strides = list(strides) if strides is not None else [1] * ndim
+    seg = elf_mws(w, offsets, strides=strides, randomize_strides=False, mask=mask)
+    return seg.astype(np.int64)
+
+
+def _flat(embeddings: np.ndarray, mask: np.ndarray | None):
+    d = embeddings.shape[0]
+    flat = embeddings.reshape(d, -1).T
+    sel = np.ones(flat.shape[0], bool) if mask is None else mask.ravel().astype(bool)
+    return flat[sel], sel
+
+
+def hdbscan_clustering(embeddings: np.ndarray, min_size: int = 200, mask: np.ndarray | None = None) -> np.ndarray:
+    """HDBSCAN on the pixel embeddings (noise -> 0)."""
+    import hdbscan
+
+    pts, sel = _flat(embeddings, mask)
+    labels = hdbscan.HDBSCAN(min_cluster_size=max(2, int(min_size))).fit_predict(pts)
+    out = np.zeros(sel.shape, np.int64)
+    out[sel] = labels + 1
+    return out.reshape(embeddings.shape[1:])
+
+
+def meanshift_clustering(embeddings: np.ndarray, bandwidth: float = 0.5, mask: np.ndarray | None = None) -> np.ndarray:
+    """Mean-shift (scikit-learn, bin seeding) with the pull margin as bandwidth."""
+    from sklearn.cluster import MeanShift
+
+    pts, sel = _flat(embeddings, mask)
+    labels = MeanShift(bandwidth=bandwidth, bin_seeding=True, cluster_all=True).fit_predict(pts)
+    out = np.zeros(sel.shape, np.int64)
+    out[sel] = labels + 1
+    return out.reshape(embeddings.shape[1:])
+
+
+def consistency_clustering(
+    embeddings: np.ndarray,
+    embeddings_g: np.ndarray,
+    delta_var: float = 0.5,
+    iou_threshold: float = 0.6,
+    n_anchors: int = 10,
+    seed: int = 0,
+    mask: np.ndarray | None = None,
+) -> np.ndarray:
+    """SPOCO Algorithm 1: mean-shift on f, keep a cluster if the median IoU with masks grown
+    around ``n_anchors`` of its pixels in g's embedding space exceeds ``iou_threshold``.
+
+    (elf's version handles 2D only; this one is N-D.)
+    """
+    seg = meanshift_clustering(embeddings, delta_var, mask)
+    rng = np.random.default_rng(seed)
+    d = embeddings_g.shape[0]
+    eg = embeddings_g.reshape(d, -1)
+    flat = seg.ravel()
+    for lid in np.unique(flat):
+        if lid == 0:
+            continue
+        members = np.flatnonzero(flat == lid)
+        ious = []
+        for a in rng.choice(members, size=min(n_anchors, members.size), replace=False):
+            grown = np.sum((eg - eg[:, a : a + 1]) ** 2, axis=0) < delta_var**2
+            inter = np.count_nonzero(grown[members])
+            ious.append(inter / (members.size + np.count_nonzero(grown) - inter))
+        if np.median(ious) <= iou_threshold:
+            flat[members] = 0
+    return seg
+
+
+def postprocess(
+    seg: np.ndarray,
+    min_size: int = 0,
+    background: str = "largest",
+    mask: np.ndarray | None = None,
+) -> np.ndarray:
+    """Background handling, foreground mask and minimum object size; ids made consecutive.
+
+    ``background``: "largest" turns the largest segment into 0; "none" keeps every segment
+    (dense tissue). Segments under ``min_size`` pixels become 0; without background they are
+    filled from their nearest neighbouring object instead.
+    """
+    if background not in ("largest", "none"):
+        raise SparseSegError(f"background: expected 'largest' or 'none', got {background!r}")
+    seg = np.asarray(seg).astype(np.int64, copy=True)
+    if mask is not None:
+        seg[~mask.astype(bool)] = 0
+    counts = np.bincount(seg.ravel())
+    if background == "largest" and counts[1:].size and counts[1:].max() > 0:
+        seg[seg == int(np.argmax(counts[1:]) + 1)] = 0
+        counts = np.bincount(seg.ravel())
+    if min_size > 0:
+        small = counts < min_size
+        small[0] = False
+        if small.any():
+            seg[small[seg]] = 0
+            if background == "none" and seg.any():
+                holes = seg == 0 if mask is None else (seg == 0) & mask.astype(bool)
+                idx = ndimage.distance_transform_edt(seg == 0, return_distances=False, return_indices=True)
+                filled = seg[tuple(idx)]
+                seg[holes] = filled[holes]
+    return relabel_sequential(seg)[0]
+
+
+def segment_embeddings(
+    embeddings: np.ndarray,
+    method: str = "mws",
+    *,
+    delta_var: float = 0.5,
+    delta_dist: float = 2.0,
+    offsets: list[list[int]] | None = None,
+    strides: list[int] | None = None,
+    bias: float = 0.0,
+    min_size: int = 0,
+    background: str = "largest",
+    mask: np.ndarray | None = None,
+    embeddings_g: np.ndarray | None = None,
+    iou_threshold: float = 0.6,
+    seed: int = 0,
+) -> np.ndarray:
+    """Instance labels from embeddings (D, Y, X) or (D, Z, Y, X).
+
+    ``method``: "mws" (mutex watershed, default), "hdbscan", "meanshift" or "consistency" (needs
+    ``embeddings_g``, the EMA network's embeddings). By default the largest segment (the
+    background cluster) comes out as 0.
+    """
+    embeddings = _check(embeddings)
+    if mask is not None and mask.shape != embeddings.shape[1:]:
+        raise SparseSegError(f"mask: shape {mask.shape} does not match the embeddings' {embeddings.shape[1:]}")
+    if method == "mws":
+        seg = mutex_watershed(embeddings, offsets, delta_dist, bias, strides, None if mask is None else mask.astype(bool))
+    elif method == "hdbscan":
+        seg = hdbscan_clustering(embeddings, max(min_size, 2) if min_size else 200, mask)
+    elif method == "meanshift":
+        seg = meanshift_clustering(embeddings, delta_var, mask)
+    elif method == "consistency":
+        if embeddings_g is None:
+            raise SparseSegError("consistency clustering needs embeddings_g (the EMA network's embeddings)")
+        seg = consistency_clustering(embeddings, _check(embeddings_g), delta_var, iou_threshold, seed=seed, mask=mask)
+    else:
+        raise SparseSegError(f"clustering method {method!r}: expected one of {', '.join(METHODS)}")
+    return postprocess(seg, min_size, background, mask)

@@ -1,0 +1,246 @@
+"""Training crops from sparse labels, with the geometric and photometric augmentations SPOCO needs.
+
+Geometric augmentations (crop, flips, 90-degree rotations, elastic deformation) are drawn once
+per crop and shared by both views; photometric ones (noise, blur, contrast and colour jitter) are
+drawn independently for the view of f and the view of the EMA network g.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from .errors import SparseSegError
+
+
+@dataclass
+class Sample:
+    """One training image at the model's scale: ``image`` (C, *S) float32, ``labels`` (*S) int32
+    (0 = unlabeled), ``valid`` (*S) bool, ``objects`` bounding boxes of annotated objects."""
+
+    image: np.ndarray
+    labels: np.ndarray
+    valid: np.ndarray
+    objects: list
+
+
+def relabel_consecutive(labels: np.ndarray) -> np.ndarray:
+    """Ids 1..C in sorted order, 0 stays 0 (even when a crop has no 0 pixel)."""
+    ids = np.unique(labels)
+    ids = ids[ids > 0]
+    out = np.zeros(labels.shape, dtype=np.int64)
+    pos = labels > 0
+    out[pos] = np.searchsorted(ids, labels[pos]) + 1
+    return out
+
+
+def object_diameters(labels: np.ndarray) -> np.ndarray:
+    """Equivalent diameters of the annotated objects (in-plane for 3D stacks)."""
+    counts = np.bincount(labels.ravel())[1:]
+    counts = counts[counts > 0].astype(float)
+    if labels.ndim == 3:
+        counts = counts / max(labels.shape[0], 1) * 4  # rough per-slice area; only for a scale guess
+    return 2 * np.sqrt(counts / np.pi)
+
+
+def auto_scale(labels: list[np.ndarray], target_diameter: float = 32.0) -> float:
+    """Downscaling factor (in y/x) that brings the median annotated object to ``target_diameter``.
+
+    Never upsamples; steps of 1/8; at least 0.25.
+    """
+    diam = np.concatenate([object_diameters(lab) for lab in labels])
+    if diam.size == 0:
+        return 1.0
+    scale = min(1.0, target_diameter / float(np.median(diam)))
+    return float(max(0.25, np.floor(scale * 8) / 8))
+
+
+def rescale(array: np.ndarray, scale: float, order: int, spatial: int) -> np.ndarray:
+    """Zoom the last two (y, x) axes of ``array`` by ``scale``; order 0 for labels."""
+    if scale == 1.0:
+        return array
+    factors = [1.0] * (array.ndim - 2) + [scale, scale]
+    if order == 0:
+        return ndimage.zoom(array, factors, order=0, grid_mode=True, mode="grid-constant")
+    t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    lead = t.shape[:-2]
+    t = t.reshape(1, -1, *t.shape[-2:])
+    size = [max(1, int(round(s * scale))) for s in t.shape[-2:]]
+    t = F.interpolate(t, size=size, mode="area" if scale < 1 else "bilinear")
+    return t.reshape(*lead, *size).numpy()
+
+
+def prepare(
+    images: list[np.ndarray],
+    labels: list[np.ndarray],
+    scale: float = 1.0,
+    background_id: int | None = None,
+    names: list[str] | None = None,
+) -> list[Sample]:
+    """Check and rescale (image, labels) pairs. Images are normalised (C, *S) arrays.
+
+    With ``background_id`` that label is one more object (full supervision); it is not used to
+    centre crops.
+    """
+    names = names or [f"image {i}" for i in range(len(images))]
+    samples = []
+    n_objects = 0
+    for img, lab, name in zip(images, labels, names):
+        if img.shape[1:] != lab.shape:
+            raise SparseSegError(
+                f"{name}: image has spatial shape {img.shape[1:]} but its labels have shape {lab.shape}"
+            )
+        lab = lab.astype(np.int64)
+        valid = np.ones(lab.shape, dtype=bool)
+        bg_mask = None
+        if background_id is not None:
+            bg_mask = lab == background_id
+            lab = np.where(bg_mask, 0, lab)
+        lab = relabel_consecutive(lab)
+        if bg_mask is not None and bg_mask.any():
+            lab[bg_mask] = lab.max() + 1
+        img_s = rescale(img, scale, 1, lab.ndim)
+        lab_s = rescale(lab, scale, 0, lab.ndim)
+        valid_s = rescale(valid.astype(np.uint8), scale, 0, lab.ndim).astype(bool)
+        slices = ndimage.find_objects(lab_s)
+        bg_id = lab_s.max() if (bg_mask is not None and bg_mask.any()) else None
+        objects = [s for i, s in enumerate(slices, start=1) if s is not None and i != bg_id]
+        n_objects += len(objects)
+        samples.append(Sample(img_s.astype(np.float32), lab_s.astype(np.int32), valid_s, objects))
+    if n_objects == 0:
+        raise SparseSegError(
+            "no labeled object in any label image: paint at least one complete object (id > 0) "
+            "before training"
+        )
+    return samples
+
+
+def _pad_to(arr: np.ndarray, shape: tuple[int, ...], value=0, mode="constant") -> np.ndarray:
+    pad = [(0, 0)] * (arr.ndim - len(shape)) + [(0, max(0, s - a)) for a, s in zip(arr.shape[-len(shape):], shape)]
+    if all(p == (0, 0) for p in pad):
+        return arr
+    if mode == "reflect":
+        return np.pad(arr, pad, mode="reflect")
+    return np.pad(arr, pad, mode="constant", constant_values=value)
+
+
+def elastic_fields(shape: tuple[int, ...], rng: np.random.Generator, alpha: float = 8.0, grid: int = 4):
+    """Smooth random displacement fields (one per axis, in pixels), from a coarse random grid."""
+    coarse = rng.normal(0, alpha, size=(len(shape),) + (grid,) * len(shape))
+    zoom = [s / grid for s in shape]
+    return [ndimage.zoom(c, zoom, order=3)[tuple(slice(0, s) for s in shape)] for c in coarse]
+
+
+class CropSampler:
+    """Draws augmented training crops, centred on an annotated object with probability ``p_object``."""
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        patch_shape: tuple[int, ...],
+        seed: int = 0,
+        p_object: float = 0.9,
+        elastic: bool = True,
+    ):
+        self.samples = samples
+        self.patch = tuple(int(p) for p in patch_shape)
+        self.rng = np.random.default_rng(seed)
+        self.p_object = p_object
+        self.elastic = elastic
+        self.objects = [(i, s) for i, smp in enumerate(samples) for s in smp.objects]
+
+    def crop(self):
+        """One crop: image (C, *P) float32, labels (*P) int64, valid (*P) bool."""
+        if self.objects and self.rng.random() < self.p_object:
+            idx, sl = self.objects[self.rng.integers(len(self.objects))]
+            centre = [self.rng.integers(s.start, s.stop) for s in sl]
+        else:
+            idx = int(self.rng.integers(len(self.samples)))
+            centre = [self.rng.integers(0, s) for s in self.samples[idx].labels.shape]
+        smp = self.samples[idx]
+        corner = [
+            int(np.clip(c - p // 2 + self.rng.integers(-(p // 4), p // 4 + 1), 0, max(0, s - p)))
+            for c, p, s in zip(centre, self.patch, smp.labels.shape)
+        ]
+        sl = tuple(slice(c, c + p) for c, p in zip(corner, self.patch))
+        img = _pad_to(smp.image[(slice(None),) + sl], self.patch, mode="reflect")
+        lab = _pad_to(smp.labels[sl], self.patch)
+        val = _pad_to(smp.valid[sl], self.patch, value=False)
+        img, lab, val = self._geometric(img, lab, val)
+        return img, relabel_consecutive(lab), val
+
+    def _geometric(self, img, lab, val):
+        nd = lab.ndim
+        for ax in range(nd):
+            if self.rng.random() < 0.5:
+                img, lab, val = np.flip(img, ax + 1), np.flip(lab, ax), np.flip(val, ax)
+        if self.patch[-1] == self.patch[-2]:
+            k = int(self.rng.integers(4))
+            img = np.rot90(img, k, axes=(-2, -1))
+            lab, val = np.rot90(lab, k, axes=(-2, -1)), np.rot90(val, k, axes=(-2, -1))
+        if self.elastic and self.rng.random() < 0.5:
+            disp = elastic_fields(lab.shape[-2:], self.rng)
+            grid = np.meshgrid(*[np.arange(s) for s in lab.shape[-2:]], indexing="ij")
+            coords = [g + d for g, d in zip(grid, disp)]
+
+            def warp(a, order, cval=0):
+                flat = a.reshape(-1, *a.shape[-2:])
+                out = np.stack([ndimage.map_coordinates(p, coords, order=order, mode="reflect" if order else "constant", cval=cval) for p in flat])
+                return out.reshape(a.shape)
+            img = warp(img, 1)
+            lab = warp(lab, 0)
+            val = warp(val.astype(np.uint8), 0).astype(bool)
+        return np.ascontiguousarray(img), np.ascontiguousarray(lab), np.ascontiguousarray(val)
+
+    def batch(self, size: int):
+        """A batch as torch tensors: image (B, C, *P), labels (B, *P), valid (B, *P)."""
+        crops = [self.crop() for _ in range(size)]
+        img = torch.from_numpy(np.stack([c[0] for c in crops]))
+        lab = torch.from_numpy(np.stack([c[1] for c in crops]))
+        val = torch.from_numpy(np.stack([c[2] for c in crops]))
+        return img, lab, val
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    radius = max(1, int(round(2.5 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-(t**2) / (2 * sigma**2))
+    k = k / k.sum()
+    c = x.shape[1]
+    nd = x.ndim - 2
+    conv = F.conv2d if nd == 2 else F.conv3d
+    for ax in range(nd):
+        shape = [1] * nd
+        shape[ax] = k.numel()
+        pad = [0, 0] * nd
+        pad[2 * (nd - 1 - ax)] = pad[2 * (nd - 1 - ax) + 1] = radius
+        x = conv(F.pad(x, pad, mode="replicate"), k.reshape(1, 1, *shape).repeat(c, 1, *[1] * nd), groups=c)
+    return x
+
+
+def photometric(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Independent photometric view of a batch (B, C, *S): contrast/brightness and colour jitter,
+    Gaussian blur and additive Gaussian noise. Geometry is untouched."""
+    b, c = x.shape[:2]
+    nd = x.ndim - 2
+    shape = (b, 1) + (1,) * nd
+
+    def u(lo, hi, s=shape):
+        return lo + (hi - lo) * torch.rand(s, generator=generator)
+
+    mean = x.mean(dim=tuple(range(2, x.ndim)), keepdim=True)
+    x = (x - mean) * u(0.7, 1.3) + mean + u(-0.15, 0.15)
+    if c > 1:
+        x = x * u(0.9, 1.1, (b, c) + (1,) * nd)
+    out = []
+    for i in range(b):
+        xi = x[i : i + 1]
+        if torch.rand(1, generator=generator).item() < 0.3:
+            xi = _gaussian_blur(xi, float(u(0.5, 1.5, (1,))))
+        out.append(xi)
+    x = torch.cat(out)
+    return x + torch.randn(x.shape, generator=generator) * u(0.0, 0.08)

@@ -1,0 +1,153 @@
+"""Reading and writing images and label images: TIFF, PNG, NumPy ``.npy`` and zarr."""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import SparseSegError
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".npy", ".zarr")
+
+
+def expand(pattern: str | os.PathLike, what: str = "--images") -> list[Path]:
+    """Expand a (quoted) glob, a file or a folder into a sorted list of image files."""
+    pattern = str(pattern)
+    path = Path(pattern)
+    if path.is_dir() and path.suffix != ".zarr":
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    elif path.exists():
+        files = [path]
+    else:
+        files = sorted(Path(p) for p in glob.glob(pattern))
+        files = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise SparseSegError(f"{what} {pattern!r}: no image file matches (expected TIFF, PNG, .npy or zarr)")
+    return files
+
+
+def pair(images: list[Path], labels: list[Path]) -> list[tuple[Path, Path]]:
+    """Pair images with labels in sorted file-name order; the counts must agree."""
+    if len(images) != len(labels):
+        raise SparseSegError(
+            f"--images matched {len(images)} file(s) but --labels matched {len(labels)}; "
+            "images and labels pair up in sorted order, so the counts must be equal"
+        )
+    return list(zip(images, labels))
+
+
+def _read_png(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if im.mode == "P":  # palette label images: keep the indices, not the colours
+            return np.asarray(im)
+        if im.mode in ("RGBA", "LA"):  # alpha is transparency, not signal
+            im = im.convert("RGB" if im.mode == "RGBA" else "L")
+        if im.mode == "I;16":
+            return np.asarray(im).astype(np.uint16)
+        return np.asarray(im)
+
+
+def _read_zarr(path: Path) -> np.ndarray:
+    import zarr
+
+    node = zarr.open(str(path), mode="r")
+    if isinstance(node, zarr.Array):
+        return node
+    arrays = list(node.array_keys())
+    if len(arrays) != 1:
+        raise SparseSegError(
+            f"{path}: zarr group holds arrays {arrays}; expected exactly one array (or point to it: {path}/<name>)"
+        )
+    return node[arrays[0]]
+
+
+def read(path: str | os.PathLike, lazy: bool = False) -> np.ndarray:
+    """Read one image or label file into an array (zarr stays lazy when ``lazy``)."""
+    path = Path(path)
+    if not path.exists():
+        raise SparseSegError(f"{path}: file not found")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".tif", ".tiff"):
+            import tifffile
+
+            arr = tifffile.imread(path)
+        elif suffix in (".png", ".jpg", ".jpeg"):
+            arr = _read_png(path)
+        elif suffix == ".npy":
+            arr = np.load(path, allow_pickle=False)
+        elif suffix == ".zarr" or (path.is_dir() and any((path / m).exists() for m in (".zgroup", ".zarray", "zarr.json"))):
+            arr = _read_zarr(path)
+            return arr if lazy else np.asarray(arr)
+        else:
+            raise SparseSegError(f"{path}: unsupported file type {suffix!r}; expected TIFF, PNG, .npy or zarr")
+    except SparseSegError:
+        raise
+    except Exception as err:  # corrupt or truncated files
+        raise SparseSegError(f"{path}: could not be read as an image ({err})") from err
+    return np.asarray(arr)
+
+
+def read_labels(path: str | os.PathLike) -> np.ndarray:
+    """Read an instance label image: integers, 0 = unlabeled, each id > 0 one object."""
+    arr = read(path)
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4) and Path(path).suffix.lower() in (".png", ".jpg", ".jpeg"):
+        raise SparseSegError(f"{path}: a colour (RGB) image, expected a label image with one integer id per pixel")
+    if not np.issubdtype(arr.dtype, np.integer) and not np.issubdtype(arr.dtype, np.bool_):
+        if np.issubdtype(arr.dtype, np.floating) and np.all(np.mod(arr, 1) == 0):
+            arr = arr.astype(np.int64)
+        else:
+            raise SparseSegError(f"{path}: label images must hold integer ids, got {arr.dtype}")
+    if arr.min() < 0:
+        raise SparseSegError(f"{path}: label ids must be >= 0 (0 = unlabeled), found {arr.min()}")
+    return arr.astype(np.int64 if arr.max() > np.iinfo(np.int32).max else np.int32)
+
+
+def write(path: str | os.PathLike, arr: np.ndarray) -> Path:
+    """Write an array as a compressed TIFF, atomically (no half-written file is left behind)."""
+    import tifffile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tifffile.imwrite(tmp, arr, compression="zlib", photometric="minisblack")
+    os.replace(tmp, path)
+    return path
+
+
+def to_channels_first(image: np.ndarray, ndim: int, name: str = "image", channels: int | None = None) -> np.ndarray:
+    """Bring an image to (C, *spatial) with ``ndim`` spatial axes.
+
+    A trailing axis of length <= 4 is taken as colour channels (RGB); otherwise a leading one.
+    """
+    image = np.asarray(image)
+    if image.ndim == ndim:
+        out = image[None]
+    elif image.ndim == ndim + 1:
+        if image.shape[-1] <= 4 and (channels is None or image.shape[-1] == channels):
+            out = np.moveaxis(image, -1, 0)
+        else:
+            out = image
+    else:
+        raise SparseSegError(
+            f"{name}: shape {image.shape} does not fit a {ndim}D image "
+            f"(expected {ndim} spatial axes, optionally plus one channel axis)"
+        )
+    if channels is not None and out.shape[0] != channels:
+        raise SparseSegError(f"{name}: has {out.shape[0]} channel(s), the model expects {channels}")
+    return out
+
+
+def normalize(image: np.ndarray, low: float = 1.0, high: float = 99.8) -> np.ndarray:
+    """Per-image, per-channel percentile normalisation of a (C, *spatial) array to about [0, 1]."""
+    image = np.asarray(image, dtype=np.float32)
+    out = np.empty_like(image)
+    for c in range(image.shape[0]):
+        lo, hi = np.percentile(image[c], (low, high))
+        out[c] = (image[c] - lo) / max(hi - lo, 1e-6)
+    return out

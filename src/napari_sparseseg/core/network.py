@@ -1,0 +1,137 @@
+"""Embedding networks: a plain 2D/3D U-Net that records its own constructor arguments."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def _conv(ndim: int):
+    return nn.Conv2d if ndim == 2 else nn.Conv3d
+
+
+def _groups(channels: int) -> int:
+    for g in (8, 4, 2):
+        if channels % g == 0:
+            return g
+    return 1
+
+
+class ConvBlock(nn.Module):
+    """Two 3x3(x3) convolutions, each followed by GroupNorm and ReLU."""
+
+    def __init__(self, ndim: int, cin: int, cout: int):
+        super().__init__()
+        conv = _conv(ndim)
+        self.block = nn.Sequential(
+            conv(cin, cout, 3, padding=1, bias=False),
+            nn.GroupNorm(_groups(cout), cout),
+            nn.ReLU(inplace=True),
+            conv(cout, cout, 3, padding=1, bias=False),
+            nn.GroupNorm(_groups(cout), cout),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+class UNet(nn.Module):
+    """A dense U-Net producing ``out_channels`` embedding channels without output activation.
+
+    ``config`` holds every constructor argument, so ``UNet(**net.config)`` rebuilds the network
+    (that is how checkpoints are restored, without pickling code).
+    """
+
+    def __init__(
+        self,
+        ndim: int = 2,
+        in_channels: int = 1,
+        out_channels: int = 16,
+        base_channels: int = 16,
+        depth: int = 4,
+        anisotropic: bool = False,
+    ):
+        super().__init__()
+        if ndim not in (2, 3):
+            raise ValueError(f"UNet: ndim must be 2 or 3, got {ndim}")
+        self.config: dict[str, Any] = dict(
+            ndim=ndim,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            base_channels=base_channels,
+            depth=depth,
+            anisotropic=anisotropic,
+        )
+        self.ndim = ndim
+        conv = _conv(ndim)
+        # In anisotropic 3D stacks (few z slices) the first pooling keeps z.
+        pool = (1, 2, 2) if (ndim == 3 and anisotropic) else 2
+        self.pool_factors = [pool if i == 0 else 2 for i in range(depth - 1)]
+        chans = [base_channels * 2**i for i in range(depth)]
+        self.encoders = nn.ModuleList()
+        self.pools = nn.ModuleList()
+        cin = in_channels
+        for i, c in enumerate(chans):
+            self.encoders.append(ConvBlock(ndim, cin, c))
+            cin = c
+        pool_cls = nn.MaxPool2d if ndim == 2 else nn.MaxPool3d
+        for f in self.pool_factors:
+            self.pools.append(pool_cls(f))
+        self.upsamples = nn.ModuleList()
+        self.decoders = nn.ModuleList()
+        up_cls = nn.ConvTranspose2d if ndim == 2 else nn.ConvTranspose3d
+        for i in reversed(range(depth - 1)):
+            f = self.pool_factors[i]
+            self.upsamples.append(up_cls(chans[i + 1], chans[i], kernel_size=f, stride=f))
+            self.decoders.append(ConvBlock(ndim, 2 * chans[i], chans[i]))
+        self.head = conv(chans[0], out_channels, 1)
+
+    @property
+    def divisor(self) -> tuple[int, ...]:
+        """Each spatial input size must be a multiple of this (per axis)."""
+        div = [1] * self.ndim
+        for f in self.pool_factors:
+            fs = (f,) * self.ndim if isinstance(f, int) else f
+            div = [d * s for d, s in zip(div, fs)]
+        return tuple(div)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i, enc in enumerate(self.encoders):
+            x = enc(x)
+            if i < len(self.pools):
+                skips.append(x)
+                x = self.pools[i](x)
+        for up, dec in zip(self.upsamples, self.decoders):
+            x = up(x)
+            x = dec(torch.cat([skips.pop(), x], dim=1))
+        return self.head(x)
+
+
+def build_network(config: dict[str, Any]) -> UNet:
+    """Rebuild a network from the ``config`` a previous one recorded."""
+    return UNet(**config)
+
+
+def make_ema(net: nn.Module) -> nn.Module:
+    """A frozen copy of ``net`` to be updated as its exponential moving average."""
+    ema = copy.deepcopy(net)
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    return ema
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, net: nn.Module, momentum: float) -> None:
+    """theta_g <- m * theta_g + (1 - m) * theta_f; buffers are copied.
+
+    Call after each optimiser step of ``net``, never during evaluation.
+    """
+    for pg, pf in zip(ema.parameters(), net.parameters()):
+        pg.mul_(momentum).add_(pf.detach(), alpha=1.0 - momentum)
+    for bg, bf in zip(ema.buffers(), net.buffers()):
+        bg.copy_(bf)

@@ -1,0 +1,24 @@
+import os
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+import numpy as np
+import pytest
+import torch
+
+from napari_sparseseg.core.samples import synthetic_cells
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+@pytest.fixture(scope="session")
+def cells2d():
+    """Four small synthetic 2D images with dense labels."""
+    return [synthetic_cells((128, 128), seed=s) for s in range(4)]
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

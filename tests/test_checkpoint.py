@@ -1,0 +1,93 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from napari_sparseseg import SparseSegError
+from napari_sparseseg.core import checkpoint
+from napari_sparseseg.core.network import UNet, make_ema
+
+
+def _model(ndim=2, channels=1):
+    torch.manual_seed(0)
+    net = UNet(ndim=ndim, in_channels=channels, base_channels=4, depth=2)
+    cfg = {"network": net.config, "normalization": {"low": 1, "high": 99.8}, "scale": 1.0,
+           "training": {"iteration": 3}}
+    opt = torch.optim.Adam(net.parameters())
+    net(torch.randn((1, channels) + (8,) * ndim)).sum().backward()
+    opt.step()
+    return checkpoint.Model(net=net, ema=make_ema(net), config=cfg, optimizer_state=opt.state_dict())
+
+
+def test_roundtrip_rebuilds_from_config(tmp_path):
+    m = _model()
+    checkpoint.save(tmp_path / "m", m)
+    loaded = checkpoint.load(tmp_path / "m", with_optimizer=True)
+    x = torch.randn(1, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(loaded.net(x), m.net.eval()(x))
+    assert loaded.ema is not None and loaded.optimizer_state["state"]
+    assert loaded.config["training"]["iteration"] == 3
+
+
+def test_weights_are_safetensors_and_optimizer_loads_weights_only(tmp_path):
+    checkpoint.save(tmp_path / "m", _model())
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["files"]["weights"]["name"].endswith(".safetensors")
+    torch.load(tmp_path / "m" / cfg["files"]["optimizer"]["name"], weights_only=True)
+
+
+def test_old_files_removed_only_after_new_config(tmp_path):
+    m = _model()
+    checkpoint.save(tmp_path / "m", m)
+    m.config["training"]["iteration"] = 10
+    checkpoint.save(tmp_path / "m", m)
+    names = sorted(p.name for p in (tmp_path / "m").iterdir())
+    assert names == ["config.json", "ema-00000010.safetensors", "optimizer-00000010.pt", "weights-00000010.safetensors"]
+
+
+def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    m = _model()
+    checkpoint.save(tmp_path / "m", m)
+    m.config["training"]["iteration"] = 20
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "_atomic_write_bytes", boom)
+    with pytest.raises(OSError):
+        checkpoint.save(tmp_path / "m", m)
+    monkeypatch.undo()
+    loaded = checkpoint.load(tmp_path / "m")
+    assert loaded.config["training"]["iteration"] == 3
+
+
+def test_tampered_and_missing_files_are_refused(tmp_path):
+    checkpoint.save(tmp_path / "m", _model())
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    w = tmp_path / "m" / cfg["files"]["weights"]["name"]
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(SparseSegError, match="does not match the checksum"):
+        checkpoint.load(tmp_path / "m")
+    w.unlink()
+    with pytest.raises(SparseSegError, match=r"weights-00000003.safetensors is missing"):
+        checkpoint.load(tmp_path / "m")
+    with pytest.raises(SparseSegError, match="model folder .*nothere: not found"):
+        checkpoint.load(tmp_path / "nothere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SparseSegError, match="has no config.json"):
+        checkpoint.load(tmp_path / "empty")
+    (tmp_path / "empty" / "config.json").write_text("{not json")
+    with pytest.raises(SparseSegError, match="config.json is not valid JSON"):
+        checkpoint.load(tmp_path / "empty")
+
+
+def test_compatibility_messages():
+    cfg = _model().config
+    with pytest.raises(SparseSegError, match="stack.tif: is 3D but the model was trained on 2D images"):
+        checkpoint.check_compatible(cfg, 3, 1, "stack.tif")
+    with pytest.raises(SparseSegError, match="rgb.png: has 3 channel.s. but the model expects 1"):
+        checkpoint.check_compatible(cfg, 2, 3, "rgb.png")

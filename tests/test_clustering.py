@@ -1,0 +1,113 @@
+import numpy as np
+import pytest
+
+from napari_sparseseg import SparseSegError, segment_embeddings
+from napari_sparseseg.core.clustering import (
+    default_offsets,
+    embeddings_to_affinities,
+    postprocess,
+)
+
+
+def _blocks(shape=(40, 40), d=16, seed=0, noise=0.05):
+    """Embeddings of a known partition: background plus three objects, one constant vector each."""
+    rng = np.random.default_rng(seed)
+    gt = np.zeros(shape, int)
+    gt[5:20, 5:20] = 1
+    gt[5:20, 20:35] = 2  # touches object 1
+    gt[25:35, 10:30] = 3
+    centres = 3.0 * np.eye(d)[:4]  # 4.2 apart: more than 2 dd
+    emb = centres[gt].transpose(2, 0, 1) + rng.normal(0, noise, (d,) + shape)
+    return emb.astype(np.float32), gt
+
+
+def _same_partition(a, b):
+    from napari_sparseseg.core.metrics import evaluate
+
+    return evaluate(a, b)["ap50"] == 1.0
+
+
+def test_offsets():
+    assert default_offsets(2) == [[-1, 0], [0, -1], [-3, 0], [0, -3], [-9, 0], [0, -9], [-27, 0], [0, -27]]
+    assert len(default_offsets(3)) == 12
+
+
+def test_affinity_formula_and_sign():
+    emb = np.zeros((2, 1, 3), np.float32)
+    emb[0, 0, 1] = 1.0  # distance 1 to both neighbours
+    emb[0, 0, 2] = 5.0  # distance 4 = 2 dd to the middle one
+    w = embeddings_to_affinities(emb, [[0, -1]], delta_dist=2.0)
+    # w = 1 - max((4 - d) / 4, 0)^2 ; pixel 0 has no left neighbour -> 0
+    assert w[0, 0].tolist() == pytest.approx([0.0, 1 - (3 / 4) ** 2, 1.0])
+
+
+def test_mws_recovers_partition_2d():
+    emb, gt = _blocks()
+    seg = segment_embeddings(emb, "mws")
+    assert seg[0, 0] == 0  # the largest segment (background) is 0
+    assert _same_partition(seg, gt)
+
+
+def test_mws_3d():
+    emb, gt = _blocks()
+    emb3, gt3 = np.stack([emb] * 4, axis=1), np.stack([gt] * 4)
+    seg = segment_embeddings(emb3, "mws")
+    assert seg.shape == gt3.shape and _same_partition(seg, gt3)
+
+
+def test_bias_trades_split_against_merge():
+    rng = np.random.default_rng(1)
+    emb = np.zeros((16, 30, 30), np.float32)
+    emb[0, :, 15:] = 3.0  # two halves 3 apart: repulsion 0.94, attraction 0.06 across
+    emb += rng.normal(0, 0.02, emb.shape).astype(np.float32)
+    assert segment_embeddings(emb, "mws", background="none").max() == 2
+    assert segment_embeddings(emb, "mws", bias=-0.6, background="none").max() == 1
+    emb[0, :, 15:] = 1.0  # close: merged by default, split with a positive bias
+    assert segment_embeddings(emb, "mws", background="none").max() == 1
+    assert segment_embeddings(emb, "mws", bias=0.3, background="none").max() == 2
+
+
+def test_background_none_keeps_all_and_min_size():
+    emb, gt = _blocks()
+    seg = segment_embeddings(emb, "mws", background="none")
+    assert seg.min() == 1 and seg.max() == 4
+    small = np.zeros((10, 10), int)
+    small[:5] = 1
+    small[5:] = 2
+    small[0, 0] = 3
+    out = postprocess(small, min_size=2, background="none")
+    assert out.max() == 2 and out[0, 0] == 1  # speck filled from its neighbour
+    out = postprocess(small, min_size=2, background="largest")
+    assert out[0, 0] == 0 and out.max() == 1
+
+
+def test_foreground_mask():
+    emb, gt = _blocks()
+    mask = gt != 3
+    seg = segment_embeddings(emb, "mws", mask=mask, background="none")
+    assert np.all(seg[~mask] == 0)
+
+
+def test_hdbscan_and_meanshift_and_consistency():
+    emb, gt = _blocks((40, 40), noise=0.02)
+    sub = (slice(None), slice(None, None, 2), slice(None, None, 2))
+    e, g = emb[sub], gt[::2, ::2]
+    assert _same_partition(segment_embeddings(e, "hdbscan", min_size=10), g)
+    assert _same_partition(segment_embeddings(e, "meanshift"), g)
+    # consistency: identical g keeps every cluster; a g that scatters object 3 drops it
+    assert _same_partition(segment_embeddings(e, "consistency", embeddings_g=e), g)
+    eg = e.copy()
+    eg[:, g == 3] += np.random.default_rng(0).normal(0, 3, (e.shape[0], int((g == 3).sum())))
+    seg = segment_embeddings(e, "consistency", embeddings_g=eg)
+    assert np.all(seg[g == 3] == 0) and np.all(seg[g == 1] > 0)
+
+
+def test_errors_name_the_input():
+    with pytest.raises(SparseSegError, match=r"embeddings: expected a float array shaped \(D, Y, X\)"):
+        segment_embeddings(np.zeros((4, 4), np.float32))
+    with pytest.raises(SparseSegError, match="clustering method 'kmeans'"):
+        segment_embeddings(np.zeros((2, 4, 4), np.float32), "kmeans")
+    with pytest.raises(SparseSegError, match="consistency clustering needs embeddings_g"):
+        segment_embeddings(np.zeros((2, 4, 4), np.float32), "consistency")
+    with pytest.raises(SparseSegError, match="mask: shape"):
+        segment_embeddings(np.zeros((2, 4, 4), np.float32), mask=np.ones((3, 3), bool))

@@ -1,0 +1,39 @@
+import pytest
+import torch
+
+from napari_sparseseg.core.network import UNet, build_network, ema_update, make_ema
+
+
+@pytest.mark.parametrize("ndim,shape", [(2, (1, 3, 32, 48)), (3, (1, 1, 16, 16, 32))])
+def test_unet_shapes_and_rebuild(ndim, shape):
+    net = UNet(ndim=ndim, in_channels=shape[1], out_channels=16, base_channels=4, depth=3)
+    out = net(torch.randn(shape))
+    assert out.shape == (1, 16) + shape[2:]
+    clone = build_network(net.config)
+    clone.load_state_dict(net.state_dict())
+    assert torch.allclose(clone(torch.ones(shape)), net(torch.ones(shape)))
+    assert net.divisor == (4,) * ndim
+
+
+def test_unet_rejects_bad_ndim():
+    with pytest.raises(ValueError, match="ndim must be 2 or 3"):
+        UNet(ndim=4)
+
+
+def test_ema_update_rule():
+    net = torch.nn.Linear(2, 1)
+    ema = make_ema(net)
+    assert all(not p.requires_grad for p in ema.parameters())
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.fill_(1.0)
+        for p in net.parameters():
+            p.fill_(3.0)
+    ema_update(ema, net, momentum=0.9)
+    # theta_g <- 0.9 * 1 + 0.1 * 3 = 1.2
+    for p in ema.parameters():
+        assert torch.allclose(p, torch.full_like(p, 1.2))
+    for p in net.parameters():  # f is untouched
+        assert torch.allclose(p, torch.full_like(p, 3.0))
+    ema_update(ema, net, momentum=0.0)
+    assert all(torch.allclose(pg, pf) for pg, pf in zip(ema.parameters(), net.parameters()))
