@@ -22,6 +22,7 @@ from napari_sparseseg.core import checkpoint, io
 from napari_sparseseg.core.clustering import segment_embeddings
 from napari_sparseseg.core.metrics import evaluate, mean_scores
 from napari_sparseseg.core.prediction import predict
+from napari_sparseseg.core.segment import clustering_options
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cvppp_a1"
 
@@ -69,7 +70,7 @@ def main() -> None:
     its = m.config["training"]["iteration"] / max(m.config["training"]["seconds"], 1e-9)
     val_imgs = io.expand(str(args.work / "val" / "images" / "*.png"))
     val_gts = io.expand(str(args.work / "val" / "labels" / "*.png"))
-    min_size = int((m.config.get("object_area_median") or 0) / 20)
+    opts = clustering_options(m.config)
     rows = []
     t_pred, embs = 0.0, []
     for ip in val_imgs:
@@ -81,7 +82,7 @@ def main() -> None:
         for (emb, _), ip, gp in zip(embs, val_imgs, val_gts):
             emb_g = predict(m, io.read(ip), use_ema=True) if method == "consistency" else None
             t0 = time.perf_counter()
-            seg = segment_embeddings(emb, method, min_size=min_size, embeddings_g=emb_g)
+            seg = segment_embeddings(emb, method, embeddings_g=emb_g, **opts)
             t_clu += time.perf_counter() - t0
             scores.append(evaluate(seg, io.read_labels(gp)))
         mean = mean_scores(scores)

@@ -37,3 +37,17 @@ def test_ema_update_rule():
         assert torch.allclose(p, torch.full_like(p, 3.0))
     ema_update(ema, net, momentum=0.0)
     assert all(torch.allclose(pg, pf) for pg, pf in zip(ema.parameters(), net.parameters()))
+
+
+def test_coordinate_channels_are_added_and_centred():
+    net = UNet(ndim=2, in_channels=1, base_channels=4, depth=2, coord_scale=0.5)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+    out = net(torch.randn(1, 1, 4, 6))
+    # channel 0 is y, channel 1 is x, counted from the crop centre, times 0.5
+    assert out[0, 0, :, 0].tolist() == [-1.0, -0.5, 0.0, 0.5]
+    assert out[0, 1, 0, :].tolist() == [-1.5, -1.0, -0.5, 0.0, 0.5, 1.0]
+    assert torch.all(out[0, 2:] == 0)
+    shifted = net(torch.randn(1, 1, 4, 6), origin=[10, 0])
+    assert shifted[0, 0, 0, 0].item() == 5.0

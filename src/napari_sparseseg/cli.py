@@ -92,6 +92,7 @@ def cmd_train(args) -> int:
         device=args.device,
         background_id=args.background_id,
         scale=args.scale,
+        coord_scale=args.coord_scale,
         loss=loss,
         checkpoint_every=args.checkpoint_every,
     )
@@ -128,32 +129,18 @@ def cmd_train(args) -> int:
 
 
 # -- segment -------------------------------------------------------------------------------------
-def segment_image(model, image, args, name):
-    from .core.clustering import segment_embeddings
-    from .core.prediction import predict
-
-    emb = predict(model, image, device=args.device, name=name)
-    emb_g = None
-    if args.clustering == "consistency":
-        emb_g = predict(model, image, device=args.device, name=name, use_ema=True)
-    min_size = args.min_size
-    if min_size is None:
-        area = model.config.get("object_area_median") or 0
-        min_size = int(area / 20)
-    loss = model.config.get("loss", {})
-    return segment_embeddings(
-        emb, args.clustering, delta_var=loss.get("delta_var", 0.5), delta_dist=loss.get("delta_dist", 2.0),
-        bias=args.bias, min_size=min_size, background=args.background, embeddings_g=emb_g,
-    )
-
-
 def cmd_segment(args) -> int:
+    from .core.segment import segment
+
     model = checkpoint.load(args.model)
     files = io.expand(args.images, "--images")
     out = Path(args.out)
     for path in files:
         t0 = time.perf_counter()
-        seg = segment_image(model, io.read(path), args, str(path))
+        seg = segment(
+            model, io.read(path), args.clustering, device=args.device, name=str(path), bias=args.bias,
+            min_size=args.min_size, max_size=args.max_size, background=args.background,
+        )
         dst = io.write(_out_path(out, path), seg.astype(np.uint32 if seg.max() > 65535 else np.uint16))
         print(f"{path} -> {dst}: {int(seg.max())} objects in {time.perf_counter() - t0:.2f} s")
     return 0
@@ -234,11 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--from", dest="init", default=None, metavar="MODEL", help="fine-tune this model (lr 1e-4 by default)")
     t.add_argument("--resume", action="store_true", help="continue training the model already in --out")
     t.add_argument("--background-id", type=int, default=None, help="this label is background (full supervision)")
-    t.add_argument("--batch-size", type=int, default=4)
+    t.add_argument("--batch-size", type=int, default=2)
     t.add_argument("--patch-shape", type=_parse_shape, default=None, help="training crop, e.g. 256,256")
     t.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3; 1e-4 with --from)")
     t.add_argument("--scale", type=float, default=None, help="downscale factor in y/x (default: from object size)")
     t.add_argument("--anchor", choices=("pixel", "mean"), default="pixel", help="instance-selection anchor")
+    t.add_argument("--coord-scale", type=float, default=1 / 16,
+                   help="coordinate channels added to the embeddings (units per pixel); 0: a plain U-Net")
     t.add_argument("--consistency-weight", type=float, default=1.0, help="weight of the embedding consistency term")
     t.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -251,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clustering", choices=("mws", "hdbscan", "meanshift", "consistency"), default="mws")
     g.add_argument("--bias", type=float, default=0.0, help="> 0 splits more, < 0 merges more (mws)")
     g.add_argument("--min-size", type=int, default=None, help="smaller objects are removed (default: 1/20 of the median annotated object)")
+    g.add_argument("--max-size", type=int, default=None,
+                   help="larger segments are background (default: 2x the largest annotated object; 0 = off)")
     g.add_argument("--background", choices=("largest", "none"), default="largest",
                    help="largest: the largest segment is background (0); none: dense tissue")
     g.add_argument("--device", default="auto")

@@ -153,11 +153,14 @@ def postprocess(
     min_size: int = 0,
     background: str = "largest",
     mask: np.ndarray | None = None,
+    max_size: int | None = None,
 ) -> np.ndarray:
-    """Background handling, foreground mask and minimum object size; ids made consecutive.
+    """Background handling, foreground mask and object size limits; ids made consecutive.
 
     ``background``: "largest" turns the largest segment into 0; "none" keeps every segment
-    (dense tissue). Segments under ``min_size`` pixels become 0; without background they are
+    (dense tissue). Segments over ``max_size`` pixels are background too (in sparse training the
+    unlabeled background may form several clusters; a model knows how large its annotated
+    objects were). Segments under ``min_size`` pixels become 0; without background they are
     filled from their nearest neighbouring object instead.
     """
     if background not in ("largest", "none"):
@@ -169,6 +172,12 @@ def postprocess(
     if background == "largest" and counts[1:].size and counts[1:].max() > 0:
         seg[seg == int(np.argmax(counts[1:]) + 1)] = 0
         counts = np.bincount(seg.ravel())
+    if max_size:
+        big = counts > max_size
+        big[0] = False
+        if big.any():
+            seg[big[seg]] = 0
+            counts = np.bincount(seg.ravel())
     if min_size > 0:
         small = counts < min_size
         small[0] = False
@@ -192,6 +201,7 @@ def segment_embeddings(
     strides: list[int] | None = None,
     bias: float = 0.0,
     min_size: int = 0,
+    max_size: int | None = None,
     background: str = "largest",
     mask: np.ndarray | None = None,
     embeddings_g: np.ndarray | None = None,
@@ -219,4 +229,4 @@ def segment_embeddings(
         seg = consistency_clustering(embeddings, _check(embeddings_g), delta_var, iou_threshold, seed=seed, mask=mask)
     else:
         raise SparseSegError(f"clustering method {method!r}: expected one of {', '.join(METHODS)}")
-    return postprocess(seg, min_size, background, mask)
+    return postprocess(seg, min_size, background, mask, max_size)

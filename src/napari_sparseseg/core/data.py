@@ -106,6 +106,9 @@ def prepare(
         img_s = rescale(img, scale, 1, lab.ndim)
         lab_s = rescale(lab, scale, 0, lab.ndim)
         valid_s = rescale(valid.astype(np.uint8), scale, 0, lab.ndim).astype(bool)
+        common = tuple(min(a, b) for a, b in zip(img_s.shape[1:], lab_s.shape))  # rounding may differ by 1
+        crop = tuple(slice(0, c) for c in common)
+        img_s, lab_s, valid_s = img_s[(slice(None),) + crop], lab_s[crop], valid_s[crop]
         slices = ndimage.find_objects(lab_s)
         bg_id = lab_s.max() if (bg_mask is not None and bg_mask.any()) else None
         objects = [s for i, s in enumerate(slices, start=1) if s is not None and i != bg_id]

@@ -54,6 +54,7 @@ class UNet(nn.Module):
         base_channels: int = 16,
         depth: int = 4,
         anisotropic: bool = False,
+        coord_scale: float = 0.0,
     ):
         super().__init__()
         if ndim not in (2, 3):
@@ -65,8 +66,10 @@ class UNet(nn.Module):
             base_channels=base_channels,
             depth=depth,
             anisotropic=anisotropic,
+            coord_scale=coord_scale,
         )
         self.ndim = ndim
+        self.coord_scale = float(coord_scale)
         conv = _conv(ndim)
         # In anisotropic 3D stacks (few z slices) the first pooling keeps z.
         pool = (1, 2, 2) if (ndim == 3 and anisotropic) else 2
@@ -99,7 +102,25 @@ class UNet(nn.Module):
             div = [d * s for d, s in zip(div, fs)]
         return tuple(div)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def coordinates(self, shape, origin=None, device=None, dtype=None) -> torch.Tensor:
+        """(ndim, *shape) pixel coordinates times ``coord_scale``, counted from ``origin``
+        (default: the centre of the block, so a training crop is centred on 0)."""
+        if origin is None:
+            origin = [-(s // 2) for s in shape]
+        axes = [(torch.arange(s, device=device, dtype=dtype) + o) * self.coord_scale for s, o in zip(shape, origin)]
+        return torch.stack(torch.meshgrid(*axes, indexing="ij"))
+
+    def forward(self, x: torch.Tensor, origin=None) -> torch.Tensor:
+        """Embeddings of ``x`` (B, C, *S). With ``coord_scale`` > 0 the pixel coordinates are added
+        to the first ``ndim`` channels ("spatial embeddings"): separate objects then start apart and
+        the network learns to pull each object together. ``origin`` places a tile in its image."""
+        out = self._unet(x)
+        if self.coord_scale:
+            grid = self.coordinates(out.shape[2:], origin, out.device, out.dtype)
+            out = torch.cat([out[:, : self.ndim] + grid[None], out[:, self.ndim :]], dim=1)
+        return out
+
+    def _unet(self, x: torch.Tensor) -> torch.Tensor:
         skips = []
         for i, enc in enumerate(self.encoders):
             x = enc(x)

@@ -29,8 +29,10 @@ def _tiles(shape, tile, halo):
 
 
 @torch.no_grad()
-def _run(net, x: np.ndarray, device) -> np.ndarray:
-    """Run ``net`` on one (C, *S) block, padding each axis by reflection to the network's divisor."""
+def _run(net, x: np.ndarray, device, origin=None) -> np.ndarray:
+    """Run ``net`` on one (C, *S) block, padding each axis by reflection to the network's divisor.
+
+    ``origin`` is the block's position relative to the image centre (for coordinate channels)."""
     div = net.divisor
     spatial = x.shape[1:]
     pad = [(-s) % d for s, d in zip(spatial, div)]
@@ -41,7 +43,7 @@ def _run(net, x: np.ndarray, device) -> np.ndarray:
             flat += [0, p]
         mode = "reflect" if all(p < s for p, s in zip(pad, spatial)) else "replicate"
         t = F.pad(t, flat, mode=mode)
-    out = net(t)[0]
+    out = net(t, origin=origin)[0]
     return out[(slice(None),) + tuple(slice(0, s) for s in spatial)].float().cpu().numpy()
 
 
@@ -76,7 +78,8 @@ def predict(
     out = np.zeros((net.config["out_channels"],) + xs.shape[1:], np.float32)
     blocks = list(_tiles(xs.shape[1:], tile, halo))
     for i, (inner, outer) in enumerate(blocks):
-        pred = _run(net, xs[(slice(None),) + outer], dev)
+        origin = [o.start - s // 2 for o, s in zip(outer, xs.shape[1:])]
+        pred = _run(net, xs[(slice(None),) + outer], dev, origin)
         local = tuple(slice(a.start - o.start, a.stop - o.start) for a, o in zip(inner, outer))
         out[(slice(None),) + inner] = pred[(slice(None),) + local]
         if progress is not None:

@@ -26,7 +26,7 @@ from .losses import TERMS, SpocoLossConfig, spoco_loss
 from .network import UNet, ema_update, make_ema
 
 #: used when neither an iteration count nor a time limit is given
-DEFAULT_ITERATIONS = 3000
+DEFAULT_ITERATIONS = 5000
 NORMALIZATION = {"type": "percentile", "low": 1.0, "high": 99.8}
 
 
@@ -53,7 +53,7 @@ class TrainConfig:
 
     iterations: int | None = None
     time_limit: float | None = None
-    batch_size: int = 4
+    batch_size: int = 2
     patch_shape: tuple[int, ...] | None = None
     lr: float = 1e-3
     weight_decay: float = 1e-5
@@ -64,6 +64,9 @@ class TrainConfig:
     scale: float | None = None
     base_channels: int = 16
     depth: int = 4
+    #: coordinate channels added to the embeddings, in embedding units per pixel at the model's scale
+    #: (objects are ~32 px across there, so 1/16 puts neighbouring objects ~2 units apart); 0 = off
+    coord_scale: float = 1 / 16
     elastic: bool = True
     checkpoint_every: float = 60.0
     loss: SpocoLossConfig = field(default_factory=SpocoLossConfig)
@@ -96,8 +99,18 @@ class TrainEvent:
     reason: str = ""
 
 
+def object_areas(labels: np.ndarray, background_id: int | None = None) -> np.ndarray:
+    """Pixel counts of the annotated objects (the background label excluded)."""
+    counts = np.bincount(labels.ravel())
+    counts[0] = 0
+    if background_id is not None and background_id < counts.size:
+        counts[background_id] = 0
+    return counts[counts > 0]
+
+
 def _patch_shape(ndim: int, shapes: list[tuple[int, ...]], divisor: tuple[int, ...]) -> tuple[int, ...]:
-    default = (256, 256) if ndim == 2 else (32, 96, 96)
+    # objects are brought to ~32 px across (auto scale): a 128 px crop holds a few with context
+    default = (128, 128) if ndim == 2 else (32, 96, 96)
     biggest = np.max(np.array(shapes), axis=0)
     return tuple(int(math.ceil(min(d, b) / v) * v) for d, b, v in zip(default, biggest, divisor))
 
@@ -149,15 +162,14 @@ class Trainer:
         else:
             scale = cfg.scale if cfg.scale is not None else auto_scale(labels)
         self.samples = prepare(imgs, labels, scale, cfg.background_id, names)
-        areas = np.concatenate([np.bincount(lab.ravel())[1:] for lab in labels])
-        areas = areas[areas > 0]
+        areas = np.concatenate([object_areas(lab, cfg.background_id) for lab in labels])
         torch.manual_seed(cfg.seed)
         if init is not None:
             self.net = init.net
             self.ema = init.ema if init.ema is not None else make_ema(init.net)
             net_cfg = init.config["network"]
         else:
-            self.net = UNet(ndim, channels, 16, cfg.base_channels, cfg.depth)
+            self.net = UNet(ndim, channels, 16, cfg.base_channels, cfg.depth, coord_scale=cfg.coord_scale)
             self.ema = make_ema(self.net)
             net_cfg = self.net.config
         self.net.to(self.device).train()
@@ -188,6 +200,7 @@ class Trainer:
             "patch_shape": list(self.patch),
             "offsets": default_offsets(ndim),
             "object_area_median": float(np.median(areas)) if areas.size else None,
+            "object_area_max": float(np.max(areas)) if areas.size else None,
             "background_id": cfg.background_id,
             "training": {},
         }

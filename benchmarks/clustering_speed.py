@@ -1,0 +1,67 @@
+"""Clustering speed on the 16-d embeddings of one 530x500 CVPPP image, and segment throughput.
+
+    python benchmarks/clustering_speed.py --model /tmp/sparseseg-cvppp/p0.1/model [--repeat 5]
+
+Prints a table: mutex watershed (affinities + MWS), HDBSCAN and mean-shift on the same embeddings
+(paper, CVPPP val per image: 0.45 s / 82 s / 201 s), plus prediction and prediction + MWS per image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from napari_sparseseg.core import checkpoint, io
+from napari_sparseseg.core.clustering import segment_embeddings
+from napari_sparseseg.core.metrics import evaluate
+from napari_sparseseg.core.prediction import predict
+from napari_sparseseg.core.segment import clustering_options
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cvppp_a1"
+
+
+def timed(fn, repeat):
+    times, out = [], None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--image", default="plant002")
+    p.add_argument("--data", type=Path, default=DATA)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--slow", action="store_true", help="also time HDBSCAN and mean-shift (minutes)")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    m = checkpoint.load(args.model)
+    img = io.read(args.data / "images" / f"{args.image}_rgb.png")
+    gt = io.read_labels(args.data / "labels" / f"{args.image}_label.png")
+    opts = clustering_options(m.config)
+    t_pred, emb = timed(lambda: predict(m, img, device=args.device), args.repeat)
+    rows = [("prediction (f)", t_pred, None)]
+    t_mws, seg = timed(lambda: segment_embeddings(emb, "mws", **opts), args.repeat)
+    rows.append(("mutex watershed", t_mws, evaluate(seg, gt)["sbd"]))
+    if args.slow:
+        for method in ("hdbscan", "meanshift"):
+            t, seg = timed(lambda: segment_embeddings(emb, method, **opts), 1)
+            rows.append((method, t, evaluate(seg, gt)["sbd"]))
+    rows.append(("prediction + MWS", t_pred + t_mws, None))
+    print(f"\n{args.image}: image {img.shape}, embeddings {emb.shape}, {torch.get_num_threads()} CPU threads, "
+          f"device {args.device}")
+    print(f"{'step':<20}{'s/image':>10}{'SBD':>8}")
+    for name, t, sbd in rows:
+        print(f"{name:<20}{t:10.3f}{'' if sbd is None else f'{sbd:8.3f}':>8}")
+
+
+if __name__ == "__main__":
+    main()

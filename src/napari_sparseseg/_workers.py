@@ -1,0 +1,54 @@
+"""Generators that the widget runs in napari thread workers. They only call the engine."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .core.clustering import segment_embeddings
+from .core.prediction import predict
+from .core.segment import clustering_options, segment
+from .core.training import Trainer
+
+
+@dataclass
+class Preview:
+    iteration: int
+    labels: np.ndarray
+    z_start: int = 0
+
+
+def preview_region(image: np.ndarray, ndim: int, z: int, depth: int = 16) -> tuple[np.ndarray, int]:
+    """The part of ``image`` a preview segments: the whole 2D image, or a slab of a 3D stack."""
+    if ndim == 2:
+        return image, 0
+    z0 = int(np.clip(z - depth // 2, 0, max(0, image.shape[0] - depth)))
+    return image[z0 : z0 + depth], z0
+
+
+def train_steps(trainer: Trainer, preview_image=None, preview_every: float = 15.0, first_preview: float = 5.0,
+                z: int = 0):
+    """Yield every TrainEvent of the trainer, and a :class:`Preview` now and then."""
+    next_preview = time.perf_counter() + first_preview
+    for ev in trainer.run():
+        yield ev
+        if preview_image is not None and not ev.done and time.perf_counter() >= next_preview:
+            region, z0 = preview_region(preview_image, trainer.net.ndim, z)
+            trainer.net.eval()
+            labels = segment(trainer.model, region, device=str(trainer.device))
+            trainer.net.train()
+            yield Preview(ev.iteration, labels, z0)
+            next_preview = time.perf_counter() + preview_every
+
+
+def embed(model, image, need_g: bool, device: str = "auto"):
+    """Embeddings of f (and g when consistency clustering needs them)."""
+    emb = predict(model, image, device=device)
+    emb_g = predict(model, image, device=device, use_ema=True) if need_g else None
+    return emb, emb_g
+
+
+def cluster(model, emb, emb_g, method: str, **overrides):
+    return segment_embeddings(emb, method, embeddings_g=emb_g, **clustering_options(model.config, **overrides))

@@ -1,0 +1,131 @@
+import numpy as np
+import pytest
+import torch
+
+from napari_sparseseg import SparseSegError, TrainConfig, Trainer, load_model, predict, segment_embeddings
+from napari_sparseseg.core.metrics import evaluate
+from napari_sparseseg.core.samples import synthetic_cells
+from napari_sparseseg.core.sparsify import sparsify
+
+FAST = dict(batch_size=2, patch_shape=(64, 64), base_channels=8, depth=3, checkpoint_every=1e9)
+
+
+def _score(model, img, gt):
+    emb = predict(model, img, device="cpu")
+    return evaluate(segment_embeddings(emb, min_size=20), gt)["sbd"]
+
+
+def test_training_beats_untrained_network(cells2d, tmp_path):
+    imgs = [c[0] for c in cells2d[:3]]
+    sparse = [sparsify(c[1], 0.3, i) for i, c in enumerate(cells2d[:3])]
+    test_img, test_gt = cells2d[3]
+    trainer = Trainer(imgs, sparse, TrainConfig(iterations=150, seed=0, lr=3e-3, **FAST), out=tmp_path / "m")
+    untrained = _score(trainer.model, test_img, test_gt)
+    events = list(trainer.run())
+    assert events[-1].done and events[-1].reason == "iterations"
+    assert [e.iteration for e in events[:-1]] == list(range(1, 151))
+    first = np.mean([e.losses["loss"] for e in events[:10]])
+    last = np.mean([e.losses["loss"] for e in events[-11:-1]])
+    assert last < first
+    trained = _score(load_model(tmp_path / "m"), test_img, test_gt)
+    assert trained > untrained + 0.15, (untrained, trained)
+
+
+def test_stop_takes_effect_at_next_step_and_leaves_a_model(cells2d, tmp_path):
+    img, gt = cells2d[0]
+    trainer = Trainer([img], [sparsify(gt, 0.3)], TrainConfig(iterations=1000, **FAST), out=tmp_path / "m")
+    for ev in trainer.run():
+        if ev.iteration == 3:
+            trainer.stop()
+        last = ev
+    assert last.done and last.reason == "stopped" and last.iteration == 3
+    m = load_model(tmp_path / "m", with_optimizer=True)
+    assert m.config["training"]["iteration"] == 3
+    # resume continues the counter and the optimiser state
+    t2 = Trainer([img], [sparsify(gt, 0.3)], TrainConfig(iterations=2, **FAST), out=tmp_path / "m", init=m, resume=True)
+    assert t2.iteration == 3
+    list(t2.run())
+    assert load_model(tmp_path / "m").config["training"]["iteration"] == 5
+
+
+def test_time_limit_and_periodic_checkpoint(cells2d, tmp_path):
+    img, gt = cells2d[0]
+    cfg = TrainConfig(time_limit=3.0, **{**FAST, "checkpoint_every": 0.5})
+    events = list(Trainer([img], [sparsify(gt, 0.5)], cfg, out=tmp_path / "m").run())
+    assert events[-1].reason == "time limit" and 2.5 < events[-1].seconds < 10
+    assert any(e.checkpoint is not None for e in events[:-1])
+
+
+def test_crash_keeps_last_good_checkpoint(cells2d, tmp_path, monkeypatch):
+    img, gt = cells2d[0]
+    trainer = Trainer([img], [sparsify(gt, 0.5)], TrainConfig(iterations=100, **FAST), out=tmp_path / "m")
+    real_step = trainer.step
+
+    def step():
+        if trainer.iteration == 4:
+            raise RuntimeError("out of memory")
+        return real_step()
+
+    monkeypatch.setattr(trainer, "step", step)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        list(trainer.run())
+    assert load_model(tmp_path / "m").config["training"]["iteration"] == 4
+
+
+def test_nan_losses_are_skipped_then_reported(cells2d, tmp_path, monkeypatch):
+    img, gt = cells2d[0]
+    trainer = Trainer([img], [sparsify(gt, 0.5)], TrainConfig(iterations=50, **FAST), out=tmp_path / "m")
+    import napari_sparseseg.core.training as T
+
+    monkeypatch.setattr(T, "spoco_loss", lambda *a, **k: {"loss": torch.tensor(float("nan"), requires_grad=True)})
+    with pytest.raises(SparseSegError, match="training diverged"):
+        list(trainer.run())
+
+
+def test_full_supervision_with_background_id(cells2d):
+    img, gt = cells2d[0]
+    trainer = Trainer([img], [gt], TrainConfig(iterations=2, background_id=0, **FAST))
+    assert trainer.samples[0].labels.min() == 1  # nothing unlabeled
+    ev = list(trainer.run())[-2]
+    assert ev.losses["unlabeled_push"] == 0 and ev.losses["consistency"] == 0
+
+
+def test_3d_training_and_segmentation(tmp_path):
+    img, gt = synthetic_cells((16, 48, 48), radius=(6, 9), seed=1)
+    cfg = TrainConfig(iterations=3, batch_size=1, patch_shape=(16, 32, 32), base_channels=4, depth=3)
+    model = Trainer([img], [sparsify(gt, 0.3)], cfg, out=tmp_path / "m3").model
+    assert model.config["network"]["ndim"] == 3 and len(model.config["offsets"]) == 12
+    emb = predict(load_model(tmp_path / "m3"), img, device="cpu")
+    assert emb.shape == (16,) + img.shape
+    seg = segment_embeddings(emb)
+    assert seg.shape == img.shape
+
+
+def test_fine_tune_from_model_checks_dimensionality(cells2d, tmp_path):
+    img, gt = cells2d[0]
+    Trainer([img], [sparsify(gt, 0.3)], TrainConfig(iterations=1, **FAST), out=tmp_path / "m").save()
+    base = load_model(tmp_path / "m")
+    stack, sgt = synthetic_cells((8, 32, 32), radius=(5, 8), seed=0)
+    with pytest.raises(SparseSegError, match="is 3D but the model was trained on 2D images"):
+        Trainer([stack], [sgt], TrainConfig(iterations=1), init=base)
+    rgb = np.stack([img] * 3, -1)
+    with pytest.raises(SparseSegError, match="has 3 channel.s. but the model expects 1"):
+        Trainer([rgb], [gt], TrainConfig(iterations=1), init=base)
+    tuned = Trainer([img], [gt], TrainConfig(iterations=1, **FAST), init=base)
+    assert tuned.iteration == 0 and tuned.model_config["scale"] == base.config["scale"]
+
+
+def test_user_errors():
+    img = np.zeros((32, 32), np.uint8)
+    with pytest.raises(SparseSegError, match="no labeled object in any label image"):
+        Trainer([img], [np.zeros((32, 32), int)])
+    with pytest.raises(SparseSegError, match="1 image.s. but 2 label image.s."):
+        Trainer([img], [np.zeros((32, 32), int)] * 2)
+    with pytest.raises(SparseSegError, match="time limit must be > 0"):
+        TrainConfig(time_limit=0)
+    with pytest.raises(SparseSegError, match="no CUDA GPU is available here"):
+        lab = np.zeros((32, 32), int)
+        lab[:5, :5] = 1
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is present")
+        Trainer([img], [lab], TrainConfig(device="cuda"))

@@ -1,0 +1,157 @@
+"""The dock widget, driven as a user would: opened through the manifest, on the sample data."""
+
+import numpy as np
+import pytest
+
+napari = pytest.importorskip("napari")
+
+import napari_sparseseg._widget as W  # noqa: E402
+import napari_sparseseg._workers as workers  # noqa: E402
+from napari_sparseseg import load_model  # noqa: E402
+
+TIMEOUT = 180_000
+
+
+@pytest.fixture
+def errors(monkeypatch):
+    seen = []
+    monkeypatch.setattr(W, "notify_error", seen.append)
+    return seen
+
+
+@pytest.fixture
+def widget(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-sparseseg", "cells_2d")
+    _, w = viewer.window.add_plugin_dock_widget("napari-sparseseg", "SparseSeg")
+    yield viewer, w
+    w.cleanup_model_folder()
+
+
+def _train(qtbot, w, iterations=15, preview_every=0.5):
+    w.train.preset.value = "Fixed iterations"
+    w.train.iterations.value = iterations
+    w.train.preview_every.value = preview_every
+    w.train.start()
+    assert w.train.worker is not None
+    qtbot.waitUntil(lambda: w.train.worker is None, timeout=TIMEOUT)
+
+
+def test_opens_through_manifest_with_sample_selected(widget):
+    viewer, w = widget
+    assert isinstance(w, W.SparseSegWidget)
+    assert w.annotate.image.value is viewer.layers["cells 2D"]
+    assert w.annotate.labels.value is viewer.layers["cells 2D annotations"]
+    assert "objects annotated" in w.annotate.status.value
+
+
+def test_sample_data_3d_opens(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-sparseseg", "cells_3d")
+    assert viewer.layers["cells 3D"].data.ndim == 3
+    assert viewer.layers["cells 3D annotations"].data.max() > 0
+
+
+def test_training_in_worker_gives_model_preview_and_curve(qtbot, widget, errors):
+    viewer, w = widget
+    before = np.array(viewer.layers["cells 2D annotations"].data, copy=True)
+    _train(qtbot, w, iterations=30, preview_every=0.2)
+    assert not errors
+    assert w.session.model is not None and w.session.model.config["training"]["iteration"] == 30
+    assert load_model(w.session.folder).config["training"]["iteration"] == 30
+    assert W.PREVIEW_LAYER in viewer.layers and viewer.layers[W.PREVIEW_LAYER].data.shape == before.shape
+    assert len(w.train.plot.values) == 30
+    assert np.array_equal(viewer.layers["cells 2D annotations"].data, before)
+    # annotate -> train loop: training again continues the same model
+    _train(qtbot, w, iterations=5, preview_every=0)
+    assert w.session.model.config["training"]["iteration"] == 35
+
+
+def test_stop_mid_run_keeps_loadable_model(qtbot, widget):
+    viewer, w = widget
+    w.train.preset.value = "Fixed iterations"
+    w.train.iterations.value = 1_000_000
+    w.train.preview_every.value = 0
+    w.train.start()
+    qtbot.waitUntil(lambda: len(w.train.plot.values) >= 3, timeout=TIMEOUT)
+    w.train.stop()
+    qtbot.waitUntil(lambda: w.train.worker is None, timeout=60_000)
+    it = w.session.model.config["training"]["iteration"]
+    assert 3 <= it < 1000
+    assert load_model(w.session.folder).config["training"]["iteration"] == it
+
+
+def test_segment_adds_new_layer_and_reclusters_without_network(qtbot, widget, errors, monkeypatch):
+    viewer, w = widget
+    _train(qtbot, w, iterations=10, preview_every=0)
+    calls = []
+    real = workers.predict
+    monkeypatch.setattr(workers, "predict", lambda *a, **k: calls.append(1) or real(*a, **k))
+    annotations = np.array(viewer.layers["cells 2D annotations"].data, copy=True)
+    n_layers = len(viewer.layers)
+    w.segment.pca.value = True
+    w.segment.run()
+    qtbot.waitUntil(lambda: "cells 2D segmentation" in viewer.layers and w.segment.worker is None, timeout=TIMEOUT)
+    assert len(viewer.layers) == n_layers + 2  # segmentation + PCA embeddings
+    assert viewer.layers["cells 2D embeddings (PCA)"].rgb
+    seg_layer = viewer.layers["cells 2D segmentation"]
+    assert calls == [1]
+    first = np.array(seg_layer.data, copy=True)
+    w.segment.max_size.value = 0
+    w.segment.min_size.value = 10_000_000  # removes every object: visible proof that clustering re-ran
+    qtbot.waitUntil(lambda: w.segment.worker is None and seg_layer.data.max() == 0, timeout=60_000)
+    assert calls == [1]  # the network was not called again
+    assert first.max() > 0
+    w.segment.run()  # same image and model: served from the cache
+    qtbot.waitUntil(lambda: w.segment.worker is None, timeout=60_000)
+    assert calls == [1] and len(viewer.layers) == n_layers + 2
+    assert np.array_equal(viewer.layers["cells 2D annotations"].data, annotations)
+    assert not errors
+
+
+def test_bad_choices_notify(qtbot, widget, errors, make_napari_viewer):
+    viewer, w = widget
+    w.segment.run()
+    assert "There is no model yet" in errors[-1]
+    w.annotate.labels.value = None
+    w.train.start()
+    assert "Select or create an annotation (Labels) layer" in errors[-1]
+    layer = viewer.add_labels(np.zeros((384, 384), np.int32), name="empty")
+    w.annotate.labels.reset_choices()
+    w.annotate.labels.value = layer
+    w.train.start()
+    assert "no labeled object in any label image" in errors[-1]
+    assert w.train.worker is None
+    # a 2D model on a 3D stack
+    w.annotate.labels.value = viewer.layers["cells 2D annotations"]
+    _train(qtbot, w, iterations=2, preview_every=0)
+    stack = viewer.add_image(np.zeros((8, 64, 64), np.uint8), name="stack")
+    w.segment.image.reset_choices()
+    w.segment.image.value = stack
+    w.segment.run()
+    assert "is 3D but the model was trained on 2D images" in errors[-1]
+
+
+def test_new_annotation_layer_and_warnings(widget):
+    viewer, w = widget
+    w.annotate.add_labels_layer()
+    layer = w.annotate.labels.value
+    assert layer.name == "cells 2D annotations [1]" or layer.name.startswith("cells 2D annotations")
+    assert layer.data.shape == (384, 384) and layer.data.max() == 0
+    assert "No objects annotated yet" in w.annotate.status.value
+    layer.data[10:20, 10:20] = 1
+    layer.data[50:60, 50:60] = 1
+    w.annotate.refresh()
+    assert "1 object annotated" in w.annotate.status.value and "separate pieces" in w.annotate.status.value
+
+
+def test_save_and_load_model_roundtrip(qtbot, widget, tmp_path, errors):
+    viewer, w = widget
+    w.train.save_model(tmp_path / "m")
+    assert "no model to save" in errors[-1]
+    _train(qtbot, w, iterations=3, preview_every=0)
+    w.train.save_model(tmp_path / "m")
+    w.train.load_model(tmp_path / "m")
+    assert w.session.origin == "loaded" and "3 iterations" in w.train.status.value
+    w.train.load_model(tmp_path / "missing")
+    assert "not found" in errors[-1]
