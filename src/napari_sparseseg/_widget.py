@@ -346,7 +346,7 @@ class SegmentPanel(QWidget):
         self.worker = None
         self._cache: dict | None = None
         self.outputs: dict[str, napari.layers.Labels] = {}
-        self.predictions = 0  # how often the network ran (re-clustering must not add to it)
+        self._pending = None
 
     def _overrides(self) -> dict:
         return dict(bias=float(self.bias.value),
@@ -385,7 +385,6 @@ class SegmentPanel(QWidget):
             return emb, emb_g, _workers.cluster(model, emb, emb_g, self.method.value, **self._overrides())
 
         self.status.value = "Predicting…"
-        self.predictions += 1
         self._start(work, lambda res: self._done(image, key, *res))
 
     def recluster(self, *_) -> None:
@@ -414,7 +413,7 @@ class SegmentPanel(QWidget):
 
     def _finished(self) -> None:
         self.worker = None
-        pending = getattr(self, "_pending", None)
+        pending = self._pending
         if pending is not None:
             self._start(*pending)
 

@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3; 1e-4 with --from)")
     t.add_argument("--scale", type=float, default=None, help="downscale factor in y/x (default: from object size)")
     t.add_argument("--anchor", choices=("pixel", "mean"), default="pixel", help="instance-selection anchor")
-    t.add_argument("--coord-scale", type=float, default=1 / 16,
+    t.add_argument("--coord-scale", type=float, default=0.0,
                    help="coordinate channels added to the embeddings (units per pixel); 0: a plain U-Net")
     t.add_argument("--consistency-weight", type=float, default=1.0, help="weight of the embedding consistency term")
     t.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS")

@@ -42,6 +42,8 @@ def embedding_distances(embeddings: np.ndarray, offsets: list[list[int]]) -> np.
     spatial = embeddings.shape[1:]
     out = np.full((len(offsets),) + spatial, np.nan, dtype=np.float32)
     for c, off in enumerate(offsets):
+        if any(abs(o) >= s for o, s in zip(off, spatial)):
+            continue  # an offset longer than the image: no such edge (NaN -> weight 0)
         src = tuple(slice(max(0, -o), s - max(0, o)) for o, s in zip(off, spatial))
         dst = tuple(slice(max(0, o), s - max(0, -o)) for o, s in zip(off, spatial))
         diff = embeddings[(slice(None),) + src] - embeddings[(slice(None),) + dst]

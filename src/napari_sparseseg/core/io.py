@@ -131,8 +131,15 @@ def to_channels_first(image: np.ndarray, ndim: int, name: str = "image", channel
     elif image.ndim == ndim + 1:
         if image.shape[-1] <= 4 and (channels is None or image.shape[-1] == channels):
             out = np.moveaxis(image, -1, 0)
-        else:
+        elif channels is None or image.shape[0] == channels:
             out = image
+        elif image.shape[-1] <= 4:
+            raise SparseSegError(f"{name}: has {image.shape[-1]} channel(s) but the model expects {channels}")
+        else:
+            raise SparseSegError(
+                f"{name}: is {image.ndim}D but the model was trained on {ndim}D images with {channels} "
+                f"channel(s) (got shape {image.shape})"
+            )
     else:
         raise SparseSegError(
             f"{name}: shape {image.shape} does not fit a {ndim}D image "

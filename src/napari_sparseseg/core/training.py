@@ -65,8 +65,9 @@ class TrainConfig:
     base_channels: int = 16
     depth: int = 4
     #: coordinate channels added to the embeddings, in embedding units per pixel at the model's scale
-    #: (objects are ~32 px across there, so 1/16 puts neighbouring objects ~2 units apart); 0 = off
-    coord_scale: float = 1 / 16
+    #: (objects are ~32 px across there, so 1/16 puts neighbouring objects ~2 units apart); 0 = off.
+    #: Off by default: on CVPPP@0.1 it slowed convergence within a 4-minute CPU budget (docs/benchmarks.md)
+    coord_scale: float = 0.0
     elastic: bool = True
     checkpoint_every: float = 60.0
     loss: SpocoLossConfig = field(default_factory=SpocoLossConfig)
