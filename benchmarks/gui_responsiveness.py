@@ -50,7 +50,7 @@ def main() -> None:
     timer.setInterval(5)
     timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
     w.train.preset.value = "Fixed iterations"
-    w.train.iterations.value = 10**9
+    w.train.iterations.value = 10**7
     w.train.preview_every.value = 10.0
     timer.start()
     t0 = time.perf_counter()

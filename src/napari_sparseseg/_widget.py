@@ -154,6 +154,7 @@ class TrainPanel(QWidget):
         self.save_btn = QPushButton("Save model…")
         self.status = Label(value="No model yet.")
         self.status.native.setWordWrap(True)
+        self.status.native.setMinimumHeight(40)
         self.plot = LossPlot()
         advanced = QCollapsible("Advanced settings")
         advanced.addWidget(_form(("learning rate", self.lr), ("batch size", self.batch),
