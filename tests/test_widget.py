@@ -6,7 +6,7 @@ import pytest
 napari = pytest.importorskip("napari")
 
 import napari_sparseseg._widget as W  # noqa: E402
-import napari_sparseseg._workers as workers  # noqa: E402
+import napari_sparseseg.core.segment as core_segment  # noqa: E402
 from napari_sparseseg import load_model  # noqa: E402
 
 TIMEOUT = 180_000
@@ -85,8 +85,8 @@ def test_segment_adds_new_layer_and_reclusters_without_network(qtbot, widget, er
     viewer, w = widget
     _train(qtbot, w, iterations=10, preview_every=0)
     calls = []
-    real = workers.predict
-    monkeypatch.setattr(workers, "predict", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = core_segment.predict
+    monkeypatch.setattr(core_segment, "predict", lambda *a, **k: calls.append(1) or real(*a, **k))
     annotations = np.array(viewer.layers["cells 2D annotations"].data, copy=True)
     n_layers = len(viewer.layers)
     w.segment.pca.value = True

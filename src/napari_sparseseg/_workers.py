@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .core.clustering import segment_embeddings
-from .core.prediction import predict
-from .core.segment import clustering_options, segment
+from .core.segment import cluster, embed, segment
 from .core.training import Trainer
+
+__all__ = ["Preview", "cluster", "embed", "preview_region", "train_steps"]
 
 
 @dataclass
@@ -41,14 +41,3 @@ def train_steps(trainer: Trainer, preview_image=None, preview_every: float = 15.
             trainer.net.train()
             yield Preview(ev.iteration, labels, z0)
             next_preview = time.perf_counter() + preview_every
-
-
-def embed(model, image, need_g: bool, device: str = "auto"):
-    """Embeddings of f (and g when consistency clustering needs them)."""
-    emb = predict(model, image, device=device)
-    emb_g = predict(model, image, device=device, use_ema=True) if need_g else None
-    return emb, emb_g
-
-
-def cluster(model, emb, emb_g, method: str, **overrides):
-    return segment_embeddings(emb, method, embeddings_g=emb_g, **clustering_options(model.config, **overrides))

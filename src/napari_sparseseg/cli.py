@@ -103,7 +103,7 @@ def cmd_train(args) -> int:
     )
     # SIGTERM (e.g. a batch system's time limit) stops like Ctrl-C, after the current step
     signal.signal(signal.SIGTERM, lambda *_: trainer.stop())
-    iters, tlimit = trainer._limits()
+    iters, _ = trainer.limits()
     bar = tqdm(total=iters, unit="it", disable=args.quiet or None, dynamic_ncols=True)
     events = trainer.run()
     reason = ""

@@ -59,7 +59,7 @@ def auto_scale(labels: list[np.ndarray], target_diameter: float = 32.0) -> float
     return float(max(0.25, np.floor(scale * 8) / 8))
 
 
-def rescale(array: np.ndarray, scale: float, order: int, spatial: int) -> np.ndarray:
+def rescale(array: np.ndarray, scale: float, order: int) -> np.ndarray:
     """Zoom the last two (y, x) axes of ``array`` by ``scale``; order 0 for labels."""
     if scale == 1.0:
         return array
@@ -103,9 +103,9 @@ def prepare(
         lab = relabel_consecutive(lab)
         if bg_mask is not None and bg_mask.any():
             lab[bg_mask] = lab.max() + 1
-        img_s = rescale(img, scale, 1, lab.ndim)
-        lab_s = rescale(lab, scale, 0, lab.ndim)
-        valid_s = rescale(valid.astype(np.uint8), scale, 0, lab.ndim).astype(bool)
+        img_s = rescale(img, scale, 1)
+        lab_s = rescale(lab, scale, 0)
+        valid_s = rescale(valid.astype(np.uint8), scale, 0).astype(bool)
         common = tuple(min(a, b) for a, b in zip(img_s.shape[1:], lab_s.shape))  # rounding may differ by 1
         crop = tuple(slice(0, c) for c in common)
         img_s, lab_s, valid_s = img_s[(slice(None),) + crop], lab_s[crop], valid_s[crop]

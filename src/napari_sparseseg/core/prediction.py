@@ -69,7 +69,7 @@ def predict(
     norm = model.config["normalization"]
     x = normalize(x, norm["low"], norm["high"])
     scale = float(model.config.get("scale", 1.0))
-    xs = rescale(x, scale, 1, ndim)
+    xs = rescale(x, scale, 1)
     net = model.ema if (use_ema and model.ema is not None) else model.net
     dev = resolve_device(device)
     net = net.to(dev).eval()

@@ -35,10 +35,20 @@ def clustering_options(config: dict[str, Any], **overrides) -> dict[str, Any]:
     return opts
 
 
+def embed(model: Model, image: np.ndarray, need_g: bool = False, device: str = "auto", name: str = "image"):
+    """Embeddings of f, and of g when ``need_g`` (consistency clustering); g is None otherwise."""
+    emb = predict(model, image, device=device, name=name)
+    emb_g = predict(model, image, device=device, name=name, use_ema=True) if need_g else None
+    return emb, emb_g
+
+
+def cluster(model: Model, emb: np.ndarray, emb_g: np.ndarray | None, method: str = "mws", **overrides) -> np.ndarray:
+    """Cluster cached embeddings with the model's defaults unless overridden (no network call)."""
+    return segment_embeddings(emb, method, embeddings_g=emb_g, **clustering_options(model.config, **overrides))
+
+
 def segment(model: Model, image: np.ndarray, method: str = "mws", device: str = "auto", name: str = "image",
             **overrides) -> np.ndarray:
-    """Instance labels for ``image``: embeddings from f (and g for consistency clustering), then
-    clustering with the model's defaults unless overridden."""
-    emb = predict(model, image, device=device, name=name)
-    emb_g = predict(model, image, device=device, name=name, use_ema=True) if method == "consistency" else None
-    return segment_embeddings(emb, method, embeddings_g=emb_g, **clustering_options(model.config, **overrides))
+    """Instance labels for ``image``: :func:`embed`, then :func:`cluster`."""
+    emb, emb_g = embed(model, image, method == "consistency", device, name)
+    return cluster(model, emb, emb_g, method, **overrides)

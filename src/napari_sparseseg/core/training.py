@@ -215,7 +215,8 @@ class Trainer:
         """Ask the loop to end after the current step (a checkpoint is then written)."""
         self._stop = True
 
-    def _limits(self) -> tuple[int | None, float | None]:
+    def limits(self) -> tuple[int | None, float | None]:
+        """(iterations, seconds) this run stops at; DEFAULT_ITERATIONS when neither is set."""
         cfg = self.config
         if cfg.iterations is None and cfg.time_limit is None:
             return DEFAULT_ITERATIONS, None
@@ -271,7 +272,7 @@ class Trainer:
 
     def run(self) -> Iterator[TrainEvent]:
         """Train until the iteration or time budget is spent or :meth:`stop` is called."""
-        iters, time_limit = self._limits()
+        iters, time_limit = self.limits()
         start_it, start_s = self.iteration, self.seconds
         t0 = time.perf_counter()
         last_ckpt = t0
