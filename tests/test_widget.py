@@ -97,7 +97,6 @@ def test_segment_adds_new_layer_and_reclusters_without_network(qtbot, widget, er
     seg_layer = viewer.layers["cells 2D segmentation"]
     assert calls == [1]
     first = np.array(seg_layer.data, copy=True)
-    w.segment.max_size.value = 0
     w.segment.min_size.value = 10_000_000  # removes every object: visible proof that clustering re-ran
     qtbot.waitUntil(lambda: w.segment.worker is None and seg_layer.data.max() == 0, timeout=60_000)
     assert calls == [1]  # the network was not called again

@@ -326,9 +326,8 @@ class SegmentPanel(QWidget):
         self.method = ComboBox(choices=["mws", "hdbscan", "meanshift", "consistency"], value="mws")
         self.bias = FloatSlider(value=0.0, min=-0.5, max=0.5, step=0.01,
                                 tooltip="> 0 splits more, < 0 merges more (mutex watershed)")
-        self.min_size = SpinBox(value=-1, min=-1, max=10**9, tooltip="-1: from the model (1/20 of the median object)")
-        self.max_size = SpinBox(value=-1, min=-1, max=10**12,
-                                tooltip="-1: from the model (2x its largest object); 0: no limit")
+        self.min_size = SpinBox(value=-1, min=-1, max=10**9, tooltip="-1: from the model (1/4 of the median object)")
+        self.max_size = SpinBox(value=0, min=0, max=10**12, tooltip="larger segments are background; 0: no limit")
         self.background = ComboBox(choices=["largest", "none"], value="largest",
                                    tooltip="largest: the largest segment is background; none: dense tissue")
         self.pca = CheckBox(value=False, text="show embeddings (PCA as RGB)")
@@ -352,7 +351,7 @@ class SegmentPanel(QWidget):
     def _overrides(self) -> dict:
         return dict(bias=float(self.bias.value),
                     min_size=None if self.min_size.value < 0 else int(self.min_size.value),
-                    max_size=None if self.max_size.value < 0 else int(self.max_size.value),
+                    max_size=int(self.max_size.value) or None,
                     background=self.background.value)
 
     def _key(self, image):

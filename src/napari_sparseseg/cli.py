@@ -239,9 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, help="folder for <stem>.tif")
     g.add_argument("--clustering", choices=("mws", "hdbscan", "meanshift", "consistency"), default="mws")
     g.add_argument("--bias", type=float, default=0.0, help="> 0 splits more, < 0 merges more (mws)")
-    g.add_argument("--min-size", type=int, default=None, help="smaller objects are removed (default: 1/20 of the median annotated object)")
+    g.add_argument("--min-size", type=int, default=None, help="smaller objects are removed (default: 1/4 of the median annotated object)")
     g.add_argument("--max-size", type=int, default=None,
-                   help="larger segments are background (default: 2x the largest annotated object; 0 = off)")
+                   help="larger segments are background (default: no limit)")
     g.add_argument("--background", choices=("largest", "none"), default="largest",
                    help="largest: the largest segment is background (0); none: dense tissue")
     g.add_argument("--device", default="auto")

@@ -201,7 +201,6 @@ class Trainer:
             "patch_shape": list(self.patch),
             "offsets": default_offsets(ndim),
             "object_area_median": float(np.median(areas)) if areas.size else None,
-            "object_area_max": float(np.max(areas)) if areas.size else None,
             "background_id": cfg.background_id,
             "training": {},
         }
