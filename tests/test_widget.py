@@ -154,3 +154,23 @@ def test_save_and_load_model_roundtrip(qtbot, widget, tmp_path, errors):
     assert w.session.origin == "loaded" and "3 iterations" in w.train.status.value
     w.train.load_model(tmp_path / "missing")
     assert "not found" in errors[-1]
+
+
+def test_3d_stack_trains_previews_a_slab_and_segments(qtbot, make_napari_viewer, errors):
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-sparseseg", "cells_3d")
+    _, w = viewer.window.add_plugin_dock_widget("napari-sparseseg", "SparseSeg")
+    try:
+        stack = viewer.layers["cells 3D"]
+        assert w.annotate.image.value is stack
+        _train(qtbot, w, iterations=3, preview_every=0.01)
+        assert not errors
+        assert w.session.model.ndim == 3
+        preview = viewer.layers[W.PREVIEW_LAYER].data
+        assert preview.shape == stack.data.shape  # a slab placed into a full-size layer
+        w.segment.run()
+        qtbot.waitUntil(lambda: "cells 3D segmentation" in viewer.layers and w.segment.worker is None,
+                        timeout=TIMEOUT)
+        assert viewer.layers["cells 3D segmentation"].data.shape == stack.data.shape
+    finally:
+        w.cleanup_model_folder()

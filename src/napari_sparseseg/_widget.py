@@ -86,6 +86,7 @@ class AnnotatePanel(QWidget):
                                   tooltip="a label id painted on background (full supervision); -1: none")
         self.status = Label(value="")
         self.status.native.setWordWrap(True)
+        self.status.native.setMinimumHeight(90)
         self.check = PushButton(text="Check annotations")
         lay = QVBoxLayout(self)
         lay.addWidget(_form(("image", self.image), ("annotations", self.labels), (None, self.new_labels),
@@ -138,6 +139,7 @@ class TrainPanel(QWidget):
     def __init__(self, viewer: napari.Viewer, annotate: AnnotatePanel, session: Session):
         super().__init__()
         self.viewer, self.annotate, self.session = viewer, annotate, session
+        self.method = ComboBox(choices=["SPOCO"], value="SPOCO", tooltip="training method (CRAC is planned)")
         self.preset = ComboBox(choices=list(PRESETS), value="Quick (2 min)")
         self.iterations = SpinBox(value=500, min=1, max=10_000_000, tooltip="used with 'Fixed iterations'")
         self.device = ComboBox(choices=["auto", "cpu", "cuda"], value="auto")
@@ -161,7 +163,7 @@ class TrainPanel(QWidget):
                                  ("consistency weight", self.consistency), ("anchor", self.anchor),
                                  ("seed", self.seed), ("preview every (s)", self.preview_every)))
         lay = QVBoxLayout(self)
-        lay.addWidget(_form(("budget", self.preset), ("iterations", self.iterations), ("device", self.device)))
+        lay.addWidget(_form(("method", self.method), ("budget", self.preset), ("iterations", self.iterations), ("device", self.device)))
         lay.addWidget(advanced)
         lay.addWidget(_form((None, self.start_btn), (None, self.stop_btn)))
         lay.addWidget(self.plot)
