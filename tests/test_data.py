@@ -77,3 +77,11 @@ def test_auto_scale_from_object_size():
     small = np.zeros((100, 100), int)
     small[:20, :20] = 1
     assert auto_scale([small]) == 1.0
+
+
+def test_object_diameter_in_plane_for_stacks():
+    from napari_sparseseg.core.data import object_diameters
+
+    lab = np.zeros((10, 40, 40), int)
+    lab[2:6, 10:30, 10:30] = 1  # 4 slices of a 20x20 square
+    assert object_diameters(lab)[0] == pytest.approx(2 * np.sqrt(400 / np.pi))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,6 @@ class Model:
     ema: UNet | None = None
     optimizer_state: dict | None = None
     path: Path | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def ndim(self) -> int:

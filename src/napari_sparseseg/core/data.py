@@ -39,11 +39,12 @@ def relabel_consecutive(labels: np.ndarray) -> np.ndarray:
 
 
 def object_diameters(labels: np.ndarray) -> np.ndarray:
-    """Equivalent diameters of the annotated objects (in-plane for 3D stacks)."""
-    counts = np.bincount(labels.ravel())[1:]
-    counts = counts[counts > 0].astype(float)
+    """Equivalent diameters of the annotated objects; in-plane (mean area per slice) for 3D stacks."""
+    counts = np.bincount(labels.ravel())[1:].astype(float)
     if labels.ndim == 3:
-        counts = counts / max(labels.shape[0], 1) * 4  # rough per-slice area; only for a scale guess
+        depth = np.array([0 if s is None else s[0].stop - s[0].start for s in ndimage.find_objects(labels)])
+        counts[: depth.size] = counts[: depth.size] / np.maximum(depth, 1)
+    counts = counts[counts > 0]
     return 2 * np.sqrt(counts / np.pi)
 
 

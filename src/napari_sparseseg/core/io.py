@@ -66,8 +66,8 @@ def _read_zarr(path: Path) -> np.ndarray:
     return node[arrays[0]]
 
 
-def read(path: str | os.PathLike, lazy: bool = False) -> np.ndarray:
-    """Read one image or label file into an array (zarr stays lazy when ``lazy``)."""
+def read(path: str | os.PathLike) -> np.ndarray:
+    """Read one image or label file into an array."""
     path = Path(path)
     if not path.exists():
         raise SparseSegError(f"{path}: file not found")
@@ -83,7 +83,6 @@ def read(path: str | os.PathLike, lazy: bool = False) -> np.ndarray:
             arr = np.load(path, allow_pickle=False)
         elif suffix == ".zarr" or (path.is_dir() and any((path / m).exists() for m in (".zgroup", ".zarray", "zarr.json"))):
             arr = _read_zarr(path)
-            return arr if lazy else np.asarray(arr)
         else:
             raise SparseSegError(f"{path}: unsupported file type {suffix!r}; expected TIFF, PNG, .npy or zarr")
     except SparseSegError:
