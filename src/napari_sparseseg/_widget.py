@@ -59,7 +59,9 @@ def _image_array(layer) -> np.ndarray:
 
 
 def _spatial_shape(layer) -> tuple[int, ...]:
-    shape = tuple(_image_array(layer).shape)
+    """The layer's spatial shape, read from its metadata (no data is loaded)."""
+    data = layer.data[0] if layer.multiscale else layer.data
+    shape = tuple(data.shape)
     return shape[:-1] if getattr(layer, "rgb", False) else shape
 
 

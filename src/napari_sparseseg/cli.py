@@ -191,8 +191,12 @@ def cmd_demo(args) -> int:
     ]
     if (model_dir / checkpoint.CONFIG).exists():
         train_args.append("--resume")
-    main(train_args)
-    main(["segment", "--model", str(model_dir), "--images", str(out / "test" / "*.tif"), "--out", str(out / "seg")])
+    segment_args = ["segment", "--model", str(model_dir), "--images", str(out / "test" / "*.tif"),
+                    "--out", str(out / "seg")]
+    for step in (train_args, segment_args):
+        rc = main(step)
+        if rc != 0:
+            return rc
     return main(["evaluate", "--pred", str(out / "seg" / "*.tif"), "--gt", str(out / "test_gt" / "*.tif")])
 
 

@@ -278,13 +278,14 @@ class Trainer:
         bad_steps = 0
         reason = ""
         self._stop = False
+        def progress_at(now: float) -> float:
+            return min(1.0, max((self.iteration - start_it) / iters if iters else 0.0,
+                                (now - t0) / time_limit if time_limit else 0.0))
+
         try:
             while True:
                 done_its = self.iteration - start_it
                 elapsed = time.perf_counter() - t0
-                progress = max(
-                    done_its / iters if iters else 0.0, elapsed / time_limit if time_limit else 0.0
-                )
                 if self._stop:
                     reason = "stopped"
                     break
@@ -294,7 +295,7 @@ class Trainer:
                 if time_limit is not None and elapsed >= time_limit:
                     reason = "time limit"
                     break
-                lr = self._lr(progress)
+                lr = self._lr(progress_at(time.perf_counter()))
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 try:
@@ -322,10 +323,7 @@ class Trainer:
                     seconds=self.seconds,
                     losses=losses,
                     lr=lr,
-                    progress=min(1.0, max(
-                        (self.iteration - start_it) / iters if iters else 0.0,
-                        (now - t0) / time_limit if time_limit else 0.0,
-                    )),
+                    progress=progress_at(now),
                     checkpoint=ckpt,
                 )
         finally:
