@@ -131,3 +131,26 @@ def test_user_errors():
         if torch.cuda.is_available():
             pytest.skip("a GPU is present")
         Trainer([img], [lab], TrainConfig(device="cuda"))
+
+
+def test_worker_generator_previews_periodically_and_at_the_end_but_not_after_stop(cells2d):
+    from napari_sparseseg._workers import Preview, train_steps
+
+    img, gt = cells2d[0]
+    trainer = Trainer([img], [sparsify(gt, 0.3)], TrainConfig(iterations=3, **FAST))
+    out = list(train_steps(trainer, preview_image=img, preview_every=0.0, first_preview=0.0))
+    kinds = ["P" if isinstance(o, Preview) else ("D" if o.done else "E") for o in out]
+    assert kinds == ["E", "P", "E", "P", "E", "P", "D", "P"]  # a preview after each step, one for the final model
+    assert out[-1].iteration == 3 and out[-1].labels.shape == img.shape
+
+    # a long first delay: only the final preview; after Stop: none
+    out = list(train_steps(trainer, preview_image=img, preview_every=100.0, first_preview=100.0))
+    assert sum(isinstance(o, Preview) for o in out) == 1 and isinstance(out[-1], Preview)
+    trainer.config.iterations = 1000
+    gen = train_steps(trainer, preview_image=img, preview_every=100.0, first_preview=100.0)
+    out = [next(gen)]
+    trainer.stop()
+    out += list(gen)
+    assert out[-1].done and out[-1].reason == "stopped"
+    assert not any(isinstance(o, Preview) for o in out)
+    assert trainer.net.training

@@ -30,14 +30,28 @@ def preview_region(image: np.ndarray, ndim: int, z: int, depth: int = 16) -> tup
 
 def train_steps(trainer: Trainer, preview_image=None, preview_every: float = 15.0, first_preview: float = 5.0,
                 z: int = 0):
-    """Yield every TrainEvent of the trainer, and a :class:`Preview` now and then."""
+    """Yield every TrainEvent of the trainer, and a :class:`Preview` now and then.
+
+    Previews come ``first_preview`` seconds after the start, then every ``preview_every`` seconds, and once
+    more when training ends on its budget, so the preview layer always shows the final model. A run the
+    user stopped ends without a last preview: Stop must return at once.
+    """
     next_preview = time.perf_counter() + first_preview
     for ev in trainer.run():
         yield ev
-        if preview_image is not None and not ev.done and time.perf_counter() >= next_preview:
-            region, z0 = preview_region(preview_image, trainer.net.ndim, z)
-            trainer.net.eval()
-            labels = segment(trainer.model, region, device=str(trainer.device))
-            trainer.net.train()
-            yield Preview(ev.iteration, labels, z0)
+        due = not ev.done and time.perf_counter() >= next_preview
+        final = ev.done and ev.reason != "stopped"
+        if preview_image is not None and (due or final):
+            yield _preview(trainer, preview_image, z, ev.iteration)
             next_preview = time.perf_counter() + preview_every
+
+
+def _preview(trainer: Trainer, image: np.ndarray, z: int, iteration: int) -> Preview:
+    region, z0 = preview_region(image, trainer.net.ndim, z)
+    was_training = trainer.net.training
+    trainer.net.eval()
+    try:
+        labels = segment(trainer.model, region, device=str(trainer.device))
+    finally:
+        trainer.net.train(was_training)
+    return Preview(iteration, labels, z0)
