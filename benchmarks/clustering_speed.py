@@ -18,8 +18,7 @@ import torch
 from napari_sparseseg.core import checkpoint, io
 from napari_sparseseg.core.clustering import segment_embeddings
 from napari_sparseseg.core.metrics import evaluate
-from napari_sparseseg.core.prediction import predict
-from napari_sparseseg.core.segment import clustering_options
+from napari_sparseseg.core.segment import cluster, clustering_options, embed
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cvppp_a1"
 
@@ -46,8 +45,9 @@ def main() -> None:
     m = checkpoint.load(args.model)
     img = io.read(args.data / "images" / f"{args.image}_rgb.png")
     gt = io.read_labels(args.data / "labels" / f"{args.image}_label.png")
-    opts = clustering_options(m.config)
-    t_pred, emb = timed(lambda: predict(m, img, device=args.device), args.repeat)
+    # the clustering methods side by side: every pixel, the same post-processing, no foreground mask
+    opts = {**clustering_options(m.config), "agreement": None}
+    t_pred, (emb, _, fg) = timed(lambda: embed(m, img, device=args.device), args.repeat)
     rows = [("prediction (f)", t_pred, None)]
     t_mws, seg = timed(lambda: segment_embeddings(emb, "mws", **opts), args.repeat)
     rows.append(("mutex watershed", t_mws, evaluate(seg, gt)["sbd"]))
@@ -55,7 +55,10 @@ def main() -> None:
         for method in ("hdbscan", "meanshift"):
             t, seg = timed(lambda: segment_embeddings(emb, method, **opts), 1)
             rows.append((method, t, evaluate(seg, gt)["sbd"]))
-    rows.append(("prediction + MWS", t_pred + t_mws, None))
+    # what `sparseseg segment` runs: the model's defaults (foreground head, when it has one)
+    t_def, seg = timed(lambda: cluster(m, emb, None, "mws", fg=fg), args.repeat)
+    rows.append(("MWS, model defaults", t_def, evaluate(seg, gt)["sbd"]))
+    rows.append(("prediction + MWS", t_pred + t_def, None))
     print(f"\n{args.image}: image {img.shape}, embeddings {emb.shape}, {torch.get_num_threads()} CPU threads, "
           f"device {args.device}")
     print(f"{'step':<20}{'s/image':>10}{'SBD':>8}")

@@ -19,10 +19,8 @@ import numpy as np
 
 from napari_sparseseg.cli import main as sparseseg
 from napari_sparseseg.core import checkpoint, io
-from napari_sparseseg.core.clustering import segment_embeddings
 from napari_sparseseg.core.metrics import evaluate, mean_scores
-from napari_sparseseg.core.prediction import predict
-from napari_sparseseg.core.segment import clustering_options
+from napari_sparseseg.core.segment import cluster, embed, needs_g
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cvppp_a1"
 
@@ -70,19 +68,18 @@ def main() -> None:
     its = m.config["training"]["iteration"] / max(m.config["training"]["seconds"], 1e-9)
     val_imgs = io.expand(str(args.work / "val" / "images" / "*.png"))
     val_gts = io.expand(str(args.work / "val" / "labels" / "*.png"))
-    opts = clustering_options(m.config)
     rows = []
     t_pred, embs = 0.0, []
+    need_g = any(needs_g(method, m.config) for method in args.clustering)
     for ip in val_imgs:
         t0 = time.perf_counter()
-        embs.append((predict(m, io.read(ip)), None))
+        embs.append(embed(m, io.read(ip), need_g))  # f, g (EMA network) when a method needs it, foreground
         t_pred += time.perf_counter() - t0
     for method in args.clustering:
         scores, t_clu = [], 0.0
-        for (emb, _), ip, gp in zip(embs, val_imgs, val_gts):
-            emb_g = predict(m, io.read(ip), use_ema=True) if method == "consistency" else None
+        for (emb, emb_g, fg), gp in zip(embs, val_gts):
             t0 = time.perf_counter()
-            seg = segment_embeddings(emb, method, embeddings_g=emb_g, **opts)
+            seg = cluster(m, emb, emb_g, method, fg=fg)
             t_clu += time.perf_counter() - t0
             scores.append(evaluate(seg, io.read_labels(gp)))
         mean = mean_scores(scores)

@@ -58,6 +58,9 @@ def test_train_writes_loadable_model(model, capsys):
     cfg = json.loads((model / "config.json").read_text())
     assert cfg["training"]["iteration"] == 3 and cfg["method"] == "spoco"
     assert cfg["network"]["in_channels"] == 1
+    # sparse labels: spatial embeddings and a foreground head with its learned constant c
+    assert cfg["network"]["coord_scale"] == 0.125 and cfg["network"]["foreground"]
+    assert 0 < cfg["foreground"]["c"] < 1
 
 
 def test_train_resume_and_refusal_to_overwrite(data, model, capsys):
@@ -123,6 +126,26 @@ def test_segment_clustering_choices(data, model):
         assert main(["segment", "--model", str(model), "--images", str(data / "img" / "c0.tif"), "--out", str(out),
                      "--clustering", method, "--min-size", "10"]) == 0
         assert (out / "c0.tif").exists()
+
+
+def test_segment_background_choices(data, model, tmp_path, capsys):
+    img = str(data / "img" / "c0.tif")
+
+    def run(*extra):
+        out = tmp_path / "s"
+        assert main(["segment", "--model", str(model), "--images", img, "--out", str(out), *extra]) == 0
+        return tifffile.imread(out / "c0.tif")
+
+    # the foreground threshold decides which pixels may be objects: 0 keeps all, above 1 none
+    assert run("--fg-threshold", "1.01").max() == 0
+    assert run("--fg-threshold", "0", "--min-size", "0").min() > 0  # no pixel is background
+    assert run("--background", "largest", "--agreement", "0.5").shape == (96, 96)
+    # a model trained with a background label has no foreground head
+    full = tmp_path / "full"
+    assert main(["train", "--images", str(data / "img" / "*.tif"), "--labels", str(data / "gt" / "*.tif"),
+                 "--background-id", "0", "--out", str(full), "--iterations", "2", *FAST]) == 0
+    assert "this model has no foreground head" in _err(
+        capsys, ["segment", "--model", str(full), "--images", img, "--out", str(tmp_path / "o"), "--background", "foreground"])
 
 
 def test_segment_errors(data, model, tmp_path, capsys):

@@ -3,6 +3,8 @@ import pytest
 
 from napari_sparseseg import SparseSegError, segment_embeddings
 from napari_sparseseg.core.clustering import (
+    agreement_filter,
+    best_iou,
     default_offsets,
     embeddings_to_affinities,
     postprocess,
@@ -102,6 +104,35 @@ def test_hdbscan_and_meanshift_and_consistency():
     assert np.all(seg[g == 3] == 0) and np.all(seg[g == 1] > 0)
 
 
+def test_best_iou_and_agreement_filter_on_hand_made_segmentations():
+    f = np.array([[1, 1, 2, 2],
+                  [1, 1, 2, 2],
+                  [3, 3, 3, 3]])
+    g = np.array([[1, 1, 2, 2],
+                  [1, 1, 2, 5],
+                  [4, 4, 6, 6]])
+    best = best_iou(f, g)
+    assert best[1] == 1.0 and best[2] == pytest.approx(3 / 4) and best[3] == pytest.approx(2 / 4)
+    out = agreement_filter(f, g, 0.7)
+    assert np.array_equal(out, np.where(f == 3, 0, f))  # the segment g cuts in two is dropped
+    assert np.array_equal(agreement_filter(f, g, 0.0), f)
+
+
+def test_mws_agreement_drops_segments_the_ema_network_cuts_differently():
+    emb, gt = _blocks()
+    # identical g: every object kept
+    assert _same_partition(segment_embeddings(emb, "mws", embeddings_g=emb, agreement=0.7), gt)
+    # a g that splits object 3 into two halves: object 3 is dropped, the others stay
+    eg = emb.copy()
+    half = (gt == 3) & (np.arange(40)[None, :] >= 20)
+    eg[:, half] += 6.0 * np.eye(emb.shape[0])[5][:, None]
+    seg = segment_embeddings(emb, "mws", embeddings_g=eg, agreement=0.7)
+    assert np.all(seg[gt == 3] == 0)
+    assert all(len(np.unique(seg[gt == k])) == 1 and seg[gt == k][0] > 0 for k in (1, 2))
+    # off: f alone
+    assert _same_partition(segment_embeddings(emb, "mws", embeddings_g=eg, agreement=0), gt)
+
+
 def test_errors_name_the_input():
     with pytest.raises(SparseSegError, match=r"embeddings: expected a float array shaped \(D, Y, X\)"):
         segment_embeddings(np.zeros((4, 4), np.float32))
@@ -109,6 +140,12 @@ def test_errors_name_the_input():
         segment_embeddings(np.zeros((2, 4, 4), np.float32), "kmeans")
     with pytest.raises(SparseSegError, match="consistency clustering needs embeddings_g"):
         segment_embeddings(np.zeros((2, 4, 4), np.float32), "consistency")
+    with pytest.raises(SparseSegError, match="agreement filtering needs embeddings_g"):
+        segment_embeddings(np.zeros((2, 4, 4), np.float32), agreement=0.7)
+    with pytest.raises(SparseSegError, match=r"embeddings_g: shape \(2, 3, 3\) does not match"):
+        segment_embeddings(np.zeros((2, 4, 4), np.float32), embeddings_g=np.zeros((2, 3, 3), np.float32), agreement=0.7)
+    with pytest.raises(SparseSegError, match=r"agreement: expected an IoU threshold in \[0, 1\], got 1.5"):
+        segment_embeddings(np.zeros((2, 4, 4), np.float32), embeddings_g=np.zeros((2, 4, 4), np.float32), agreement=1.5)
     with pytest.raises(SparseSegError, match="mask: shape"):
         segment_embeddings(np.zeros((2, 4, 4), np.float32), mask=np.ones((3, 3), bool))
 

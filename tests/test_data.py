@@ -46,6 +46,25 @@ def test_crops_are_centred_on_objects_and_pad_small_images():
     assert im.shape == (1, 96, 96) and (~val).sum() == 96 * 96 - 64 * 64  # padding is ignored
 
 
+def test_object_lands_anywhere_in_the_crop_not_only_near_its_centre():
+    # a network with zero padding knows where in a crop it is; if the labeled object always sat in
+    # the middle it could learn "the middle object is the labeled one" (seen on CVPPP@0.1)
+    img = np.zeros((1, 400, 400), np.float32)
+    lab = np.zeros((400, 400), np.int32)
+    lab[198:202, 198:202] = 1
+    (s,) = prepare([img], [lab])
+    sampler = CropSampler([s], (64, 64), seed=0, p_object=1.0, elastic=False)
+    sampler._geometric = lambda i, lb, v: (i, lb, v)  # positions before flips/rotations
+    rows = []
+    for _ in range(300):
+        _, lb, _ = sampler.crop()
+        ys, _ = np.nonzero(lb)
+        rows.append(ys.mean())
+    rows = np.array(rows)
+    assert rows.min() < 8 and rows.max() > 56  # near both edges of the crop
+    assert 0.15 < np.mean(rows < 16) < 0.35  # about uniform: a quarter in the first quarter
+
+
 def test_geometric_augmentation_keeps_image_and_labels_aligned():
     img = np.zeros((1, 64, 64), np.float32)
     lab = np.zeros((64, 64), int)

@@ -7,6 +7,7 @@ from napari_sparseseg.core.losses import (
     SpocoLossConfig,
     consistency_term,
     dice_loss,
+    foreground_term,
     instance_means,
     object_term,
     pull_term,
@@ -128,12 +129,30 @@ def test_spoco_loss_relabels_missing_ids_and_keeps_zero_unlabeled():
     lab[0, :3] = 2  # id 1 missing from the crop
     lab[0, 4:] = 5
     out = spoco_loss(emb, emb.clone(), lab, None, CFG)
-    assert set(out) == {"pull", "push", "reg", "obj", "unlabeled_push", "consistency", "loss"}
+    assert set(out) == {"pull", "push", "reg", "obj", "unlabeled_push", "consistency", "foreground", "loss"}
     assert all(torch.isfinite(v) for v in out.values())
     # full supervision: nothing unlabeled -> no unlabeled terms
     lab[0, 3] = 7
     out = spoco_loss(emb, emb.clone(), lab, None, CFG)
     assert out["unlabeled_push"].item() == 0 and out["consistency"].item() == 0
+
+
+def test_foreground_term_by_hand():
+    # BCE with logits: annotated pixels are positives, unlabeled ones negatives, invalid ones ignored
+    logits = torch.tensor([[0.0, 2.0, -1.0, 5.0]])
+    labels = torch.tensor([[1, 3, 0, 0]])
+    valid = torch.tensor([[True, True, True, False]])
+    sp = torch.nn.functional.softplus
+    expected = (sp(torch.tensor(-0.0)) + sp(torch.tensor(-2.0)) + sp(torch.tensor(-1.0))) / 3
+    assert foreground_term(logits, labels, valid).item() == pytest.approx(expected.item(), rel=1e-6)
+    # in spoco_loss it is a weighted term of its own, and absent without logits
+    emb = torch.zeros(1, 2, 1, 4)
+    cfg = SpocoLossConfig(w_foreground=2.0, w_consistency=0.0)
+    out = spoco_loss(emb, None, labels.reshape(1, 1, 4), valid.reshape(1, 1, 4), cfg, fg_logits=logits.reshape(1, 1, 4))
+    assert out["foreground"].item() == pytest.approx(expected.item(), rel=1e-6)
+    rest = sum(out[t] for t in ("pull", "push", "obj", "unlabeled_push")) + 0.001 * out["reg"]
+    assert out["loss"].item() == pytest.approx((rest + 2 * out["foreground"]).item(), rel=1e-5)
+    assert spoco_loss(emb, None, labels.reshape(1, 1, 4), None, cfg)["foreground"].item() == 0
 
 
 def test_total_is_weighted_sum():
@@ -187,10 +206,12 @@ def _term_value(name, net, x, lab, g_net=None):
         with torch.no_grad():
             eg = g_net(x)[0].reshape(4, -1) * 3
         return consistency_term(emb, eg, lab == 0, valid, SpocoLossConfig(), gen)
+    if name == "foreground":  # the last channel as the foreground logit
+        return foreground_term(emb[-1][None], lab[None], valid[None])
     raise AssertionError(name)
 
 
-@pytest.mark.parametrize("name", ["pull", "push", "reg", "obj", "unlabeled_push", "consistency"])
+@pytest.mark.parametrize("name", ["pull", "push", "reg", "obj", "unlabeled_push", "consistency", "foreground"])
 def test_gradient_reaches_network_and_lowers_term(name):
     net, x, lab = _setup()
     g_net = None

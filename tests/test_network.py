@@ -15,6 +15,26 @@ def test_unet_shapes_and_rebuild(ndim, shape):
     assert net.divisor == (4,) * ndim
 
 
+def test_replicate_padding_is_recorded_rebuilt_and_works_on_tiny_inputs():
+    net = UNet(ndim=2, in_channels=1, base_channels=4, depth=2, padding_mode="replicate")
+    assert net.config["padding_mode"] == "replicate"
+    assert all(m.padding_mode == "replicate" for m in net.modules() if isinstance(m, torch.nn.Conv2d) and m.padding != (0, 0))
+    clone = build_network(net.config)
+    clone.load_state_dict(net.state_dict())
+    x = torch.randn(1, 1, 16, 16)
+    assert torch.allclose(clone(x), net(x))
+    # a constant image gives constant embeddings: replicate padding tells the network nothing about borders
+    out = net(torch.ones(1, 1, 16, 16))
+    assert torch.allclose(out, out[..., :1, :1].expand_as(out), atol=1e-5)
+    zeros = UNet(ndim=2, in_channels=1, base_channels=4, depth=2)
+    zeros.load_state_dict(net.state_dict())
+    out = zeros(torch.ones(1, 1, 16, 16))
+    assert not torch.allclose(out, out[..., :1, :1].expand_as(out), atol=1e-5)
+    # the deepest level of a 3D U-Net sees 1 voxel here: reflect padding would fail, replicate works
+    tiny = UNet(ndim=3, in_channels=1, base_channels=4, depth=4, padding_mode="replicate")
+    assert tiny(torch.randn(1, 1, 8, 8, 8)).shape == (1, 16, 8, 8, 8)
+
+
 def test_unet_rejects_bad_ndim():
     with pytest.raises(ValueError, match="ndim must be 2 or 3"):
         UNet(ndim=4)

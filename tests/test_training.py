@@ -4,6 +4,7 @@ import torch
 
 from napari_sparseseg import SparseSegError, TrainConfig, Trainer, load_model, predict, segment_embeddings
 from napari_sparseseg.core.metrics import evaluate
+from napari_sparseseg.core.segment import segment
 from napari_sparseseg.core.samples import synthetic_cells
 from napari_sparseseg.core.sparsify import sparsify
 
@@ -11,8 +12,7 @@ FAST = dict(batch_size=2, patch_shape=(64, 64), base_channels=8, depth=3, checkp
 
 
 def _score(model, img, gt):
-    emb = predict(model, img, device="cpu")
-    return evaluate(segment_embeddings(emb, min_size=20), gt)["sbd"]
+    return evaluate(segment(model, img, device="cpu"), gt)["sbd"]
 
 
 def test_training_beats_untrained_network(cells2d, tmp_path):
@@ -154,3 +154,58 @@ def test_worker_generator_previews_periodically_and_at_the_end_but_not_after_sto
     assert out[-1].done and out[-1].reason == "stopped"
     assert not any(isinstance(o, Preview) for o in out)
     assert trainer.net.training
+
+
+def test_segment_background_from_foreground_head_or_largest_segment_with_ema_agreement(cells2d, monkeypatch):
+    import napari_sparseseg.core.segment as S
+
+    img, gt = cells2d[0]
+    trainer = Trainer([img], [sparsify(gt, 0.3)], TrainConfig(iterations=2, **FAST))
+    assert trainer.model.config["foreground"]["c"] is None  # not measured before the first step
+    list(trainer.run())
+    model = trainer.model
+    assert 0 < model.config["foreground"]["c"] < 1
+    calls = []
+    real = S.predict
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("use_ema", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(S, "predict", spy)
+    # no foreground head (config {}): background by the largest segment, filtered by agreement with g
+    assert S.needs_g("mws") and not S.needs_g("mws", agreement=0) and not S.needs_g("hdbscan")
+    assert S.needs_g("hdbscan", agreement=0.5) and S.needs_g("consistency")
+    # with a foreground head: the head finds background, g is not needed
+    assert not S.needs_g("mws", model.config) and S.needs_g("mws", model.config, background="largest")
+    S.segment(model, img, device="cpu")
+    assert calls == [False]
+    calls.clear()
+    S.segment(model, img, device="cpu", background="largest")
+    assert calls == [False, True]
+    calls.clear()
+    S.segment(model, img, device="cpu", background="largest", agreement=0)
+    assert calls == [False]
+    # the foreground threshold decides which pixels may belong to objects
+    emb, _, fg = S.embed(model, img, device="cpu")
+    everything = S.cluster(model, emb, None, fg=fg, fg_threshold=0.0)
+    nothing = S.cluster(model, emb, None, fg=fg, fg_threshold=1.01)
+    assert nothing.max() == 0 and everything.max() > 0
+    # cached f embeddings without g: cluster() falls back to f alone instead of failing
+    assert S.cluster(model, emb, None, background="largest").shape == img.shape
+
+
+def test_background_rule_errors_name_the_choice(cells2d):
+    import napari_sparseseg.core.segment as S
+
+    img, gt = cells2d[0]
+    full = Trainer([img], [gt], TrainConfig(iterations=1, background_id=0, **FAST)).model
+    assert "foreground" not in full.config and S.resolve_background(full.config) == "largest"
+    # a background label is one object spanning the image: no coordinate channels then
+    assert full.config["network"]["coord_scale"] == 0.0 and not full.config["network"]["foreground"]
+    sparse = Trainer([img], [sparsify(gt, 0.3)], TrainConfig(iterations=1, **FAST)).model
+    assert sparse.config["network"]["coord_scale"] == 0.125 and sparse.config["network"]["foreground"]
+    with pytest.raises(SparseSegError, match="background 'foreground': this model has no foreground head"):
+        S.segment(full, img, device="cpu", background="foreground")
+    with pytest.raises(SparseSegError, match="background: expected one of auto, foreground, largest, none, got 'soil'"):
+        S.resolve_background(full.config, "soil")

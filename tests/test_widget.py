@@ -86,7 +86,7 @@ def test_segment_adds_new_layer_and_reclusters_without_network(qtbot, widget, er
     _train(qtbot, w, iterations=10, preview_every=0)
     calls = []
     real = core_segment.predict
-    monkeypatch.setattr(core_segment, "predict", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(core_segment, "predict", lambda *a, **k: calls.append(k.get("use_ema", False)) or real(*a, **k))
     annotations = np.array(viewer.layers["cells 2D annotations"].data, copy=True)
     n_layers = len(viewer.layers)
     w.segment.pca.value = True
@@ -95,15 +95,26 @@ def test_segment_adds_new_layer_and_reclusters_without_network(qtbot, widget, er
     assert len(viewer.layers) == n_layers + 2  # segmentation + PCA embeddings
     assert viewer.layers["cells 2D embeddings (PCA)"].rgb
     seg_layer = viewer.layers["cells 2D segmentation"]
-    assert calls == [1]
+    assert calls == [False]  # f only: the model's foreground head finds background, no EMA network needed
     first = np.array(seg_layer.data, copy=True)
     w.segment.min_size.value = 10_000_000  # removes every object: visible proof that clustering re-ran
     qtbot.waitUntil(lambda: w.segment.worker is None and seg_layer.data.max() == 0, timeout=60_000)
-    assert calls == [1]  # the network was not called again
+    assert calls == [False]  # the network was not called again
     assert first.max() > 0
+    w.segment.min_size.value = -1
+    qtbot.waitUntil(lambda: w.segment.worker is None and seg_layer.data.max() > 0, timeout=60_000)
     w.segment.run()  # same image and model: served from the cache
     qtbot.waitUntil(lambda: w.segment.worker is None, timeout=60_000)
-    assert calls == [1] and len(viewer.layers) == n_layers + 2
+    assert calls == [False] and len(viewer.layers) == n_layers + 2
+    # background by the largest-segment rule filters with the EMA network: that needs a new prediction
+    w.segment.background.value = "largest"
+    assert "press Segment" in w.segment.status.value and calls == [False]
+    w.segment.run()
+    qtbot.waitUntil(lambda: w.segment.worker is None and calls == [False, False, True], timeout=60_000)
+    largest = np.array(seg_layer.data, copy=True)
+    w.segment.agreement.value = 0.0  # filter off: re-clusters the cached f and g, never fewer objects
+    qtbot.waitUntil(lambda: w.segment.worker is None and seg_layer.data.max() >= largest.max(), timeout=60_000)
+    assert calls == [False, False, True]
     assert np.array_equal(viewer.layers["cells 2D annotations"].data, annotations)
     assert not errors
 

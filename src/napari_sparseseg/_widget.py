@@ -27,6 +27,7 @@ from .core import checkpoint
 from .core.annotation import check_annotations
 from .core.errors import SparseSegError
 from .core.losses import SpocoLossConfig
+from .core.segment import AGREEMENT, BACKGROUNDS, BIAS, needs_g
 from .core.training import TrainConfig, Trainer
 
 PRESETS = {"Quick (2 min)": 120.0, "Standard (10 min)": 600.0, "Long (30 min)": 1800.0, "Fixed iterations": None}
@@ -328,12 +329,20 @@ class SegmentPanel(QWidget):
         self.viewer, self.session = viewer, session
         self.image = ComboBox(choices=_layer_choices(viewer, napari.layers.Image))
         self.method = ComboBox(choices=["mws", "hdbscan", "meanshift", "consistency"], value="mws")
-        self.bias = FloatSlider(value=0.0, min=-0.5, max=0.5, step=0.01,
+        self.bias = FloatSlider(value=BIAS, min=-0.5, max=0.5, step=0.01,
                                 tooltip="> 0 splits more, < 0 merges more (mutex watershed)")
         self.min_size = SpinBox(value=-1, min=-1, max=10**9, tooltip="-1: from the model (1/4 of the median object)")
         self.max_size = SpinBox(value=0, min=0, max=10**12, tooltip="larger segments are background; 0: no limit")
-        self.background = ComboBox(choices=["largest", "none"], value="largest",
-                                   tooltip="largest: the largest segment is background; none: dense tissue")
+        self.background = ComboBox(choices=list(BACKGROUNDS), value="auto",
+                                   tooltip="auto: the model's foreground head if it has one, else largest; "
+                                           "foreground: what the foreground head calls background is 0; "
+                                           "largest: the largest segment is background; none: dense tissue")
+        self.fg_threshold = FloatSpinBox(value=-1.0, min=-1.0, max=1.0, step=0.01,
+                                         tooltip="foreground probability threshold; -1: from the model")
+        self.agreement = FloatSpinBox(value=-1.0, min=-1.0, max=1.0, step=0.05,
+                                      tooltip="mutex watershed: keep the segments that the EMA network reproduces "
+                                              f"with at least this IoU (drops cut-up background); 0: off; -1: auto "
+                                              f"({AGREEMENT} with background 'largest', off with 'foreground')")
         self.pca = CheckBox(value=False, text="show embeddings (PCA as RGB)")
         self.run_btn = PushButton(text="Segment")
         self.status = Label(value="")
@@ -341,11 +350,13 @@ class SegmentPanel(QWidget):
         lay = QVBoxLayout(self)
         lay.addWidget(_form(("image", self.image), ("clustering", self.method), ("bias", self.bias),
                             ("min size", self.min_size), ("max size", self.max_size),
-                            ("background", self.background), (None, self.pca), (None, self.run_btn),
+                            ("background", self.background), ("fg threshold", self.fg_threshold),
+                            ("agreement", self.agreement), (None, self.pca), (None, self.run_btn),
                             (None, self.status)))
         lay.addStretch()
         self.run_btn.changed.connect(self.run)
-        for knob in (self.bias, self.min_size, self.max_size, self.background, self.method):
+        for knob in (self.bias, self.min_size, self.max_size, self.background, self.fg_threshold, self.agreement,
+                     self.method):
             knob.changed.connect(self.recluster)
         self.worker = None
         self._cache: dict | None = None
@@ -356,7 +367,10 @@ class SegmentPanel(QWidget):
         return dict(bias=float(self.bias.value),
                     min_size=None if self.min_size.value < 0 else int(self.min_size.value),
                     max_size=int(self.max_size.value) or None,
-                    background=self.background.value)
+                    background=self.background.value,
+                    fg_threshold=None if self.fg_threshold.value < 0 else float(self.fg_threshold.value),
+                    agreement=float(self.agreement.value) if self.method.value == "mws" and self.agreement.value >= 0
+                    else None)
 
     def _key(self, image):
         m = self.session.model
@@ -378,15 +392,15 @@ class SegmentPanel(QWidget):
         except SparseSegError as err:
             notify_error(str(err))
             return
-        need_g = self.method.value == "consistency"
+        need_g = needs_g(self.method.value, model.config, **self._overrides())
         key = self._key(image)
         if self._cache is not None and self._cache["key"] == key and (self._cache["emb_g"] is not None or not need_g):
             self.recluster()
             return
 
         def work():
-            emb, emb_g = _workers.embed(model, img, need_g, device="auto")
-            return emb, emb_g, _workers.cluster(model, emb, emb_g, self.method.value, **self._overrides())
+            emb, emb_g, fg = _workers.embed(model, img, need_g, device="auto")
+            return emb, emb_g, fg, _workers.cluster(model, emb, emb_g, self.method.value, fg=fg, **self._overrides())
 
         self.status.value = "Predicting…"
         self._start(work, lambda res: self._done(image, key, *res))
@@ -396,11 +410,12 @@ class SegmentPanel(QWidget):
         image = self.image.value
         if self._cache is None or image is None or self._cache["key"] != self._key(image):
             return
-        if self.method.value == "consistency" and self._cache["emb_g"] is None:
-            return  # needs g's embeddings: press Segment
-        emb, emb_g, model = self._cache["emb"], self._cache["emb_g"], self.session.model
+        if needs_g(self.method.value, self.session.model.config, **self._overrides()) and self._cache["emb_g"] is None:
+            self.status.value = "This choice needs the EMA network's embeddings too: press Segment."
+            return
+        emb, emb_g, fg, model = self._cache["emb"], self._cache["emb_g"], self._cache["fg"], self.session.model
         method, overrides = self.method.value, self._overrides()
-        self._start(lambda: _workers.cluster(model, emb, emb_g, method, **overrides),
+        self._start(lambda: _workers.cluster(model, emb, emb_g, method, fg=fg, **overrides),
                     lambda seg: self._show(image, seg))
 
     def _start(self, func, on_result) -> None:
@@ -421,8 +436,8 @@ class SegmentPanel(QWidget):
         if pending is not None:
             self._start(*pending)
 
-    def _done(self, image, key, emb, emb_g, seg) -> None:
-        self._cache = {"key": key, "emb": emb, "emb_g": emb_g}
+    def _done(self, image, key, emb, emb_g, fg, seg) -> None:
+        self._cache = {"key": key, "emb": emb, "emb_g": emb_g, "fg": fg}
         self._show(image, seg)
         if self.pca.value:
             from elf.segmentation.embeddings import embedding_pca

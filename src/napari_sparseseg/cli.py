@@ -139,7 +139,8 @@ def cmd_segment(args) -> int:
         t0 = time.perf_counter()
         seg = segment(
             model, io.read(path), args.clustering, device=args.device, name=str(path), bias=args.bias,
-            min_size=args.min_size, max_size=args.max_size, background=args.background,
+            min_size=args.min_size, max_size=args.max_size, background=args.background, agreement=args.agreement,
+            fg_threshold=args.fg_threshold,
         )
         dst = io.write(_out_path(out, path), seg.astype(np.uint32 if seg.max() > 65535 else np.uint16))
         print(f"{path} -> {dst}: {int(seg.max())} objects in {time.perf_counter() - t0:.2f} s")
@@ -230,8 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3; 1e-4 with --from)")
     t.add_argument("--scale", type=float, default=None, help="downscale factor in y/x (default: from object size)")
     t.add_argument("--anchor", choices=("pixel", "mean"), default="pixel", help="instance-selection anchor")
-    t.add_argument("--coord-scale", type=float, default=0.0,
-                   help="coordinate channels added to the embeddings (units per pixel); 0: a plain U-Net")
+    t.add_argument("--coord-scale", type=float, default=None,
+                   help="coordinate channels added to the embeddings (units per pixel at the model's scale); "
+                        "0: a plain U-Net (default: 1/8 for sparse labels, 0 with --background-id)")
     t.add_argument("--consistency-weight", type=float, default=1.0, help="weight of the embedding consistency term")
     t.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -242,12 +244,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--images", required=True, help="images (quoted glob)")
     g.add_argument("--out", required=True, help="folder for <stem>.tif")
     g.add_argument("--clustering", choices=("mws", "hdbscan", "meanshift", "consistency"), default="mws")
-    g.add_argument("--bias", type=float, default=0.0, help="> 0 splits more, < 0 merges more (mws)")
+    g.add_argument("--bias", type=float, default=None, help="> 0 splits more, < 0 merges more (mws; default 0.05)")
     g.add_argument("--min-size", type=int, default=None, help="smaller objects are removed (default: 1/4 of the median annotated object)")
     g.add_argument("--max-size", type=int, default=None,
                    help="larger segments are background (default: no limit)")
-    g.add_argument("--background", choices=("largest", "none"), default="largest",
-                   help="largest: the largest segment is background (0); none: dense tissue")
+    g.add_argument("--background", choices=("auto", "foreground", "largest", "none"), default="auto",
+                   help="auto (default): the model's foreground head if it has one, else largest; foreground: "
+                        "pixels the foreground head calls background are 0; largest: the largest segment is "
+                        "background; none: dense tissue")
+    g.add_argument("--fg-threshold", type=float, default=None, metavar="P",
+                   help="foreground probability threshold (default: from the model)")
+    g.add_argument("--agreement", type=float, default=None, metavar="IOU",
+                   help="keep segments the EMA network reproduces with at least this IoU "
+                        "(default 0.8 for mws when background is the largest segment, else off; 0: off)")
     g.add_argument("--device", default="auto")
     g.set_defaults(func=cmd_segment)
 

@@ -150,6 +150,37 @@ def consistency_clustering(
     return seg
 
 
+def best_iou(seg: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """For each id of ``seg`` (index = id), the largest IoU with any segment of ``other``."""
+    seg = np.asarray(seg, np.int64).ravel()
+    other = np.asarray(other, np.int64).ravel()
+    n_s, n_o = int(seg.max()) + 1, int(other.max()) + 1
+    pairs, counts = np.unique(seg * n_o + other, return_counts=True)  # sparse contingency table
+    a, b = pairs // n_o, pairs % n_o
+    size_s = np.bincount(seg, minlength=n_s)
+    size_o = np.bincount(other, minlength=n_o)
+    iou = counts / (size_s[a] + size_o[b] - counts)
+    best = np.zeros(n_s)
+    np.maximum.at(best, a, iou)
+    return best
+
+
+def agreement_filter(seg_f: np.ndarray, seg_g: np.ndarray, threshold: float) -> np.ndarray:
+    """Keep the segments of f that the EMA network g reproduces: a segment whose best IoU with a
+    segment of g (clustered the same way) is below ``threshold`` becomes 0.
+
+    The idea of SPOCO's consistency clustering (Algorithm 1) for any clustering: objects have
+    sharp, stable boundaries in both networks, while unlabeled background, which sparse training
+    never groups, is cut into pieces that differ between f and g.
+    """
+    best = best_iou(seg_f, seg_g)
+    out = np.array(seg_f, np.int64, copy=True)
+    drop = best < threshold
+    drop[0] = False
+    out[drop[out]] = 0
+    return out
+
+
 def postprocess(
     seg: np.ndarray,
     min_size: int = 0,
@@ -208,27 +239,45 @@ def segment_embeddings(
     mask: np.ndarray | None = None,
     embeddings_g: np.ndarray | None = None,
     iou_threshold: float = 0.6,
+    agreement: float | None = None,
     seed: int = 0,
 ) -> np.ndarray:
     """Instance labels from embeddings (D, Y, X) or (D, Z, Y, X).
 
     ``method``: "mws" (mutex watershed, default), "hdbscan", "meanshift" or "consistency" (needs
     ``embeddings_g``, the EMA network's embeddings). By default the largest segment (the
-    background cluster) comes out as 0.
+    background cluster) comes out as 0. With ``agreement`` (and ``embeddings_g``), g's embeddings
+    are clustered the same way and segments of f that g does not reproduce with at least that
+    IoU become 0 (:func:`agreement_filter`).
     """
     embeddings = _check(embeddings)
     if mask is not None and mask.shape != embeddings.shape[1:]:
         raise SparseSegError(f"mask: shape {mask.shape} does not match the embeddings' {embeddings.shape[1:]}")
-    if method == "mws":
-        seg = mutex_watershed(embeddings, offsets, delta_dist, bias, strides, None if mask is None else mask.astype(bool))
-    elif method == "hdbscan":
-        seg = hdbscan_clustering(embeddings, max(min_size, 2) if min_size else 200, mask)
-    elif method == "meanshift":
-        seg = meanshift_clustering(embeddings, delta_var, mask)
-    elif method == "consistency":
-        if embeddings_g is None:
-            raise SparseSegError("consistency clustering needs embeddings_g (the EMA network's embeddings)")
-        seg = consistency_clustering(embeddings, _check(embeddings_g), delta_var, iou_threshold, seed=seed, mask=mask)
-    else:
+    if method not in METHODS:
         raise SparseSegError(f"clustering method {method!r}: expected one of {', '.join(METHODS)}")
+    if method == "consistency" or agreement:
+        if embeddings_g is None:
+            need = "consistency clustering" if method == "consistency" else "agreement filtering"
+            raise SparseSegError(f"{need} needs embeddings_g (the EMA network's embeddings)")
+        embeddings_g = _check(embeddings_g)
+        if embeddings_g.shape != embeddings.shape:
+            raise SparseSegError(
+                f"embeddings_g: shape {embeddings_g.shape} does not match the embeddings' {embeddings.shape}"
+            )
+    if agreement is not None and not 0 <= agreement <= 1:
+        raise SparseSegError(f"agreement: expected an IoU threshold in [0, 1], got {agreement}")
+
+    def run(emb):
+        if method == "mws":
+            return mutex_watershed(emb, offsets, delta_dist, bias, strides, None if mask is None else mask.astype(bool))
+        if method == "hdbscan":
+            return hdbscan_clustering(emb, max(min_size, 2) if min_size else 200, mask)
+        return meanshift_clustering(emb, delta_var, mask)
+
+    if method == "consistency":
+        seg = consistency_clustering(embeddings, embeddings_g, delta_var, iou_threshold, seed=seed, mask=mask)
+    else:
+        seg = run(embeddings)
+        if agreement:
+            seg = agreement_filter(seg, run(embeddings_g), agreement)
     return postprocess(seg, min_size, background, mask, max_size)

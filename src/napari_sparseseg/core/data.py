@@ -166,8 +166,10 @@ class CropSampler:
             idx = int(self.rng.integers(len(self.samples)))
             centre = [self.rng.integers(0, s) for s in self.samples[idx].labels.shape]
         smp = self.samples[idx]
+        # the chosen pixel lands anywhere in the crop: were it always near the centre, a network with
+        # zero padding could learn "the labeled object is the one in the middle" and ignore the rest
         corner = [
-            int(np.clip(c - p // 2 + self.rng.integers(-(p // 4), p // 4 + 1), 0, max(0, s - p)))
+            int(np.clip(c - self.rng.integers(0, p), 0, max(0, s - p)))
             for c, p, s in zip(centre, self.patch, smp.labels.shape)
         ]
         sl = tuple(slice(c, c + p) for c, p in zip(corner, self.patch))

@@ -29,6 +29,7 @@ class SpocoLossConfig:
     w_obj: float = 1.0
     w_unlabeled_push: float = 1.0
     w_consistency: float = 1.0
+    w_foreground: float = 1.0
     max_anchors: int = 20
     min_uncovered: float = 0.05
 
@@ -173,7 +174,21 @@ def consistency_term(emb_f, emb_g, unlabeled, valid, cfg: SpocoLossConfig, gener
     return dice_loss(sf, sg).mean()
 
 
-TERMS = ("pull", "push", "reg", "obj", "unlabeled_push", "consistency")
+def foreground_term(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Annotated (> 0) against unlabeled pixels, binary cross-entropy on the logits (B, *S).
+
+    Not a SPOCO term: a positive-unlabeled "non-traditional" classifier (Elkan & Noto, KDD 2008).
+    Annotated objects are picked at random among all objects, so the classifier's probability is
+    c * P(object | pixel), c being its mean over annotated pixels; P > 1/2 (a foreground mask that
+    separates unlabeled background from unlabeled objects) is then probability > c / 2.
+    """
+    target = (labels > 0).to(logits.dtype)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    v = valid.to(logits.dtype)
+    return (loss * v).sum() / v.sum().clamp_min(1)
+
+
+TERMS = ("pull", "push", "reg", "obj", "unlabeled_push", "consistency", "foreground")
 
 
 def spoco_loss(
@@ -183,9 +198,11 @@ def spoco_loss(
     valid: torch.Tensor | None = None,
     cfg: SpocoLossConfig | None = None,
     generator: torch.Generator | None = None,
+    fg_logits: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """All SPOCO terms for a batch: ``emb_f``/``emb_g`` (B, D, *S), ``labels`` (B, *S) with
-    consecutive ids (0 = unlabeled), ``valid`` (B, *S) bool.
+    consecutive ids (0 = unlabeled), ``valid`` (B, *S) bool; ``fg_logits`` (B, *S) adds
+    :func:`foreground_term` (0 without).
 
     Returns a dict with every term (averaged over the images that have it) and ``"loss"``, the
     weighted sum. ``emb_g`` (the EMA network's view) may be None: no consistency term then.
@@ -216,11 +233,13 @@ def spoco_loss(
             acc["unlabeled_push"].append(unlabeled_push_term(emb, unlabeled, mu, cfg.delta_dist))
         if eg_all is not None and cfg.w_consistency > 0:
             acc["consistency"].append(consistency_term(emb, eg_all[i], unlabeled, val, cfg, generator))
+    if fg_logits is not None:
+        acc["foreground"].append(foreground_term(fg_logits.reshape(b, -1), lab_all * val_all, val_all))
     zero = emb_f.sum() * 0
     out = {t: (torch.stack(v).mean() if v else zero) for t, v in acc.items()}
     weights = dict(
         pull=cfg.w_pull, push=cfg.w_push, reg=cfg.w_reg, obj=cfg.w_obj,
-        unlabeled_push=cfg.w_unlabeled_push, consistency=cfg.w_consistency,
+        unlabeled_push=cfg.w_unlabeled_push, consistency=cfg.w_consistency, foreground=cfg.w_foreground,
     )
     out["loss"] = sum(weights[t] * out[t] for t in TERMS)
     return out

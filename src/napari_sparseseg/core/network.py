@@ -23,14 +23,14 @@ def _groups(channels: int) -> int:
 class ConvBlock(nn.Module):
     """Two 3x3(x3) convolutions, each followed by GroupNorm and ReLU."""
 
-    def __init__(self, ndim: int, cin: int, cout: int):
+    def __init__(self, ndim: int, cin: int, cout: int, padding_mode: str = "zeros"):
         super().__init__()
         conv = _conv(ndim)
         self.block = nn.Sequential(
-            conv(cin, cout, 3, padding=1, bias=False),
+            conv(cin, cout, 3, padding=1, bias=False, padding_mode=padding_mode),
             nn.GroupNorm(_groups(cout), cout),
             nn.ReLU(inplace=True),
-            conv(cout, cout, 3, padding=1, bias=False),
+            conv(cout, cout, 3, padding=1, bias=False, padding_mode=padding_mode),
             nn.GroupNorm(_groups(cout), cout),
             nn.ReLU(inplace=True),
         )
@@ -55,6 +55,8 @@ class UNet(nn.Module):
         depth: int = 4,
         anisotropic: bool = False,
         coord_scale: float = 0.0,
+        padding_mode: str = "zeros",
+        foreground: bool = False,
     ):
         super().__init__()
         if ndim not in (2, 3):
@@ -67,6 +69,8 @@ class UNet(nn.Module):
             depth=depth,
             anisotropic=anisotropic,
             coord_scale=coord_scale,
+            padding_mode=padding_mode,
+            foreground=foreground,
         )
         self.ndim = ndim
         self.coord_scale = float(coord_scale)
@@ -79,7 +83,7 @@ class UNet(nn.Module):
         self.pools = nn.ModuleList()
         cin = in_channels
         for i, c in enumerate(chans):
-            self.encoders.append(ConvBlock(ndim, cin, c))
+            self.encoders.append(ConvBlock(ndim, cin, c, padding_mode))
             cin = c
         pool_cls = nn.MaxPool2d if ndim == 2 else nn.MaxPool3d
         for f in self.pool_factors:
@@ -90,8 +94,9 @@ class UNet(nn.Module):
         for i in reversed(range(depth - 1)):
             f = self.pool_factors[i]
             self.upsamples.append(up_cls(chans[i + 1], chans[i], kernel_size=f, stride=f))
-            self.decoders.append(ConvBlock(ndim, 2 * chans[i], chans[i]))
-        self.head = conv(chans[0], out_channels, 1)
+            self.decoders.append(ConvBlock(ndim, 2 * chans[i], chans[i], padding_mode))
+        # one more channel with foreground: a logit of "inside an annotated object" (see losses.foreground_term)
+        self.head = conv(chans[0], out_channels + int(foreground), 1)
 
     @property
     def divisor(self) -> tuple[int, ...]:
@@ -111,9 +116,11 @@ class UNet(nn.Module):
         return torch.stack(torch.meshgrid(*axes, indexing="ij"))
 
     def forward(self, x: torch.Tensor, origin=None) -> torch.Tensor:
-        """Embeddings of ``x`` (B, C, *S). With ``coord_scale`` > 0 the pixel coordinates are added
-        to the first ``ndim`` channels ("spatial embeddings"): separate objects then start apart and
-        the network learns to pull each object together. ``origin`` places a tile in its image."""
+        """Embeddings of ``x`` (B, C, *S) -> (B, out_channels, *S), followed by the foreground logit
+        when the network has one (split them with :func:`split_output`). With ``coord_scale`` > 0
+        the pixel coordinates are added to the first ``ndim`` channels ("spatial embeddings"):
+        separate objects then start apart and the network learns to pull each object together.
+        ``origin`` places a tile in its image."""
         out = self._unet(x)
         if self.coord_scale:
             grid = self.coordinates(out.shape[2:], origin, out.device, out.dtype)
@@ -131,6 +138,14 @@ class UNet(nn.Module):
             x = up(x)
             x = dec(torch.cat([skips.pop(), x], dim=1))
         return self.head(x)
+
+
+def split_output(out: torch.Tensor, config: dict[str, Any]):
+    """(embeddings, foreground logit or None) from a network output (B, D[+1], *S)."""
+    d = config["out_channels"]
+    if config.get("foreground"):
+        return out[:, :d], out[:, d]
+    return out, None
 
 
 def build_network(config: dict[str, Any]) -> UNet:

@@ -6,6 +6,7 @@ import itertools
 from typing import Callable
 
 import numpy as np
+from scipy.special import expit
 import torch
 import torch.nn.functional as F
 
@@ -57,10 +58,13 @@ def predict(
     halo: tuple[int, ...] | None = None,
     name: str = "image",
     progress: Callable[[int, int], None] | None = None,
-) -> np.ndarray:
+    foreground: bool = False,
+):
     """Embeddings (D, *S) of ``image`` (same spatial shape), predicted tile by tile.
 
     ``use_ema`` predicts with the EMA network g instead of f (needed for consistency clustering).
+    ``foreground=True`` returns ``(embeddings, probability)``, the second the foreground head's
+    probability (*S) in [0, 1], or None for a model without one.
     """
     ndim, channels = model.ndim, model.in_channels
     x = to_channels_first(image, ndim, name, channels)
@@ -75,7 +79,8 @@ def predict(
     net = net.to(dev).eval()
     tile = tile_shape or ((512, 512) if ndim == 2 else (48, 192, 192))
     halo = halo or ((32, 32) if ndim == 2 else (8, 32, 32))
-    out = np.zeros((net.config["out_channels"],) + xs.shape[1:], np.float32)
+    d = net.config["out_channels"]
+    out = np.zeros((d + int(bool(net.config.get("foreground"))),) + xs.shape[1:], np.float32)
     blocks = list(_tiles(xs.shape[1:], tile, halo))
     for i, (inner, outer) in enumerate(blocks):
         origin = [o.start - s // 2 for o, s in zip(outer, xs.shape[1:])]
@@ -88,4 +93,8 @@ def predict(
         t = torch.from_numpy(out)[None]
         mode = "bilinear" if ndim == 2 else "trilinear"
         out = F.interpolate(t, size=spatial, mode=mode, align_corners=False)[0].numpy()
-    return out
+    emb = out[:d]
+    if not foreground:
+        return emb
+    prob = expit(out[d]) if out.shape[0] > d else None
+    return emb, prob

@@ -22,8 +22,8 @@ from .clustering import default_offsets
 from .data import CropSampler, auto_scale, photometric, prepare
 from .errors import SparseSegError
 from .io import normalize, to_channels_first
-from .losses import TERMS, SpocoLossConfig, spoco_loss
-from .network import UNet, ema_update, make_ema
+from .losses import SpocoLossConfig, spoco_loss
+from .network import UNet, ema_update, make_ema, split_output
 
 #: used when neither an iteration count nor a time limit is given
 DEFAULT_ITERATIONS = 5000
@@ -65,9 +65,15 @@ class TrainConfig:
     base_channels: int = 16
     depth: int = 4
     #: coordinate channels added to the embeddings, in embedding units per pixel at the model's scale
-    #: (objects are ~32 px across there, so 1/16 puts neighbouring objects ~2 units apart); 0 = off.
-    #: Off by default: on CVPPP@0.1 it slowed convergence within a 4-minute CPU budget (docs/benchmarks.md)
-    coord_scale: float = 0.0
+    #: ("spatial embeddings"): objects are ~32 px across there, so 1/8 puts neighbouring object
+    #: centres ~4 units (2 dd) apart. Measured on CVPPP@0.1 against 0 and 1/16 (docs/benchmarks.md).
+    #: None: 1/8 for sparse labels; 0 with a background label, whose one "object" spans the image
+    #: and could not be pulled together in coordinate space
+    coord_scale: float | None = None
+    #: "replicate" gives the network no cue of where a crop's border is ("zeros" does)
+    padding_mode: str = "replicate"
+    #: a foreground head trained positive-unlabeled (losses.foreground_term); sparse labels only
+    foreground: bool = True
     elastic: bool = True
     checkpoint_every: float = 60.0
     loss: SpocoLossConfig = field(default_factory=SpocoLossConfig)
@@ -170,7 +176,10 @@ class Trainer:
             self.ema = init.ema if init.ema is not None else make_ema(init.net)
             net_cfg = init.config["network"]
         else:
-            self.net = UNet(ndim, channels, 16, cfg.base_channels, cfg.depth, coord_scale=cfg.coord_scale)
+            # with a background label the largest-segment rule finds background; no foreground head
+            coord_scale = cfg.coord_scale if cfg.coord_scale is not None else (0.125 if cfg.background_id is None else 0.0)
+            self.net = UNet(ndim, channels, 16, cfg.base_channels, cfg.depth, coord_scale=coord_scale,
+                            padding_mode=cfg.padding_mode, foreground=cfg.foreground and cfg.background_id is None)
             self.ema = make_ema(self.net)
             net_cfg = self.net.config
         self.net.to(self.device).train()
@@ -208,6 +217,8 @@ class Trainer:
             self.model_config["parent"] = str(init.path) if init.path else None
         self._stop = False
         self.last_losses: dict[str, float] = {}
+        #: running mean of the foreground probability over annotated pixels (the PU constant c)
+        self.fg_c: float | None = (init.config.get("foreground") or {}).get("c") if init is not None else None
 
     # -- control -------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -238,6 +249,8 @@ class Trainer:
             "train_config": {k: v for k, v in asdict(self.config).items() if k != "loss"},
             "last_losses": self.last_losses,
         }
+        if self.net.config.get("foreground"):
+            config["foreground"] = {"c": self.fg_c}
         return checkpoint.Model(
             net=self.net, ema=self.ema, config=config, optimizer_state=self.optimizer.state_dict(), path=self.out
         )
@@ -255,10 +268,16 @@ class Trainer:
         x_f = photometric(img, self.generator).to(self.device)
         x_g = photometric(img, self.generator).to(self.device)
         lab, val = lab.to(self.device), val.to(self.device)
-        emb_f = self.net(x_f)
+        emb_f, fg = split_output(self.net(x_f), self.net.config)
         with torch.no_grad():
-            emb_g = self.ema(x_g)
-        terms = spoco_loss(emb_f, emb_g, lab, val, self.config.loss, self.generator)
+            emb_g, _ = split_output(self.ema(x_g), self.net.config)
+        terms = spoco_loss(emb_f, emb_g, lab, val, self.config.loss, self.generator, fg_logits=fg)
+        if fg is not None:
+            with torch.no_grad():
+                annotated = (lab > 0) & val
+                if annotated.any():
+                    c = float(torch.sigmoid(fg[annotated]).mean())
+                    self.fg_c = c if self.fg_c is None else 0.98 * self.fg_c + 0.02 * c
         loss = terms["loss"]
         if not torch.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
