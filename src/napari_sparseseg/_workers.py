@@ -13,6 +13,10 @@ from .core.training import Trainer
 __all__ = ["Preview", "cluster", "embed", "preview_region", "train_steps"]
 
 
+#: previews keep every PREVIEW_STRIDE-th long-range (mutex) edge of the mutex watershed
+PREVIEW_STRIDE = 4
+
+
 @dataclass
 class Preview:
     iteration: int
@@ -51,7 +55,8 @@ def _preview(trainer: Trainer, image: np.ndarray, z: int, iteration: int) -> Pre
     was_training = trainer.net.training
     trainer.net.eval()
     try:
-        labels = segment(trainer.model, region, device=str(trainer.device))
+        # subsampled mutex edges: a preview of an early model takes 0.6 s instead of 3 s on 384x384
+        labels = segment(trainer.model, region, device=str(trainer.device), strides=[PREVIEW_STRIDE] * trainer.net.ndim)
     finally:
         trainer.net.train(was_training)
     return Preview(iteration, labels, z0)
