@@ -392,7 +392,8 @@ class SegmentPanel(QWidget):
         except SparseSegError as err:
             notify_error(str(err))
             return
-        need_g = needs_g(self.method.value, model.config, **self._overrides())
+        method, overrides = self.method.value, self._overrides()
+        need_g = needs_g(method, model.config, **overrides)
         key = self._key(image)
         if self._cache is not None and self._cache["key"] == key and (self._cache["emb_g"] is not None or not need_g):
             self.recluster()
@@ -400,7 +401,7 @@ class SegmentPanel(QWidget):
 
         def work():
             emb, emb_g, fg = _workers.embed(model, img, need_g, device="auto")
-            return emb, emb_g, fg, _workers.cluster(model, emb, emb_g, self.method.value, fg=fg, **self._overrides())
+            return emb, emb_g, fg, _workers.cluster(model, emb, emb_g, method, fg=fg, **overrides)
 
         self.status.value = "Predicting…"
         self._start(work, lambda res: self._done(image, key, *res))
@@ -410,11 +411,11 @@ class SegmentPanel(QWidget):
         image = self.image.value
         if self._cache is None or image is None or self._cache["key"] != self._key(image):
             return
-        if needs_g(self.method.value, self.session.model.config, **self._overrides()) and self._cache["emb_g"] is None:
+        model, method, overrides = self.session.model, self.method.value, self._overrides()
+        emb, emb_g, fg = self._cache["emb"], self._cache["emb_g"], self._cache["fg"]
+        if emb_g is None and needs_g(method, model.config, **overrides):
             self.status.value = "This choice needs the EMA network's embeddings too: press Segment."
             return
-        emb, emb_g, fg, model = self._cache["emb"], self._cache["emb_g"], self._cache["fg"], self.session.model
-        method, overrides = self.method.value, self._overrides()
         self._start(lambda: _workers.cluster(model, emb, emb_g, method, fg=fg, **overrides),
                     lambda seg: self._show(image, seg))
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from .core import checkpoint, io
 from .core.errors import SparseSegError
+from .core.segment import AGREEMENT, BIAS
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:
@@ -244,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--images", required=True, help="images (quoted glob)")
     g.add_argument("--out", required=True, help="folder for <stem>.tif")
     g.add_argument("--clustering", choices=("mws", "hdbscan", "meanshift", "consistency"), default="mws")
-    g.add_argument("--bias", type=float, default=None, help="> 0 splits more, < 0 merges more (mws; default 0.05)")
+    g.add_argument("--bias", type=float, default=None, help=f"> 0 splits more, < 0 merges more (mws; default {BIAS})")
     g.add_argument("--min-size", type=int, default=None, help="smaller objects are removed (default: 1/4 of the median annotated object)")
     g.add_argument("--max-size", type=int, default=None,
                    help="larger segments are background (default: no limit)")
@@ -256,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="foreground probability threshold (default: from the model)")
     g.add_argument("--agreement", type=float, default=None, metavar="IOU",
                    help="keep segments the EMA network reproduces with at least this IoU "
-                        "(default 0.8 for mws when background is the largest segment, else off; 0: off)")
+                        f"(default {AGREEMENT} for mws when background is the largest segment, else off; 0: off)")
     g.add_argument("--device", default="auto")
     g.set_defaults(func=cmd_segment)
 

@@ -267,9 +267,11 @@ def segment_embeddings(
     if agreement is not None and not 0 <= agreement <= 1:
         raise SparseSegError(f"agreement: expected an IoU threshold in [0, 1], got {agreement}")
 
+    mws_mask = None if mask is None else mask.astype(bool)
+
     def run(emb):
         if method == "mws":
-            return mutex_watershed(emb, offsets, delta_dist, bias, strides, None if mask is None else mask.astype(bool))
+            return mutex_watershed(emb, offsets, delta_dist, bias, strides, mws_mask)
         if method == "hdbscan":
             return hdbscan_clustering(emb, max(min_size, 2) if min_size else 200, mask)
         return meanshift_clustering(emb, delta_var, mask)

@@ -25,6 +25,8 @@ from .io import normalize, to_channels_first
 from .losses import SpocoLossConfig, spoco_loss
 from .network import UNet, ema_update, make_ema, split_output
 
+#: default coordinate scale for sparse labels (TrainConfig.coord_scale)
+SPATIAL_SCALE = 0.125
 #: used when neither an iteration count nor a time limit is given
 DEFAULT_ITERATIONS = 5000
 NORMALIZATION = {"type": "percentile", "low": 1.0, "high": 99.8}
@@ -177,7 +179,7 @@ class Trainer:
             net_cfg = init.config["network"]
         else:
             # with a background label the largest-segment rule finds background; no foreground head
-            coord_scale = cfg.coord_scale if cfg.coord_scale is not None else (0.125 if cfg.background_id is None else 0.0)
+            coord_scale = cfg.coord_scale if cfg.coord_scale is not None else (SPATIAL_SCALE if cfg.background_id is None else 0.0)
             self.net = UNet(ndim, channels, 16, cfg.base_channels, cfg.depth, coord_scale=coord_scale,
                             padding_mode=cfg.padding_mode, foreground=cfg.foreground and cfg.background_id is None)
             self.ema = make_ema(self.net)
