@@ -73,3 +73,46 @@ def test_mean_scores_keys():
     m = mean_scores([evaluate(gt, gt), evaluate(np.zeros_like(gt), gt)])
     assert set(m) == set(KEYS)
     assert m["sbd"] == pytest.approx(0.5)
+
+
+def test_aji_unmatched_ground_truth_adds_only_its_own_area():
+    """Kumar et al. 2017: a true object that no prediction overlaps adds its own area to the
+    union and uses no prediction; unused predictions are added once at the end."""
+    gt = np.zeros((10, 10), int)
+    gt[0:4, 0:5] = 1  # 20 px
+    gt[6:10, 0:5] = 2  # 20 px, no prediction overlaps it
+    pred = np.zeros((10, 10), int)
+    pred[0:4, 0:4] = 1  # 16 px inside gt 1
+    pred[0:2, 7:10] = 2  # 6 px on background: unused, added once
+    # intersection 16; union |G1 u P1| = 20, |G2| = 20, unused P2 = 6
+    assert evaluate(pred, gt)["aji"] == pytest.approx(16 / 46)
+    # swapping the prediction ids must not change the score
+    swapped = np.where(pred == 1, 2, np.where(pred == 2, 1, 0))
+    assert evaluate(swapped, gt)["aji"] == pytest.approx(16 / 46)
+
+
+def test_aji_does_not_depend_on_prediction_ids():
+    gt = np.zeros((12, 12), int)
+    gt[0:3, 0:3] = 1  # 9 px, overlapped by pred a
+    gt[5:8, 5:8] = 2  # 9 px, no overlap
+    gt[9:12, 0:4] = 3  # 12 px, no overlap
+    pred = np.zeros((12, 12), int)
+    pred[0:3, 0:2] = 1  # a: 6 px inside gt 1
+    pred[0:2, 9:12] = 2  # b: 6 px on background
+    pred[9:12, 9:12] = 3  # c: 9 px on background
+    expected = 6 / (9 + 9 + 12 + 6 + 9)
+    for perm in ([1, 2, 3], [2, 1, 3], [3, 2, 1], [2, 3, 1], [3, 1, 2], [1, 3, 2]):
+        relabeled = np.zeros_like(pred)
+        for old, new in zip((1, 2, 3), perm):
+            relabeled[pred == old] = new * 7  # non-consecutive ids too
+        assert evaluate(relabeled, gt)["aji"] == pytest.approx(expected), perm
+
+
+def test_aji_prediction_matching_nothing_is_not_counted_twice():
+    gt = np.zeros((10, 10), int)
+    gt[0:5, 0:5] = 1  # 25 px
+    gt[6:10, 6:10] = 2  # 16 px, no overlap
+    pred = np.zeros((10, 10), int)
+    pred[0:5, 0:5] = 1  # equals gt 1
+    # 25 / (25 + 16): the matched prediction enters the union once, through gt 1 only
+    assert evaluate(pred, gt)["aji"] == pytest.approx(25 / 41)

@@ -5,7 +5,7 @@ from napari_sparseseg.core.sparsify import sparsify, sparsify_many
 
 
 def _dense(n=20):
-    lab = np.zeros((40, 50), np.int32)
+    lab = np.zeros((max(40, (n + 4) // 5 * 10), 50), np.int32)
     for i in range(n):
         lab[(i // 5) * 10 : (i // 5) * 10 + 8, (i % 5) * 10 : (i % 5) * 10 + 8] = i + 1
     return lab
@@ -16,6 +16,17 @@ def test_fraction_rounding_and_at_least_one():
     assert len(np.unique(sparsify(lab, 0.1, 0))) - 1 == 2
     assert len(np.unique(sparsify(lab, 0.4, 0))) - 1 == 8
     assert len(np.unique(sparsify(lab, 0.01, 0))) - 1 == 1  # at least one object
+
+
+@pytest.mark.parametrize(
+    "n, fraction, kept",
+    [(25, 0.1, 3), (15, 0.1, 2), (5, 0.1, 1), (35, 0.1, 4), (45, 0.1, 5), (10, 0.25, 3), (20, 0.125, 3), (45, 0.7, 32)],
+)
+def test_round_half_up(n, fraction, kept):
+    """SPEC 1: round(p * n) rounds half up (2.5 -> 3, 1.5 -> 2, 0.5 -> 1), not half to even;
+    0.7 * 45 is 31.499999999999996 in floating point but 31.5 as the user wrote it."""
+    assert len(np.unique(_dense(n))) - 1 == n
+    assert len(np.unique(sparsify(_dense(n), fraction, 0))) - 1 == kept
 
 
 def test_kept_objects_are_complete_and_rest_is_zero():

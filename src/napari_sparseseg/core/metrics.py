@@ -46,17 +46,25 @@ def matching(iou: np.ndarray, threshold: float = 0.5):
 
 
 def aji(overlap, g_size, p_size) -> float:
-    """Aggregated Jaccard Index (Kumar et al. 2017)."""
+    """Aggregated Jaccard Index (Kumar et al. 2017).
+
+    Each true object is paired with the prediction of highest IoU: the pair's intersection goes
+    into the numerator and its union into the denominator, and the prediction counts as used. A
+    true object that no prediction overlaps adds only its own area and uses nothing. Predictions
+    never used are added to the denominator at the end. The score does not depend on label ids.
+    """
     if g_size.size == 0:
         return 1.0 if p_size.size == 0 else 0.0
     if p_size.size == 0:
         return 0.0
     iou = _iou(overlap, g_size, p_size)
+    rows = np.arange(g_size.size)
     best = iou.argmax(1)
-    inter = overlap[np.arange(g_size.size), best].sum()
-    union = (g_size + p_size[best] - overlap[np.arange(g_size.size), best]).sum()
+    hit = overlap[rows, best] > 0
+    inter = overlap[rows, best][hit].sum()
+    union = (g_size[hit] + p_size[best[hit]] - overlap[rows, best][hit]).sum() + g_size[~hit].sum()
     used = np.zeros(p_size.size, bool)
-    used[best] = True
+    used[best[hit]] = True
     union += p_size[~used].sum()
     return float(inter / union)
 

@@ -8,6 +8,9 @@ import numpy as np
 def sparsify(labels: np.ndarray, fraction: float, rng: np.random.Generator | int = 0) -> np.ndarray:
     """Keep ``round(fraction * n)`` objects (at least one) chosen uniformly; every other pixel becomes 0.
 
+    The rounding is half up (2.5 -> 3, 1.5 -> 2, 0.5 -> 1), not Python's half to even; a product
+    that floating point puts just below a half (0.7 * 45 = 31.499999999999996) counts as the half.
+
     ``labels`` is a dense instance label image where 0 is background. Background is never kept
     (SPOCO@p is positive-unlabeled). Kept objects keep their ids.
     """
@@ -19,7 +22,7 @@ def sparsify(labels: np.ndarray, fraction: float, rng: np.random.Generator | int
     out = np.zeros_like(labels)
     if ids.size == 0:
         return out
-    n_keep = max(1, int(round(fraction * ids.size)))
+    n_keep = max(1, int(np.floor(fraction * ids.size + 0.5 + 1e-9)))
     keep = rng.choice(ids, size=n_keep, replace=False)
     mask = np.isin(labels, keep)
     out[mask] = labels[mask]
