@@ -1,6 +1,5 @@
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -91,3 +90,79 @@ def test_compatibility_messages():
         checkpoint.check_compatible(cfg, 3, 1, "stack.tif")
     with pytest.raises(SparseSegError, match="rgb.png: has 3 channel.s. but the model expects 1"):
         checkpoint.check_compatible(cfg, 2, 3, "rgb.png")
+
+
+def test_save_removes_only_the_previous_checkpoints_files(tmp_path):
+    folder = tmp_path / "m"
+    m = _model()
+    checkpoint.save(folder, m)
+    first = {e["name"] for e in json.loads((folder / "config.json").read_text())["files"].values()}
+    # files the user put there that match our name patterns but no checkpoint wrote
+    foreign = {"weights-backup.safetensors": b"user weights", "ema-old.safetensors": b"user ema",
+               "optimizer-notes.pt": b"user optimizer", "weights-00000001.safetensors": b"older run"}
+    for name, data in foreign.items():
+        (folder / name).write_bytes(data)
+    for it in (10, 20):
+        m.config["training"]["iteration"] = it
+        checkpoint.save(folder, m)
+        for name, data in foreign.items():
+            assert (folder / name).read_bytes() == data, name
+    names = {p.name for p in folder.iterdir()}
+    assert names == set(foreign) | {"config.json", "ema-00000020.safetensors", "optimizer-00000020.pt",
+                                    "weights-00000020.safetensors"}
+    assert not first & names  # the first checkpoint's own files went with the second save
+    loaded = checkpoint.load(folder, with_optimizer=True)
+    assert loaded.config["training"]["iteration"] == 20 and loaded.ema is not None
+
+
+def test_save_drops_a_role_the_new_checkpoint_no_longer_has(tmp_path):
+    folder = tmp_path / "m"
+    m = _model()
+    checkpoint.save(folder, m)
+    m.ema, m.optimizer_state = None, None
+    m.config["training"]["iteration"] = 4
+    checkpoint.save(folder, m)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "weights-00000004.safetensors"]
+    assert checkpoint.load(folder).ema is None
+
+
+def test_save_never_deletes_outside_the_folder(tmp_path):
+    folder = tmp_path / "m"
+    checkpoint.save(folder, _model())
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["files"]["optimizer"]["name"] = "../victim.txt"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    checkpoint.save(folder, _model())
+    assert victim.read_text() == "keep me"
+    checkpoint.load(folder)
+
+
+def test_resave_at_same_iteration_is_atomic_and_overwrites_nothing(tmp_path, monkeypatch):
+    folder = tmp_path / "m"
+    m = _model()
+    checkpoint.save(folder, m)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with torch.no_grad():
+        for p in m.net.parameters():
+            p.add_(1.0)
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "_atomic_write_bytes", boom)
+    with pytest.raises(OSError):
+        checkpoint.save(folder, m)  # same iteration 3: must not overwrite the files config.json names
+    monkeypatch.undo()
+    for name, data in before.items():
+        assert (folder / name).read_bytes() == data, name
+    checkpoint.load(folder)  # the previous checkpoint is intact (checksums match)
+    checkpoint.save(folder, m)
+    x = torch.randn(1, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(checkpoint.load(folder).net(x), m.net.eval()(x))
+    cfg = json.loads((folder / "config.json").read_text())
+    names = {p.name for p in folder.iterdir()}
+    assert {e["name"] for e in cfg["files"].values()} <= names
+    assert not (set(before) - {"config.json"}) & names  # the previous checkpoint's files are gone

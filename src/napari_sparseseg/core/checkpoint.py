@@ -62,40 +62,67 @@ class Model:
         return int(self.config["network"]["in_channels"])
 
 
+def _previous_files(folder: Path) -> set[str]:
+    """The file names the checkpoint now in ``folder`` uses (empty if there is none or it is unreadable).
+
+    Only plain names inside the folder count, so a damaged or hand-edited config.json can never
+    make a save delete something elsewhere.
+    """
+    try:
+        entries = json.loads((folder / CONFIG).read_text()).get("files", {})
+        names = {str(e["name"]) for e in entries.values()}
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return set()
+    return {n for n in names if n and n != CONFIG and Path(n).name == n and n not in (".", "..")}
+
+
+def _free_name(folder: Path, stem: str, suffix: str) -> str:
+    """``stem + suffix``, or ``stem-1 + suffix``, ... : the first name no file in ``folder`` has yet,
+    so that a save never overwrites a file (the current checkpoint's or anybody else's)."""
+    name, k = f"{stem}{suffix}", 0
+    while (folder / name).exists() or (folder / f".{name}.tmp").exists():
+        k += 1
+        name = f"{stem}-{k}{suffix}"
+    return name
+
+
 def save(folder: str | os.PathLike, model: Model) -> Path:
-    """Write ``model`` into ``folder`` atomically; returns the folder."""
+    """Write ``model`` into ``folder`` atomically; returns the folder.
+
+    New files go under names no file in the folder has yet, ``config.json`` is replaced last, and
+    only then are the files the previous ``config.json`` named (and the new one no longer uses)
+    deleted. Nothing else in the folder is touched.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    previous = _previous_files(folder)
     it = int(model.config.get("training", {}).get("iteration", 0))
-    files: dict[str, str] = {}
 
     def tensors(net):
         return {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
 
-    names = {"weights": f"weights-{it:08d}.safetensors"}
-    save_file(tensors(model.net), str(folder / f".{names['weights']}.tmp"))
-    os.replace(folder / f".{names['weights']}.tmp", folder / names["weights"])
+    def write(stem, suffix, dump):
+        name = _free_name(folder, f"{stem}-{it:08d}", suffix)
+        tmp = folder / f".{name}.tmp"
+        dump(tmp)
+        os.replace(tmp, folder / name)
+        return name
+
+    files = {"weights": write("weights", ".safetensors", lambda p: save_file(tensors(model.net), str(p)))}
     if model.ema is not None:
-        names["ema"] = f"ema-{it:08d}.safetensors"
-        save_file(tensors(model.ema), str(folder / f".{names['ema']}.tmp"))
-        os.replace(folder / f".{names['ema']}.tmp", folder / names["ema"])
+        files["ema"] = write("ema", ".safetensors", lambda p: save_file(tensors(model.ema), str(p)))
     if model.optimizer_state is not None:
-        names["optimizer"] = f"optimizer-{it:08d}.pt"
-        tmp = folder / f".{names['optimizer']}.tmp"
-        torch.save(model.optimizer_state, tmp)
-        os.replace(tmp, folder / names["optimizer"])
-    for role, name in names.items():
-        files[role] = name
+        files["optimizer"] = write("optimizer", ".pt", lambda p: torch.save(model.optimizer_state, p))
     config = dict(model.config)
     config["format"] = FORMAT
     config["version"] = VERSION
     config["files"] = {role: {"name": name, "sha256": _sha256(folder / name)} for role, name in files.items()}
     _atomic_write_bytes(folder / CONFIG, json.dumps(config, indent=2).encode())
-    # only now that config.json points to the new files may the old ones go
-    keep = set(files.values()) | {CONFIG}
-    for p in folder.iterdir():
-        if p.is_file() and p.name not in keep and p.name.split("-")[0] in ("weights", "ema", "optimizer"):
-            p.unlink(missing_ok=True)
+    # only now that config.json points to the new files may the previous checkpoint's files go
+    for name in previous - set(files.values()):
+        path = folder / name
+        if path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
     model.path = folder
     return folder
 
