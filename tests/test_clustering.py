@@ -7,6 +7,7 @@ from napari_sparseseg.core.clustering import (
     best_iou,
     default_offsets,
     embeddings_to_affinities,
+    mutex_watershed,
     postprocess,
 )
 
@@ -83,11 +84,44 @@ def test_background_none_keeps_all_and_min_size():
     assert out[0, 0] == 0 and out.max() == 1
 
 
+def _bridged(d=16, seed=0):
+    """Two objects with the same embedding joined by a thin bridge that has it too."""
+    rng = np.random.default_rng(seed)
+    lab = np.zeros((30, 40), int)
+    lab[10:20, 5:15] = 1
+    lab[10:20, 25:35] = 2
+    lab[14:16, 15:25] = 3  # the bridge
+    centres = np.zeros((4, d))
+    centres[1:, 1] = 3.0  # objects and bridge alike, 3 away from the background
+    emb = centres[lab].transpose(2, 0, 1) + rng.normal(0, 0.05, (d,) + lab.shape)
+    return emb.astype(np.float32), lab
+
+
 def test_foreground_mask():
     emb, gt = _blocks()
     mask = gt != 3
     seg = segment_embeddings(emb, "mws", mask=mask, background="none")
     assert np.all(seg[~mask] == 0)
+
+
+def test_foreground_mask_reaches_the_mutex_watershed():
+    emb, lab = _bridged()
+    mask = lab != 3
+    # elf's mutex watershed itself leaves masked pixels 0 and cuts the graph there
+    seg = mutex_watershed(emb, mask=mask)
+    assert np.all(seg[~mask] == 0) and np.all(seg[mask] > 0)
+    a, b = np.unique(seg[lab == 1]), np.unique(seg[lab == 2])
+    assert a.size == 1 and b.size == 1 and a[0] != b[0]
+    # without the mask the bridge joins both objects into one segment
+    joined = mutex_watershed(emb)
+    assert np.unique(joined[(lab == 1) | (lab == 2) | (lab == 3)]).size == 1
+    # through segment_embeddings: two objects, not one object in two pieces (which is what
+    # masking only in the post-processing would give)
+    for background in ("none", "largest"):
+        seg = segment_embeddings(emb, "mws", mask=mask, background=background)
+        a, b = np.unique(seg[lab == 1]), np.unique(seg[lab == 2])
+        assert np.all(seg[~mask] == 0)
+        assert a.size == 1 and b.size == 1 and a[0] > 0 and b[0] > 0 and a[0] != b[0], background
 
 
 def test_hdbscan_and_meanshift_and_consistency():
@@ -156,3 +190,27 @@ def test_offsets_longer_than_the_image_are_skipped():
     assert seg.shape == (20, 40)
     w = embeddings_to_affinities(emb, default_offsets(2))
     assert np.all(w[6] == 0)  # the (-27, 0) channel has no edges
+
+
+def test_agreement_filter_runs_after_the_background_rule():
+    # g cuts the background (the largest segment) in two, so the filter drops f's background. Were
+    # the largest-segment rule applied after the filter, it would then delete a real object.
+    emb, gt = _blocks()
+    emb_g = emb.copy()
+    half = (gt == 0) & (np.arange(40)[None, :] >= 20)
+    emb_g[:, half] += 3.0 * np.eye(16)[5][:, None]  # g's background: two halves, IoU with f's about 1/2
+    seg = segment_embeddings(emb, "mws", embeddings_g=emb_g, agreement=0.8, background="largest")
+    assert seg.max() == 3 and _same_partition(seg, gt)
+
+
+def test_foreground_rule_decides_per_segment():
+    emb, gt = _blocks()
+    prob = np.where(gt > 0, 0.6, 0.05)
+    prob[5:20, 5:8] = 0.05  # a third of object 1 looks like background: its mean is still high
+    seg = segment_embeddings(emb, "mws", background="foreground", foreground=prob, fg_threshold=0.3)
+    assert _same_partition(seg, gt) and (seg[5:20, 5:8] > 0).all()
+    prob[25:35, 10:30] = 0.2  # object 3 as a whole is below the threshold
+    seg = segment_embeddings(emb, "mws", background="foreground", foreground=prob, fg_threshold=0.3)
+    assert seg.max() == 2 and (seg[25:35, 10:30] == 0).all()
+    with pytest.raises(SparseSegError, match="background 'foreground' needs the foreground probability"):
+        segment_embeddings(emb, "mws", background="foreground")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from napari_sparseseg import SparseSegError
-from napari_sparseseg.core.data import CropSampler, auto_scale, photometric, prepare, relabel_consecutive
+from napari_sparseseg.core.data import CropSampler, photometric, prepare, relabel_consecutive
 
 
 def test_relabel_keeps_zero_even_without_zero_pixels():
@@ -18,11 +18,24 @@ def _one(shape=(64, 64)):
     return img, lab
 
 
-def test_prepare_background_id_is_an_object_not_a_crop_centre():
+def test_prepare_background_id_is_unlabeled_not_an_object():
     img, lab = _one()
-    (s,) = prepare([img], [lab], background_id=0)
-    assert s.labels.min() == 1 and s.labels.max() == 2  # background became object 2: nothing unlabeled
+    lab[:10] = 3  # painted background
+    (s,) = prepare([img], [lab], background_id=3)
+    assert s.labels.max() == 1 and (s.labels[:10] == 0).all()  # background counts as unlabeled
     assert len(s.objects) == 1
+
+
+def test_prepare_zooms_each_image_by_its_own_factor_and_applies_ignore_mask():
+    img, lab = _one()
+    ignore = np.zeros(lab.shape, bool)
+    ignore[40:45] = True  # half of the object is ignored
+    a, b = prepare([img, img], [lab, lab], zooms=[1.0, 0.5], ignore=[None, ignore])
+    assert a.labels.shape == (64, 64) and b.labels.shape == (32, 32) and b.zoom == 0.5
+    assert a.valid.all() and not b.valid[20:22].any()
+    assert (b.labels[~b.valid] == 0).all() and b.labels.max() == 1
+    with pytest.raises(SparseSegError, match=r"b.tif: ignore mask has shape \(8, 8\) but the labels have shape"):
+        prepare([img], [lab], ignore=[np.zeros((8, 8), bool)], names=["b.tif"])
 
 
 def test_prepare_errors():
@@ -89,18 +102,23 @@ def test_photometric_views_differ_but_keep_geometry():
         assert (v[:, :, 9:15, 9:15].mean() - v[:, :, 20:, 20:].mean()) > 0.4
 
 
-def test_auto_scale_from_object_size():
-    lab = np.zeros((400, 400), int)
-    lab[:100, :100] = 1  # equivalent diameter ~113 px
-    assert auto_scale([lab]) == 0.25
-    small = np.zeros((100, 100), int)
-    small[:20, :20] = 1
-    assert auto_scale([small]) == 1.0
 
 
-def test_object_diameter_in_plane_for_stacks():
-    from napari_sparseseg.core.data import object_diameters
-
-    lab = np.zeros((10, 40, 40), int)
-    lab[2:6, 10:30, 10:30] = 1  # 4 slices of a 20x20 square
-    assert object_diameters(lab)[0] == pytest.approx(2 * np.sqrt(400 / np.pi))
+def test_zoom_jitter_resizes_crops_and_keeps_them_aligned():
+    img = np.zeros((1, 200, 200), np.float32)
+    lab = np.zeros((200, 200), int)
+    lab[80:120, 80:120] = 1  # a 40x40 square
+    img[0][lab == 1] = 1.0
+    (s,) = prepare([img], [lab])
+    sampler = CropSampler([s], (64, 64), seed=0, p_object=1.0, elastic=False, zoom_jitter=1.5)
+    sizes = []
+    for _ in range(40):
+        im, lb, val = sampler.crop()
+        assert im.shape == (1, 64, 64) and lb.shape == (64, 64) and val.all()
+        # aligned after resizing: only pixels on the square's edge may disagree
+        assert ((im[0] > 0.5) != (lb == 1)).mean() < 0.02
+        rows = np.flatnonzero((lb == 1).any(1))
+        if rows.size and rows[0] > 0 and rows[-1] < 63:  # the whole square is in the crop
+            sizes.append(rows.size)
+    assert min(sizes) < 36 and max(sizes) > 44  # zoomed both ways around 40
+    assert all(40 / 1.5 - 1 <= v <= 40 * 1.5 + 1 for v in sizes)

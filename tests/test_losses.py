@@ -5,6 +5,8 @@ import torch
 
 from napari_sparseseg.core.losses import (
     SpocoLossConfig,
+    affinity_targets,
+    affinity_term,
     consistency_term,
     dice_loss,
     foreground_term,
@@ -129,7 +131,8 @@ def test_spoco_loss_relabels_missing_ids_and_keeps_zero_unlabeled():
     lab[0, :3] = 2  # id 1 missing from the crop
     lab[0, 4:] = 5
     out = spoco_loss(emb, emb.clone(), lab, None, CFG)
-    assert set(out) == {"pull", "push", "reg", "obj", "unlabeled_push", "consistency", "foreground", "loss"}
+    assert set(out) == {"pull", "push", "reg", "obj", "unlabeled_push", "consistency", "foreground", "affinity",
+                        "loss"}
     assert all(torch.isfinite(v) for v in out.values())
     # full supervision: nothing unlabeled -> no unlabeled terms
     lab[0, 3] = 7
@@ -202,16 +205,20 @@ def _term_value(name, net, x, lab, g_net=None):
         return object_term(emb, lab, valid, mu, n, SpocoLossConfig(), gen)
     if name == "unlabeled_push":
         return unlabeled_push_term(emb, lab == 0, mu, 2.0)
-    if name == "consistency":
-        with torch.no_grad():
-            eg = g_net(x)[0].reshape(4, -1) * 3
+    if name == "consistency":  # g's graph is kept: only the loss's own stop-gradient may cut it
+        eg = g_net(x)[0].reshape(4, -1) * 3
         return consistency_term(emb, eg, lab == 0, valid, SpocoLossConfig(), gen)
     if name == "foreground":  # the last channel as the foreground logit
         return foreground_term(emb[-1][None], lab[None], valid[None])
+    if name == "affinity":  # the channels as logits of offsets (-1, 0), (0, -1), (-3, 0), (0, -3)
+        offsets = [[-1, 0], [0, -1], [-3, 0], [0, -3]]
+        lab2, val2 = lab.reshape(1, 16, 16), valid.reshape(1, 16, 16)
+        return affinity_term(emb.reshape(1, 4, 16, 16), *affinity_targets(lab2, val2, offsets))
     raise AssertionError(name)
 
 
-@pytest.mark.parametrize("name", ["pull", "push", "reg", "obj", "unlabeled_push", "consistency", "foreground"])
+@pytest.mark.parametrize("name", ["pull", "push", "reg", "obj", "unlabeled_push", "consistency", "foreground",
+                                  "affinity"])
 def test_gradient_reaches_network_and_lowers_term(name):
     net, x, lab = _setup()
     g_net = None
@@ -222,8 +229,9 @@ def test_gradient_reaches_network_and_lowers_term(name):
         with torch.no_grad():
             for p in g_net.parameters():
                 p.add_(torch.randn_like(p) * 0.5)
-        for p in g_net.parameters():
-            p.requires_grad_(False)
+        # g keeps requires_grad (deepcopy of f): the test must not cut its graph itself, so that
+        # "g receives nothing" checks the stop-gradient inside the consistency term
+        assert all(p.requires_grad for p in g_net.parameters())
     before = _term_value(name, net, x, lab, g_net)
     assert before.item() > 0, f"{name} is already 0 on this case"
     before.backward()
@@ -232,6 +240,7 @@ def test_gradient_reaches_network_and_lowers_term(name):
     assert sum(g.abs().sum().item() for g in grads) > 0
     if g_net is not None:  # stop-gradient: the EMA network receives nothing
         assert all(p.grad is None for p in g_net.parameters())
+        g_net.requires_grad_(False)  # the descent below only measures f
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
     for _ in range(5):
         opt.zero_grad()
@@ -239,3 +248,70 @@ def test_gradient_reaches_network_and_lowers_term(name):
         opt.step()
     after = _term_value(name, net, x, lab, g_net)
     assert after.item() < before.item()
+
+
+def test_spoco_loss_stops_the_gradient_to_the_ema_view():
+    torch.manual_seed(0)
+    emb_f = torch.randn(1, 4, 12, 12, requires_grad=True)
+    emb_g = (emb_f.detach() + 0.3 * torch.randn(1, 4, 12, 12)).requires_grad_(True)
+    lab = torch.zeros(1, 12, 12, dtype=torch.long)
+    lab[:, :4, :4] = 1
+    lab[:, 6:10, 6:10] = 2
+    out = spoco_loss(emb_f, emb_g, lab, None, SpocoLossConfig(), torch.Generator().manual_seed(0))
+    assert out["consistency"].item() > 0
+    out["loss"].backward()
+    assert emb_f.grad is not None and emb_f.grad.abs().sum() > 0
+    assert emb_g.grad is None  # stopgrad(S^g): nothing flows into the EMA network's output
+
+
+# -- affinities from sparse labels -------------------------------------------------------------------
+
+
+def test_affinity_targets_2d_by_hand():
+    # one labeled object (1) in the middle row; 0 unlabeled; the last pixel is ignored
+    lab = torch.tensor([[[0, 0, 0, 0],
+                         [0, 1, 1, 0],
+                         [0, 0, 0, 0]]])
+    valid = torch.ones_like(lab, dtype=torch.bool)
+    valid[0, 2, 3] = False
+    target, mask = affinity_targets(lab, valid, [[0, -1], [-1, 0], [0, -3]])
+    # offset (0, -1): pair (i, i + (0, -1)), stored at i; leaves the image at x = 0
+    assert mask[0, 0].tolist() == [[False, False, False, False],
+                                   [False, True, True, True],
+                                   [False, False, False, False]]
+    assert target[0, 0][1].tolist() == [0, 0, 1, 0]  # inside the object only between its two pixels
+    # offset (-1, 0): row 1 pairs with row 0, row 2 with row 1; both unlabeled -> not annotated
+    assert mask[0, 1].tolist() == [[False] * 4, [False, True, True, False], [False, True, True, False]]
+    assert target[0, 1].sum() == 0
+    # long offset (0, -3): x = 3 pairs with x = 0; (1, 3)-(1, 0) is unlabeled-unlabeled
+    assert mask[0, 2].sum() == 0
+    lab[0, 1, 3] = 1  # a wider object: now (1, 3)-(1, 0) is object-unlabeled: annotated, target 0
+    target, mask = affinity_targets(lab, valid, [[0, -3]])
+    assert mask[0, 0, 1, 3] and target[0, 0, 1, 3] == 0
+    # ignored pixels take no part: (2, 3) pairs with (1, 3) under (-1, 0)
+    _, mask = affinity_targets(lab, valid, [[-1, 0]])
+    assert not mask[0, 0, 2, 3] and mask[0, 0, 2, 1]
+
+
+def test_affinity_targets_3d_long_z_offset_uses_its_length():
+    lab = torch.zeros(1, 5, 2, 2, dtype=torch.long)
+    lab[0, 0:3] = 1  # an object 3 slices deep; slices 3 and 4 unlabeled
+    valid = torch.ones_like(lab, dtype=torch.bool)
+    target, mask = affinity_targets(lab, valid, [[-2, 0, 0], [-1, 0, 0]])
+    # z offset -2: slice z pairs with z - 2 (not z - 1)
+    assert mask[0, 0, 2].all() and target[0, 0, 2].all()  # 2 -> 0: inside the object
+    assert mask[0, 0, 3].all() and not target[0, 0, 3].any()  # 3 -> 1: unlabeled vs object
+    assert mask[0, 0, 4].all() and not target[0, 0, 4].any()  # 4 -> 2: unlabeled vs object
+    assert not mask[0, 0, :2].any()  # leaves the stack
+    assert mask[0, 1, 3].all() and not mask[0, 1, 4].any()  # 4 -> 3: both unlabeled
+
+
+def test_affinity_term_by_hand():
+    logits = torch.zeros(1, 2, 1, 3)  # p = 0.5 everywhere: BCE = ln 2 on every annotated pair
+    target = torch.tensor([[[[1.0, 0.0, 1.0]], [[0.0, 0.0, 0.0]]]])
+    mask = torch.tensor([[[[True, True, False]], [[False, False, False]]]])
+    assert affinity_term(logits, target, mask).item() == pytest.approx(math.log(2))
+    logits[0, 0, 0, 0] = 10.0  # confident and right on one pair, p = 0.5 on the other
+    expected = (math.log1p(math.exp(-10)) + math.log(2)) / 2
+    assert affinity_term(logits, target, mask).item() == pytest.approx(expected, rel=1e-5)
+    assert affinity_term(logits, target, torch.zeros_like(mask)).item() == 0

@@ -19,15 +19,16 @@ def test_training_beats_untrained_network(cells2d, tmp_path):
     imgs = [c[0] for c in cells2d[:3]]
     sparse = [sparsify(c[1], 0.3, i) for i, c in enumerate(cells2d[:3])]
     test_img, test_gt = cells2d[3]
-    trainer = Trainer(imgs, sparse, TrainConfig(iterations=150, seed=0, lr=3e-3, **FAST), out=tmp_path / "m")
+    trainer = Trainer(imgs, sparse, TrainConfig(iterations=300, seed=0, lr=3e-3, **FAST), out=tmp_path / "m")
     untrained = _score(trainer.model, test_img, test_gt)
     events = list(trainer.run())
     assert events[-1].done and events[-1].reason == "iterations"
-    assert [e.iteration for e in events[:-1]] == list(range(1, 151))
+    assert [e.iteration for e in events[:-1]] == list(range(1, 301))
     first = np.mean([e.losses["loss"] for e in events[:10]])
     last = np.mean([e.losses["loss"] for e in events[-11:-1]])
     assert last < first
     trained = _score(load_model(tmp_path / "m"), test_img, test_gt)
+    print("SCORES", untrained, trained)
     assert trained > untrained + 0.1, (untrained, trained)
 
 
@@ -82,12 +83,19 @@ def test_nan_losses_are_skipped_then_reported(cells2d, tmp_path, monkeypatch):
         list(trainer.run())
 
 
-def test_full_supervision_with_background_id(cells2d):
+def test_full_supervision_with_background_id_trains_as_dense_labels(cells2d):
+    # a painted background is known background: it trains exactly like dense labels with
+    # background 0 (so dense labels give at least what sparse labels give), with the same network
     img, gt = cells2d[0]
-    trainer = Trainer([img], [gt], TrainConfig(iterations=2, background_id=0, **FAST))
-    assert trainer.samples[0].labels.min() == 1  # nothing unlabeled
-    ev = list(trainer.run())[-2]
-    assert ev.losses["unlabeled_push"] == 0 and ev.losses["consistency"] == 0
+    painted = np.where(gt == 0, gt.max() + 1, gt)
+    with_id = Trainer([img], [painted], TrainConfig(iterations=2, background_id=int(gt.max()) + 1, **FAST))
+    plain = Trainer([img], [gt], TrainConfig(iterations=2, **FAST))
+    assert np.array_equal(with_id.samples[0].labels, plain.samples[0].labels)
+    assert with_id.samples[0].labels.min() == 0  # background is unlabeled, not an object
+    assert with_id.model.config["network"] == plain.model.config["network"]
+    assert with_id.model.config["network"]["foreground"] and with_id.model.config["network"]["coord_scale"] > 0
+    ev = list(with_id.run())[-2]
+    assert ev.losses["unlabeled_push"] > 0 and ev.losses["foreground"] > 0
 
 
 def test_3d_training_and_segmentation(tmp_path):
@@ -114,7 +122,9 @@ def test_fine_tune_from_model_checks_dimensionality(cells2d, tmp_path):
     with pytest.raises(SparseSegError, match="has 3 channel.s. but the model expects 1"):
         Trainer([rgb], [gt], TrainConfig(iterations=1), init=base)
     tuned = Trainer([img], [gt], TrainConfig(iterations=1, **FAST), init=base)
-    assert tuned.iteration == 0 and tuned.model_config["scale"] == base.config["scale"]
+    # fine-tuning keeps the network; the new images get the zooms of their own objects
+    assert tuned.iteration == 0 and tuned.model_config["network"] == base.config["network"]
+    assert tuned.model_config["scale"]["target_diameter"] == base.config["scale"]["target_diameter"]
 
 
 def test_user_errors():
@@ -134,7 +144,7 @@ def test_user_errors():
 
 
 def test_worker_generator_previews_periodically_and_at_the_end_but_not_after_stop(cells2d):
-    from napari_sparseseg._workers import Preview, train_steps
+    from napari_sparseseg._napari.workers import Preview, train_steps
 
     img, gt = cells2d[0]
     trainer = Trainer([img], [sparsify(gt, 0.3)], TrainConfig(iterations=3, **FAST))
@@ -166,13 +176,13 @@ def test_segment_background_from_foreground_head_or_largest_segment_with_ema_agr
     model = trainer.model
     assert 0 < model.config["foreground"]["c"] < 1
     calls = []
-    real = S.predict
+    real = S.predict_scaled
 
     def spy(*args, **kwargs):
         calls.append(kwargs.get("use_ema", False))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(S, "predict", spy)
+    monkeypatch.setattr(S, "predict_scaled", spy)
     # no foreground head (config {}): background by the largest segment, filtered by agreement with g
     assert S.needs_g("mws") and not S.needs_g("mws", agreement=0) and not S.needs_g("hdbscan")
     assert S.needs_g("hdbscan", agreement=0.5) and S.needs_g("consistency")
@@ -186,26 +196,101 @@ def test_segment_background_from_foreground_head_or_largest_segment_with_ema_agr
     calls.clear()
     S.segment(model, img, device="cpu", background="largest", agreement=0)
     assert calls == [False]
-    # the foreground threshold decides which pixels may belong to objects
-    emb, _, fg = S.embed(model, img, device="cpu")
-    everything = S.cluster(model, emb, None, fg=fg, fg_threshold=0.0)
-    nothing = S.cluster(model, emb, None, fg=fg, fg_threshold=1.01)
+    # the foreground threshold decides which segments are objects
+    embedded = S.embed(model, img, device="cpu")
+    everything = S.cluster(model, embedded, fg_threshold=0.0, min_size=0)
+    nothing = S.cluster(model, embedded, fg_threshold=1.01)
     assert nothing.max() == 0 and everything.max() > 0
     # cached f embeddings without g: cluster() falls back to f alone instead of failing
-    assert S.cluster(model, emb, None, background="largest").shape == img.shape
+    assert S.cluster(model, embedded, background="largest").shape == img.shape
 
 
 def test_background_rule_errors_name_the_choice(cells2d):
     import napari_sparseseg.core.segment as S
 
     img, gt = cells2d[0]
-    full = Trainer([img], [gt], TrainConfig(iterations=1, background_id=0, **FAST)).model
+    full = Trainer([img], [gt], TrainConfig(iterations=1, foreground=False, **FAST)).model
     assert "foreground" not in full.config and S.resolve_background(full.config) == "largest"
-    # a background label is one object spanning the image: no coordinate channels then
-    assert full.config["network"]["coord_scale"] == 0.0 and not full.config["network"]["foreground"]
     sparse = Trainer([img], [sparsify(gt, 0.3)], TrainConfig(iterations=1, **FAST)).model
+    # coordinate channels: 4 embedding units per target diameter (32 px in 2D)
     assert sparse.config["network"]["coord_scale"] == 0.125 and sparse.config["network"]["foreground"]
     with pytest.raises(SparseSegError, match="background 'foreground': this model has no foreground head"):
         S.segment(full, img, device="cpu", background="foreground")
     with pytest.raises(SparseSegError, match="background: expected one of auto, foreground, largest, none, got 'soil'"):
         S.resolve_background(full.config, "soil")
+
+
+def _params(net):
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+@pytest.mark.parametrize("iteration", [0, 3, 100_000])
+def test_ema_network_follows_f_after_each_optimizer_step(cells2d, iteration):
+    """theta_g <- m theta_g + (1 - m) theta_f with theta_f *after* the optimizer step (SPEC 2), with
+    the trainer's momentum: ramped up early on, the configured m once ramped."""
+    img, gt = cells2d[0]
+    trainer = Trainer([img], [sparsify(gt, 0.3)], TrainConfig(iterations=10, ema_momentum=0.9, **FAST))
+    trainer.step()  # g and f differ from here on
+    trainer.iteration = iteration
+    m = trainer._momentum(trainer.iteration)
+    assert 0 < m <= 0.9
+    if iteration == 100_000:
+        assert m == 0.9  # the configured momentum, once the ramp is over
+    f0, g0 = _params(trainer.net), _params(trainer.ema)
+    params = dict(trainer.net.named_parameters())
+    assert any(not torch.equal(f0[k], g0[k]) for k in params)
+    trainer.step()
+    f1, g1 = _params(trainer.net), _params(trainer.ema)
+    assert any(not torch.equal(f0[k], f1[k]) for k in params)  # the optimizer moved f
+    moved_before = moved_after = 0.0
+    for k in params:
+        # the rule with f after the step (with f before it, g1 would be m g0 + (1 - m) f0)
+        torch.testing.assert_close(g1[k], m * g0[k] + (1 - m) * f1[k], rtol=1e-6, atol=1e-7)
+        moved_before += float((g0[k] - f1[k]).abs().sum())
+        moved_after += float((g1[k] - f1[k]).abs().sum())
+    assert moved_after < moved_before  # g moved towards f
+    assert not any(p.requires_grad for p in trainer.ema.parameters())  # no gradient step on g
+    for k in set(f1) - set(params):  # buffers are copied from f
+        assert torch.equal(g1[k], f1[k]), k
+
+
+def test_prediction_and_segmentation_never_change_either_network(cells2d):
+    import napari_sparseseg.core.segment as S
+
+    img, gt = cells2d[0]
+    trainer = Trainer([img], [sparsify(gt, 0.3)], TrainConfig(iterations=2, **FAST))
+    list(trainer.run())
+    model = trainer.model
+    f0, g0 = _params(model.net), _params(model.ema)
+    assert any(not torch.equal(f0[k], g0[k]) for k in f0)
+
+    def unchanged():
+        f1, g1 = _params(model.net), _params(model.ema)
+        return all(torch.equal(f0[k], f1[k]) for k in f0) and all(torch.equal(g0[k], g1[k]) for k in g0)
+
+    predict(model, img, device="cpu")
+    assert unchanged(), "predict(f) changed a network"
+    predict(model, img, device="cpu", use_ema=True)
+    assert unchanged(), "predict(use_ema=True) changed a network"
+    segment(model, img, device="cpu")
+    assert unchanged(), "segment() changed a network"
+    S.segment(model, img, device="cpu", background="largest", agreement=0.5)  # predicts with f and g
+    assert unchanged(), "segment() with the EMA network changed a network"
+
+
+def test_ignore_mask_removes_pixels_from_training(cells2d):
+    img, gt = cells2d[0]
+    sparse = sparsify(gt, 0.5)
+    ignore = np.zeros(gt.shape, bool)
+    ignore[:, :64] = True
+    trainer = Trainer([img], [sparse], TrainConfig(iterations=1, **FAST), ignore=[ignore])
+    s = trainer.samples[0]
+    z = s.zoom
+    cut = int(round(64 * z))
+    assert not s.valid[:, : cut - 1].any() and s.valid[:, cut + 1 :].all()
+    assert (s.labels[:, : cut - 1] == 0).all()
+    # objects only inside the ignored part do not count, nor centre crops
+    left_only = [i for i in np.unique(sparse[:, :64]) if i and not (sparse[:, 64:] == i).any()]
+    assert len(s.objects) == len(np.unique(sparse[sparse > 0])) - len(left_only)
+    with pytest.raises(SparseSegError, match="1 ignore mask.s. for 2 label image.s."):
+        Trainer([img, img], [sparse, sparse], TrainConfig(iterations=1, **FAST), ignore=[ignore])

@@ -50,14 +50,23 @@ def cmd_sparsify(args) -> int:
 
 
 # -- train ---------------------------------------------------------------------------------------
-def _load_pairs(images: str, labels: str):
+def _load_pairs(images: str, labels: str, masks: str | None = None):
     pairs = io.pair(io.expand(images, "--images"), io.expand(labels, "--labels"))
-    imgs, labs, names = [], [], []
-    for ip, lp in pairs:
+    mask_files = [None] * len(pairs)
+    if masks is not None:
+        mask_files = io.expand(masks, "--ignore-mask")
+        if len(mask_files) != len(pairs):
+            raise SparseSegError(
+                f"--ignore-mask matched {len(mask_files)} file(s) but --images matched {len(pairs)}; "
+                "masks pair up with the images in sorted order, so the counts must be equal"
+            )
+    imgs, labs, names, ignore = [], [], [], []
+    for (ip, lp), mp in zip(pairs, mask_files):
         imgs.append(io.read(ip))
         labs.append(io.read_labels(lp))
         names.append(str(ip))
-    return imgs, labs, names
+        ignore.append(None if mp is None else io.read_labels(mp) > 0)
+    return imgs, labs, names, (ignore if masks is not None else None)
 
 
 def cmd_train(args) -> int:
@@ -80,7 +89,7 @@ def cmd_train(args) -> int:
         if init is not None:
             raise SparseSegError("--from and --resume cannot be combined: --resume continues the model in --out")
         init = checkpoint.load(args.init)
-    imgs, labs, names = _load_pairs(args.images, args.labels)
+    imgs, labs, names, ignore = _load_pairs(args.images, args.labels, args.ignore_mask)
     loss = SpocoLossConfig(anchor=args.anchor, w_consistency=args.consistency_weight)
     lr = args.lr if args.lr is not None else (1e-4 if (init is not None and not resume) else 1e-3)
     config = TrainConfig(
@@ -88,19 +97,26 @@ def cmd_train(args) -> int:
         time_limit=args.time_limit,
         batch_size=args.batch_size,
         patch_shape=args.patch_shape,
+        precision=args.precision,
         lr=lr,
         seed=args.seed,
         device=args.device,
         background_id=args.background_id,
-        scale=args.scale,
+        diameter=args.diameter,
         coord_scale=args.coord_scale,
         loss=loss,
         checkpoint_every=args.checkpoint_every,
     )
-    trainer = Trainer(imgs, labs, config, out=out, init=init, resume=resume, names=names)
+    if args.base_channels is not None:
+        config.base_channels = args.base_channels
+    trainer = Trainer(imgs, labs, config, out=out, init=init, resume=resume, names=names, ignore=ignore)
+    zooms = sorted({round(s.zoom, 3) for s in trainer.samples})
+    sc = trainer.scale_config
     print(
         f"training SPOCO on {len(imgs)} image(s), {sum(len(s.objects) for s in trainer.samples)} annotated "
-        f"object(s), scale {trainer.model_config['scale']}, patch {trainer.patch}, device {trainer.device}"
+        f"object(s), object diameter {sc['diameter']:.1f} px{' (mixed sizes)' if sc['mixed'] else ''}, "
+        f"zoom {zooms[0]:.3g}{f'-{zooms[-1]:.3g}' if len(zooms) > 1 else ''}, patch {trainer.patch}, "
+        f"device {trainer.device}"
     )
     # SIGTERM (e.g. a batch system's time limit) stops like Ctrl-C, after the current step
     signal.signal(signal.SIGTERM, lambda *_: trainer.stop())
@@ -139,7 +155,8 @@ def cmd_segment(args) -> int:
     for path in files:
         t0 = time.perf_counter()
         seg = segment(
-            model, io.read(path), args.clustering, device=args.device, name=str(path), bias=args.bias,
+            model, io.read(path), args.clustering, device=args.device, name=str(path), diameter=args.diameter,
+            bias=args.bias,
             min_size=args.min_size, max_size=args.max_size, background=args.background, agreement=args.agreement,
             fg_threshold=args.fg_threshold,
         )
@@ -227,14 +244,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--from", dest="init", default=None, metavar="MODEL", help="fine-tune this model (lr 1e-4 by default)")
     t.add_argument("--resume", action="store_true", help="continue training the model already in --out")
     t.add_argument("--background-id", type=int, default=None, help="this label is background (full supervision)")
-    t.add_argument("--batch-size", type=int, default=2)
+    t.add_argument("--batch-size", type=int, default=None, help="crops per step (default: 2 in 2D, 1 in 3D)")
+    t.add_argument("--base-channels", type=int, default=None, help="channels of the U-Net's first level (default: 16 in 2D, 8 in 3D)")
+    t.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="auto: bfloat16 autocast where it is fast (CUDA, CPUs with AMX), else float32")
     t.add_argument("--patch-shape", type=_parse_shape, default=None, help="training crop, e.g. 256,256")
     t.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3; 1e-4 with --from)")
-    t.add_argument("--scale", type=float, default=None, help="downscale factor in y/x (default: from object size)")
+    t.add_argument("--diameter", type=float, default=None, metavar="PIXELS",
+                   help="typical object diameter in pixels (default: measured on each image's labeled objects)")
+    t.add_argument("--ignore-mask", default=None, metavar="GLOB",
+                   help="masks (quoted glob, paired with --images in sorted order): nonzero pixels take no part "
+                        "in training")
     t.add_argument("--anchor", choices=("pixel", "mean"), default="pixel", help="instance-selection anchor")
     t.add_argument("--coord-scale", type=float, default=None,
                    help="coordinate channels added to the embeddings (units per pixel at the model's scale); "
-                        "0: a plain U-Net (default: 1/8 for sparse labels, 0 with --background-id)")
+                        "0: a plain U-Net (default: 4 units per object diameter)")
     t.add_argument("--consistency-weight", type=float, default=1.0, help="weight of the embedding consistency term")
     t.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -258,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--agreement", type=float, default=None, metavar="IOU",
                    help="keep segments the EMA network reproduces with at least this IoU "
                         f"(default {AGREEMENT} for mws when background is the largest segment, else off; 0: off)")
+    g.add_argument("--diameter", type=float, default=None, metavar="PIXELS",
+                   help="typical object diameter in these images, in pixels (default: the model's, or estimated "
+                        "per image for a model trained on objects of mixed sizes)")
     g.add_argument("--device", default="auto")
     g.set_defaults(func=cmd_segment)
 

@@ -61,6 +61,33 @@ def embeddings_to_affinities(embeddings: np.ndarray, offsets: list[list[int]], d
     return np.nan_to_num(w, nan=0.0).astype(np.float32)
 
 
+def mws_weights(
+    embeddings: np.ndarray,
+    offsets: list[list[int]],
+    delta_dist: float = 2.0,
+    affinities: np.ndarray | None = None,
+    affinity_mix: float = 0.5,
+    attractive_mix: float | None = None,
+) -> np.ndarray:
+    """Disaffinities for the mutex watershed: from the embedding distances
+    (:func:`embeddings_to_affinities`), blended with the affinity head's (1 - probability of "same
+    object", one channel per offset) when ``affinities`` are given: ``attractive_mix`` of the head
+    for the nearest-neighbour (attractive) channels (default: ``affinity_mix``), ``affinity_mix``
+    for the long-range (repulsive) ones."""
+    w = embeddings_to_affinities(embeddings, offsets, delta_dist)
+    if affinities is not None:
+        if affinities.shape != w.shape:
+            raise SparseSegError(f"affinities: shape {affinities.shape} does not fit the offsets, expected {w.shape}")
+        nd = embeddings.ndim - 1
+        mixes = np.full(len(offsets), float(affinity_mix), np.float32)
+        mixes[:nd] = affinity_mix if attractive_mix is None else attractive_mix
+        head = 1.0 - affinities.astype(np.float32)
+        for c, m in enumerate(mixes):
+            if m > 0:
+                w[c] = (1 - m) * w[c] + m * head[c]
+    return w
+
+
 def mutex_watershed(
     embeddings: np.ndarray,
     offsets: list[list[int]] | None = None,
@@ -68,8 +95,12 @@ def mutex_watershed(
     bias: float = 0.0,
     strides: list[int] | None = None,
     mask: np.ndarray | None = None,
+    affinities: np.ndarray | None = None,
+    affinity_mix: float = 0.5,
+    attractive_mix: float | None = None,
 ) -> np.ndarray:
-    """Mutex watershed (python-elf / bioimage-cpp) on the long-range grid graph of the embeddings.
+    """Mutex watershed (python-elf / bioimage-cpp) on the long-range grid graph of the embeddings
+    (and the affinity head's affinities, :func:`mws_weights`).
 
     ``bias`` > 0 favours splits (adds to the repulsive and subtracts from the attractive
     weights), < 0 favours merges.
@@ -78,7 +109,7 @@ def mutex_watershed(
 
     ndim = embeddings.ndim - 1
     offsets = offsets or default_offsets(ndim)
-    w = embeddings_to_affinities(embeddings, offsets, delta_dist)
+    w = mws_weights(embeddings, offsets, delta_dist, affinities, affinity_mix, attractive_mix)
     if bias:
         # w is a disaffinity in every channel, so one shift raises repulsion and lowers attraction
         w = np.clip(w + bias, 0.0, 1.0)
@@ -181,30 +212,48 @@ def agreement_filter(seg_f: np.ndarray, seg_g: np.ndarray, threshold: float) -> 
     return out
 
 
-def postprocess(
-    seg: np.ndarray,
-    min_size: int = 0,
-    background: str = "largest",
-    mask: np.ndarray | None = None,
-    max_size: int | None = None,
-) -> np.ndarray:
-    """Background handling, foreground mask and object size limits; ids made consecutive.
+BACKGROUND_RULES = ("largest", "foreground", "none")
 
-    ``background``: "largest" turns the largest segment into 0; "none" keeps every segment
-    (dense tissue). Segments over ``max_size`` pixels are background too (in sparse training the
-    unlabeled background may form several clusters; a model knows how large its annotated
-    objects were). Segments under ``min_size`` pixels become 0; without background they are
-    filled from their nearest neighbouring object instead.
+
+def remove_background(
+    seg: np.ndarray,
+    background: str = "largest",
+    foreground: np.ndarray | None = None,
+    fg_threshold: float | None = None,
+) -> np.ndarray:
+    """Turn background segments into 0.
+
+    ``background``: "largest" (the largest segment is background), "foreground" (a segment whose
+    mean foreground probability ``foreground`` is below ``fg_threshold`` is background: decided per
+    segment, so its outline is the clustering's, not a threshold's) or "none" (dense tissue).
     """
-    if background not in ("largest", "none"):
-        raise SparseSegError(f"background: expected 'largest' or 'none', got {background!r}")
+    if background not in BACKGROUND_RULES:
+        raise SparseSegError(f"background: expected one of {', '.join(BACKGROUND_RULES)}, got {background!r}")
     seg = np.asarray(seg).astype(np.int64, copy=True)
-    if mask is not None:
-        seg[~mask.astype(bool)] = 0
-    counts = np.bincount(seg.ravel())
-    if background == "largest" and counts[1:].size and counts[1:].max() > 0:
-        seg[seg == int(np.argmax(counts[1:]) + 1)] = 0
+    if background == "largest":
         counts = np.bincount(seg.ravel())
+        if counts[1:].size and counts[1:].max() > 0:
+            seg[seg == int(np.argmax(counts[1:]) + 1)] = 0
+    elif background == "foreground":
+        if foreground is None or fg_threshold is None:
+            raise SparseSegError("background 'foreground' needs the foreground probability and a threshold")
+        if foreground.shape != seg.shape:
+            raise SparseSegError(f"foreground: shape {foreground.shape} does not match the segmentation's {seg.shape}")
+        counts = np.bincount(seg.ravel())
+        sums = np.bincount(seg.ravel(), weights=np.asarray(foreground, np.float64).ravel(), minlength=counts.size)
+        low = sums < fg_threshold * counts
+        low[0] = False
+        seg[low[seg]] = 0
+    return seg
+
+
+def filter_sizes(seg: np.ndarray, min_size: int = 0, max_size: int | None = None, fill: bool = False,
+                 mask: np.ndarray | None = None) -> np.ndarray:
+    """Segments over ``max_size`` pixels become 0 (background), segments under ``min_size`` become 0
+    or, with ``fill`` (dense tissue), are filled from their nearest neighbouring segment (within
+    ``mask``); ids made consecutive."""
+    seg = np.asarray(seg).astype(np.int64, copy=True)
+    counts = np.bincount(seg.ravel())
     if max_size:
         big = counts > max_size
         big[0] = False
@@ -216,12 +265,30 @@ def postprocess(
         small[0] = False
         if small.any():
             seg[small[seg]] = 0
-            if background == "none" and seg.any():
+            if fill and seg.any():
                 holes = seg == 0 if mask is None else (seg == 0) & mask.astype(bool)
                 idx = ndimage.distance_transform_edt(seg == 0, return_distances=False, return_indices=True)
                 filled = seg[tuple(idx)]
                 seg[holes] = filled[holes]
     return relabel_sequential(seg)[0]
+
+
+def postprocess(
+    seg: np.ndarray,
+    min_size: int = 0,
+    background: str = "largest",
+    mask: np.ndarray | None = None,
+    max_size: int | None = None,
+    foreground: np.ndarray | None = None,
+    fg_threshold: float | None = None,
+) -> np.ndarray:
+    """Foreground mask, background rule (:func:`remove_background`) and object size limits
+    (:func:`filter_sizes`; small segments are filled from their neighbours without background)."""
+    seg = np.asarray(seg).astype(np.int64, copy=True)
+    if mask is not None:
+        seg[~mask.astype(bool)] = 0
+    seg = remove_background(seg, background, foreground, fg_threshold)
+    return filter_sizes(seg, min_size, max_size, fill=background == "none", mask=mask)
 
 
 def segment_embeddings(
@@ -241,14 +308,21 @@ def segment_embeddings(
     iou_threshold: float = 0.6,
     agreement: float | None = None,
     seed: int = 0,
+    foreground: np.ndarray | None = None,
+    fg_threshold: float | None = None,
+    affinities: np.ndarray | None = None,
+    affinities_g: np.ndarray | None = None,
+    affinity_mix: float = 0.5,
+    attractive_mix: float | None = None,
 ) -> np.ndarray:
     """Instance labels from embeddings (D, Y, X) or (D, Z, Y, X).
 
     ``method``: "mws" (mutex watershed, default), "hdbscan", "meanshift" or "consistency" (needs
-    ``embeddings_g``, the EMA network's embeddings). By default the largest segment (the
-    background cluster) comes out as 0. With ``agreement`` (and ``embeddings_g``), g's embeddings
-    are clustered the same way and segments of f that g does not reproduce with at least that
-    IoU become 0 (:func:`agreement_filter`).
+    ``embeddings_g``, the EMA network's embeddings). ``background``: see :func:`remove_background`
+    (by default the largest segment, the background cluster, comes out as 0; "foreground" needs
+    ``foreground`` and ``fg_threshold``). With ``agreement`` (and ``embeddings_g``), g's
+    embeddings are clustered the same way and segments of f that g does not reproduce with at
+    least that IoU become 0 (:func:`agreement_filter`).
     """
     embeddings = _check(embeddings)
     if mask is not None and mask.shape != embeddings.shape[1:]:
@@ -269,9 +343,9 @@ def segment_embeddings(
 
     mws_mask = None if mask is None else mask.astype(bool)
 
-    def run(emb):
+    def run(emb, aff=None):
         if method == "mws":
-            return mutex_watershed(emb, offsets, delta_dist, bias, strides, mws_mask)
+            return mutex_watershed(emb, offsets, delta_dist, bias, strides, mws_mask, aff, affinity_mix, attractive_mix)
         if method == "hdbscan":
             return hdbscan_clustering(emb, max(min_size, 2) if min_size else 200, mask)
         return meanshift_clustering(emb, delta_var, mask)
@@ -279,7 +353,12 @@ def segment_embeddings(
     if method == "consistency":
         seg = consistency_clustering(embeddings, embeddings_g, delta_var, iou_threshold, seed=seed, mask=mask)
     else:
-        seg = run(embeddings)
-        if agreement:
-            seg = agreement_filter(seg, run(embeddings_g), agreement)
-    return postprocess(seg, min_size, background, mask, max_size)
+        seg = run(embeddings, affinities)
+    if mask is not None:
+        seg[~mws_mask] = 0
+    # background first: the agreement filter may itself drop the background segment, after which
+    # "the largest segment" would be a real object
+    seg = remove_background(seg, background, foreground, fg_threshold)
+    if agreement and method != "consistency":
+        seg = agreement_filter(seg, run(embeddings_g, affinities_g), agreement)
+    return filter_sizes(seg, min_size, max_size, fill=background == "none", mask=mask)

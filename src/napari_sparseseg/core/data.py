@@ -20,12 +20,14 @@ from .errors import SparseSegError
 @dataclass
 class Sample:
     """One training image at the model's scale: ``image`` (C, *S) float32, ``labels`` (*S) int32
-    (0 = unlabeled), ``valid`` (*S) bool, ``objects`` bounding boxes of annotated objects."""
+    (0 = unlabeled), ``valid`` (*S) bool (False: ignored), ``objects`` bounding boxes of annotated
+    objects, ``zoom`` the factor the image was zoomed by."""
 
     image: np.ndarray
     labels: np.ndarray
     valid: np.ndarray
     objects: list
+    zoom: float = 1.0
 
 
 def relabel_consecutive(labels: np.ndarray) -> np.ndarray:
@@ -36,28 +38,6 @@ def relabel_consecutive(labels: np.ndarray) -> np.ndarray:
     pos = labels > 0
     out[pos] = np.searchsorted(ids, labels[pos]) + 1
     return out
-
-
-def object_diameters(labels: np.ndarray) -> np.ndarray:
-    """Equivalent diameters of the annotated objects; in-plane (mean area per slice) for 3D stacks."""
-    counts = np.bincount(labels.ravel())[1:].astype(float)
-    if labels.ndim == 3:
-        depth = np.array([0 if s is None else s[0].stop - s[0].start for s in ndimage.find_objects(labels)])
-        counts[: depth.size] = counts[: depth.size] / np.maximum(depth, 1)
-    counts = counts[counts > 0]
-    return 2 * np.sqrt(counts / np.pi)
-
-
-def auto_scale(labels: list[np.ndarray], target_diameter: float = 32.0) -> float:
-    """Downscaling factor (in y/x) that brings the median annotated object to ``target_diameter``.
-
-    Never upsamples; steps of 1/8; at least 0.25.
-    """
-    diam = np.concatenate([object_diameters(lab) for lab in labels])
-    if diam.size == 0:
-        return 1.0
-    scale = min(1.0, target_diameter / float(np.median(diam)))
-    return float(max(0.25, np.floor(scale * 8) / 8))
 
 
 def rescale(array: np.ndarray, scale: float, order: int) -> np.ndarray:
@@ -78,43 +58,51 @@ def rescale(array: np.ndarray, scale: float, order: int) -> np.ndarray:
 def prepare(
     images: list[np.ndarray],
     labels: list[np.ndarray],
-    scale: float = 1.0,
+    zooms: float | list[float] = 1.0,
     background_id: int | None = None,
     names: list[str] | None = None,
+    ignore: list[np.ndarray | None] | None = None,
 ) -> list[Sample]:
-    """Check and rescale (image, labels) pairs. Images are normalised (C, *S) arrays.
+    """Check and zoom (image, labels) pairs, each image by its own factor. Images are normalised
+    (C, *S) arrays.
 
-    With ``background_id`` that label is one more object (full supervision); it is not used to
-    centre crops.
+    ``background_id``: pixels with that label are background, not an object: they count as
+    unlabeled, which they are for the losses (every annotated object is pushed away from them, and
+    the foreground head learns them as negatives), so dense labels with a background id train
+    exactly as dense labels with background 0. ``ignore``: per image, a mask whose nonzero pixels
+    take no part in training.
     """
     names = names or [f"image {i}" for i in range(len(images))]
+    zooms = list(zooms) if isinstance(zooms, (list, tuple)) else [float(zooms)] * len(images)
+    ignore = ignore or [None] * len(images)
     samples = []
     n_objects = 0
-    for img, lab, name in zip(images, labels, names):
+    for img, lab, name, zoom, ign in zip(images, labels, names, zooms, ignore):
         if img.shape[1:] != lab.shape:
             raise SparseSegError(
                 f"{name}: image has spatial shape {img.shape[1:]} but its labels have shape {lab.shape}"
             )
         lab = lab.astype(np.int64)
         valid = np.ones(lab.shape, dtype=bool)
-        bg_mask = None
+        if ign is not None:
+            if ign.shape != lab.shape:
+                raise SparseSegError(
+                    f"{name}: ignore mask has shape {ign.shape} but the labels have shape {lab.shape}"
+                )
+            valid = ~np.asarray(ign).astype(bool)
         if background_id is not None:
-            bg_mask = lab == background_id
-            lab = np.where(bg_mask, 0, lab)
+            lab = np.where(lab == background_id, 0, lab)
         lab = relabel_consecutive(lab)
-        if bg_mask is not None and bg_mask.any():
-            lab[bg_mask] = lab.max() + 1
-        img_s = rescale(img, scale, 1)
-        lab_s = rescale(lab, scale, 0)
-        valid_s = rescale(valid.astype(np.uint8), scale, 0).astype(bool)
+        img_s = rescale(img, zoom, 1)
+        lab_s = rescale(lab, zoom, 0)
+        valid_s = rescale(valid.astype(np.uint8), zoom, 0).astype(bool)
         common = tuple(min(a, b) for a, b in zip(img_s.shape[1:], lab_s.shape))  # rounding may differ by 1
         crop = tuple(slice(0, c) for c in common)
         img_s, lab_s, valid_s = img_s[(slice(None),) + crop], lab_s[crop], valid_s[crop]
-        slices = ndimage.find_objects(lab_s)
-        bg_id = lab_s.max() if (bg_mask is not None and bg_mask.any()) else None
-        objects = [s for i, s in enumerate(slices, start=1) if s is not None and i != bg_id]
+        lab_s = np.where(valid_s, lab_s, 0)
+        objects = [s for s in ndimage.find_objects(lab_s) if s is not None]
         n_objects += len(objects)
-        samples.append(Sample(img_s.astype(np.float32), lab_s.astype(np.int32), valid_s, objects))
+        samples.append(Sample(img_s.astype(np.float32), lab_s.astype(np.int32), valid_s, objects, zoom))
     if n_objects == 0:
         raise SparseSegError(
             "no labeled object in any label image: paint at least one complete object (id > 0) "
@@ -132,6 +120,18 @@ def _pad_to(arr: np.ndarray, shape: tuple[int, ...], value=0, mode="constant") -
     return np.pad(arr, pad, mode="constant", constant_values=value)
 
 
+def _zoom_crop(img: np.ndarray, lab: np.ndarray, val: np.ndarray, patch: tuple[int, ...]):
+    """Resize a crop to ``patch`` in y/x: the image bilinearly, labels and mask by nearest neighbour."""
+    size = list(patch[-2:])
+    t = torch.from_numpy(np.ascontiguousarray(img, np.float32))
+    t = t.reshape(1, -1, *t.shape[-2:])
+    img = F.interpolate(t, size=size, mode="bilinear", align_corners=False).reshape(*img.shape[:-2], *size).numpy()
+    both = torch.from_numpy(np.stack([lab.astype(np.float64), val.astype(np.float64)]))
+    both = both.reshape(1, -1, *both.shape[-2:])
+    both = F.interpolate(both, size=size, mode="nearest-exact").reshape(2, *lab.shape[:-2], *size).numpy()
+    return img, both[0].astype(np.int64), both[1] > 0.5
+
+
 def elastic_fields(shape: tuple[int, ...], rng: np.random.Generator, alpha: float = 8.0, grid: int = 4):
     """Smooth random displacement fields (one per axis, in pixels), from a coarse random grid."""
     coarse = rng.normal(0, alpha, size=(len(shape),) + (grid,) * len(shape))
@@ -140,7 +140,12 @@ def elastic_fields(shape: tuple[int, ...], rng: np.random.Generator, alpha: floa
 
 
 class CropSampler:
-    """Draws augmented training crops, centred on an annotated object with probability ``p_object``."""
+    """Draws augmented training crops around annotated objects (with probability ``p_object``).
+
+    ``zoom_jitter`` J > 1 zooms each crop by a random factor in [1/J, J] (log-uniform, in y/x), so
+    the network tolerates objects somewhat larger or smaller than the target diameter (the zoom of a
+    new image is estimated, not known).
+    """
 
     def __init__(
         self,
@@ -149,12 +154,14 @@ class CropSampler:
         seed: int = 0,
         p_object: float = 0.9,
         elastic: bool = True,
+        zoom_jitter: float = 1.0,
     ):
         self.samples = samples
         self.patch = tuple(int(p) for p in patch_shape)
         self.rng = np.random.default_rng(seed)
         self.p_object = p_object
         self.elastic = elastic
+        self.zoom_jitter = float(zoom_jitter)
         self.objects = [(i, s) for i, smp in enumerate(samples) for s in smp.objects]
 
     def crop(self):
@@ -166,16 +173,24 @@ class CropSampler:
             idx = int(self.rng.integers(len(self.samples)))
             centre = [self.rng.integers(0, s) for s in self.samples[idx].labels.shape]
         smp = self.samples[idx]
+        jitter = 1.0
+        if self.zoom_jitter > 1:
+            jitter = float(np.exp(self.rng.uniform(-np.log(self.zoom_jitter), np.log(self.zoom_jitter))))
+        # the region that becomes the patch after zooming by ``jitter`` (y/x only)
+        region = list(self.patch)
+        region[-2:] = [max(4, int(round(p / jitter))) for p in self.patch[-2:]]
         # the chosen pixel lands anywhere in the crop: were it always near the centre, a network with
         # zero padding could learn "the labeled object is the one in the middle" and ignore the rest
         corner = [
             int(np.clip(c - self.rng.integers(0, p), 0, max(0, s - p)))
-            for c, p, s in zip(centre, self.patch, smp.labels.shape)
+            for c, p, s in zip(centre, region, smp.labels.shape)
         ]
-        sl = tuple(slice(c, c + p) for c, p in zip(corner, self.patch))
-        img = _pad_to(smp.image[(slice(None),) + sl], self.patch, mode="reflect")
-        lab = _pad_to(smp.labels[sl], self.patch)
-        val = _pad_to(smp.valid[sl], self.patch, value=False)
+        sl = tuple(slice(c, c + p) for c, p in zip(corner, region))
+        img = _pad_to(smp.image[(slice(None),) + sl], tuple(region), mode="reflect")
+        lab = _pad_to(smp.labels[sl], tuple(region))
+        val = _pad_to(smp.valid[sl], tuple(region), value=False)
+        if tuple(region) != self.patch:
+            img, lab, val = _zoom_crop(img, lab, val, self.patch)
         img, lab, val = self._geometric(img, lab, val)
         return img, relabel_consecutive(lab), val
 

@@ -30,6 +30,7 @@ class SpocoLossConfig:
     w_unlabeled_push: float = 1.0
     w_consistency: float = 1.0
     w_foreground: float = 1.0
+    w_affinity: float = 1.0
     max_anchors: int = 20
     min_uncovered: float = 0.05
 
@@ -188,7 +189,48 @@ def foreground_term(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Ten
     return (loss * v).sum() / v.sum().clamp_min(1)
 
 
-TERMS = ("pull", "push", "reg", "obj", "unlabeled_push", "consistency", "foreground")
+def _pair_slices(offset, spatial):
+    """Slices (a, b) of a spatial block so that a[i] and b[i] are the pixel pair i, i + offset."""
+    a = tuple(slice(max(0, -o), s - max(0, o)) for o, s in zip(offset, spatial))
+    b = tuple(slice(max(0, o), s - max(0, -o)) for o, s in zip(offset, spatial))
+    return a, b
+
+
+def affinity_targets(labels: torch.Tensor, valid: torch.Tensor, offsets) -> tuple[torch.Tensor, torch.Tensor]:
+    """Affinity labels from sparse labels (B, *S): for each offset o, target 1 where pixel i and
+    i + o carry the same object id, and a mask of the pairs the labels say something about.
+
+    The unlabeled region counts as one more id; a pair is annotated when at least one of its pixels
+    lies in an annotated object (objects are complete, so its partner is known to be in it or not)
+    and both are valid. Pairs leaving the crop are not annotated. Returns (target, mask), each
+    (B, K, *S), defined at the first pixel i of each pair.
+    """
+    spatial = labels.shape[1:]
+    target = torch.zeros((labels.shape[0], len(offsets)) + tuple(spatial), dtype=torch.float32, device=labels.device)
+    mask = torch.zeros(target.shape, dtype=torch.bool, device=labels.device)
+    for k, off in enumerate(offsets):
+        if any(abs(o) >= s for o, s in zip(off, spatial)):
+            continue
+        a, b = _pair_slices(off, spatial)
+        la, lb = labels[(slice(None),) + a], labels[(slice(None),) + b]
+        va, vb = valid[(slice(None),) + a], valid[(slice(None),) + b]
+        target[(slice(None), k) + a] = ((la == lb) & (la > 0)).float()
+        mask[(slice(None), k) + a] = ((la > 0) | (lb > 0)) & va & vb
+    return target, mask
+
+
+def affinity_term(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of affinity logits (B, K, *S) on the annotated pairs, each offset
+    weighted equally (long offsets have fewer pairs)."""
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    m = mask.to(logits.dtype)
+    dims = (0,) + tuple(range(2, logits.ndim))
+    per_offset = (loss * m).sum(dims) / m.sum(dims).clamp_min(1)
+    present = m.sum(dims) > 0
+    return per_offset[present].mean() if bool(present.any()) else logits.sum() * 0
+
+
+TERMS = ("pull", "push", "reg", "obj", "unlabeled_push", "consistency", "foreground", "affinity")
 
 
 def spoco_loss(
@@ -199,10 +241,13 @@ def spoco_loss(
     cfg: SpocoLossConfig | None = None,
     generator: torch.Generator | None = None,
     fg_logits: torch.Tensor | None = None,
+    aff_logits: torch.Tensor | None = None,
+    offsets: list[list[int]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """All SPOCO terms for a batch: ``emb_f``/``emb_g`` (B, D, *S), ``labels`` (B, *S) with
     consecutive ids (0 = unlabeled), ``valid`` (B, *S) bool; ``fg_logits`` (B, *S) adds
-    :func:`foreground_term` (0 without).
+    :func:`foreground_term` (0 without); ``aff_logits`` (B, K, *S) with ``offsets`` adds
+    :func:`affinity_term`.
 
     Returns a dict with every term (averaged over the images that have it) and ``"loss"``, the
     weighted sum. ``emb_g`` (the EMA network's view) may be None: no consistency term then.
@@ -235,11 +280,16 @@ def spoco_loss(
             acc["consistency"].append(consistency_term(emb, eg_all[i], unlabeled, val, cfg, generator))
     if fg_logits is not None:
         acc["foreground"].append(foreground_term(fg_logits.reshape(b, -1), lab_all * val_all, val_all))
+    if aff_logits is not None:
+        spatial = labels.shape[1:]
+        lab_s, val_s = (lab_all * val_all).reshape(b, *spatial), val_all.reshape(b, *spatial)
+        acc["affinity"].append(affinity_term(aff_logits, *affinity_targets(lab_s, val_s, offsets)))
     zero = emb_f.sum() * 0
     out = {t: (torch.stack(v).mean() if v else zero) for t, v in acc.items()}
     weights = dict(
         pull=cfg.w_pull, push=cfg.w_push, reg=cfg.w_reg, obj=cfg.w_obj,
         unlabeled_push=cfg.w_unlabeled_push, consistency=cfg.w_consistency, foreground=cfg.w_foreground,
+        affinity=cfg.w_affinity,
     )
     out["loss"] = sum(weights[t] * out[t] for t in TERMS)
     return out

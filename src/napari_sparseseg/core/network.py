@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -57,6 +57,7 @@ class UNet(nn.Module):
         coord_scale: float = 0.0,
         padding_mode: str = "zeros",
         foreground: bool = False,
+        affinities: int = 0,
     ):
         super().__init__()
         if ndim not in (2, 3):
@@ -71,6 +72,7 @@ class UNet(nn.Module):
             coord_scale=coord_scale,
             padding_mode=padding_mode,
             foreground=foreground,
+            affinities=affinities,
         )
         self.ndim = ndim
         self.coord_scale = float(coord_scale)
@@ -95,8 +97,9 @@ class UNet(nn.Module):
             f = self.pool_factors[i]
             self.upsamples.append(up_cls(chans[i + 1], chans[i], kernel_size=f, stride=f))
             self.decoders.append(ConvBlock(ndim, 2 * chans[i], chans[i], padding_mode))
-        # one more channel with foreground: a logit of "inside an annotated object" (see losses.foreground_term)
-        self.head = conv(chans[0], out_channels + int(foreground), 1)
+        # one more channel with foreground: a logit of "inside an annotated object" (losses.foreground_term);
+        # ``affinities`` more: logits of "same object" for the pixel pairs of each offset (losses.affinity_term)
+        self.head = conv(chans[0], out_channels + int(foreground) + affinities, 1)
 
     @property
     def divisor(self) -> tuple[int, ...]:
@@ -121,11 +124,20 @@ class UNet(nn.Module):
         the pixel coordinates are added to the first ``ndim`` channels ("spatial embeddings"):
         separate objects then start apart and the network learns to pull each object together.
         ``origin`` places a tile in its image."""
-        out = self._unet(x)
+        out = self._unet(x).float()  # float32 also under autocast: coordinates need its precision
         if self.coord_scale:
             grid = self.coordinates(out.shape[2:], origin, out.device, out.dtype)
             out = torch.cat([out[:, : self.ndim] + grid[None], out[:, self.ndim :]], dim=1)
         return out
+
+    def deepest_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's output at the coarsest level (B, channels, *S / divisor): what the size
+        model reads (:mod:`.scale`)."""
+        for i, enc in enumerate(self.encoders):
+            x = enc(x)
+            if i < len(self.pools):
+                x = self.pools[i](x)
+        return x
 
     def _unet(self, x: torch.Tensor) -> torch.Tensor:
         skips = []
@@ -140,12 +152,21 @@ class UNet(nn.Module):
         return self.head(x)
 
 
-def split_output(out: torch.Tensor, config: dict[str, Any]):
-    """(embeddings, foreground logit or None) from a network output (B, D[+1], *S)."""
+class Outputs(NamedTuple):
+    """A network output split by role: embeddings (B, D, *S), foreground logit (B, *S) or None,
+    affinity logits (B, K, *S) or None."""
+
+    embeddings: torch.Tensor
+    foreground: torch.Tensor | None
+    affinities: torch.Tensor | None
+
+
+def split_output(out: torch.Tensor, config: dict[str, Any]) -> Outputs:
+    """Split a network output (B, D [+1] [+K], *S) into its :class:`Outputs`."""
     d = config["out_channels"]
-    if config.get("foreground"):
-        return out[:, :d], out[:, d]
-    return out, None
+    fg = bool(config.get("foreground"))
+    k = int(config.get("affinities", 0))
+    return Outputs(out[:, :d], out[:, d] if fg else None, out[:, d + fg : d + fg + k] if k else None)
 
 
 def build_network(config: dict[str, Any]) -> UNet:

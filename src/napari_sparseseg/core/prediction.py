@@ -1,8 +1,10 @@
-"""Tiled embedding prediction at the model's scale, returned at the image's own resolution."""
+"""Tiled prediction at the model's scale (embeddings and foreground probability), and back to
+the image's own resolution."""
 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -10,10 +12,11 @@ from scipy.special import expit
 import torch
 import torch.nn.functional as F
 
+from . import scale as scales
 from .checkpoint import Model, check_compatible
 from .data import rescale
 from .io import normalize, to_channels_first
-from .training import resolve_device
+from .device import autocast, resolve_device, resolve_precision
 
 
 def _tiles(shape, tile, halo):
@@ -30,7 +33,7 @@ def _tiles(shape, tile, halo):
 
 
 @torch.no_grad()
-def _run(net, x: np.ndarray, device, origin=None) -> np.ndarray:
+def _run(net, x: np.ndarray, device, origin=None, dtype=None) -> np.ndarray:
     """Run ``net`` on one (C, *S) block, padding each axis by reflection to the network's divisor.
 
     ``origin`` is the block's position relative to the image centre (for coordinate channels)."""
@@ -44,8 +47,93 @@ def _run(net, x: np.ndarray, device, origin=None) -> np.ndarray:
             flat += [0, p]
         mode = "reflect" if all(p < s for p, s in zip(pad, spatial)) else "replicate"
         t = F.pad(t, flat, mode=mode)
-    out = net(t, origin=origin)[0]
+    with autocast(device, dtype):
+        out = net(t, origin=origin)[0]
     return out[(slice(None),) + tuple(slice(0, s) for s in spatial)].float().cpu().numpy()
+
+
+@dataclass
+class Prediction:
+    """What the network says about one image, at the model's scale: ``embeddings`` (D, *S'),
+    ``foreground`` probability (*S') or None, the ``zoom`` the image was brought to the model's
+    scale by, the image's own spatial ``shape`` and ``affinities`` (K, *S'), the probability that
+    each pixel and its partner at each of the model's offsets are one object, or None."""
+
+    embeddings: np.ndarray
+    foreground: np.ndarray | None
+    zoom: float
+    shape: tuple[int, ...]
+    affinities: np.ndarray | None = None
+
+
+def resolve_zoom(model: Model, x: np.ndarray, diameter: float | None = None, device="cpu") -> float:
+    """The zoom for a normalised (C, *S) image: from the user's object ``diameter`` (pixels), else
+    the model's common zoom, or, for a model trained on mixed object sizes, its size model's estimate."""
+    if diameter is not None:
+        return scales.zoom_for(diameter, model.ndim)
+    cfg = model.config.get("scale")
+    if isinstance(cfg, dict) and cfg.get("mixed") and cfg.get("size_model"):
+        return scales.estimate_zoom(model.net, model.config, x, device=device)
+    return scales.model_zoom(model.config)
+
+
+def predict_scaled(
+    model: Model,
+    image: np.ndarray,
+    *,
+    use_ema: bool = False,
+    device: str = "auto",
+    diameter: float | None = None,
+    zoom: float | None = None,
+    tile_shape: tuple[int, ...] | None = None,
+    halo: tuple[int, ...] | None = None,
+    name: str = "image",
+    progress: Callable[[int, int], None] | None = None,
+    precision: str = "auto",
+) -> Prediction:
+    """Embeddings and foreground probability of ``image`` at the model's scale, tile by tile.
+
+    ``zoom`` (if given) fixes the zoom; otherwise :func:`resolve_zoom` chooses it (``diameter``:
+    the objects' diameter in pixels). ``precision``: see :func:`.device.resolve_precision`.
+    """
+    ndim, channels = model.ndim, model.in_channels
+    x = to_channels_first(image, ndim, name, channels)
+    check_compatible(model.config, ndim, x.shape[0], name)
+    spatial = tuple(x.shape[1:])
+    norm = model.config["normalization"]
+    x = normalize(x, norm["low"], norm["high"])
+    dev = resolve_device(device)
+    if zoom is None:
+        zoom = resolve_zoom(model, x, diameter, dev)
+    xs = rescale(x, zoom, 1)
+    net = model.ema if (use_ema and model.ema is not None) else model.net
+    net = net.to(dev).eval()
+    dtype = resolve_precision(precision, dev)
+    tile = tile_shape or ((512, 512) if ndim == 2 else (48, 192, 192))
+    halo = halo or ((32, 32) if ndim == 2 else (8, 32, 32))
+    d = net.config["out_channels"]
+    has_fg, k = int(bool(net.config.get("foreground"))), int(net.config.get("affinities", 0))
+    out = np.zeros((d + has_fg + k,) + xs.shape[1:], np.float32)
+    blocks = list(_tiles(xs.shape[1:], tile, halo))
+    for i, (inner, outer) in enumerate(blocks):
+        origin = [o.start - s // 2 for o, s in zip(outer, xs.shape[1:])]
+        pred = _run(net, xs[(slice(None),) + outer], dev, origin, dtype)
+        local = tuple(slice(a.start - o.start, a.stop - o.start) for a, o in zip(inner, outer))
+        out[(slice(None),) + inner] = pred[(slice(None),) + local]
+        if progress is not None:
+            progress(i + 1, len(blocks))
+    fg = expit(out[d]) if has_fg else None
+    aff = expit(out[d + has_fg :]) if k else None
+    return Prediction(out[:d], fg, float(zoom), spatial, aff)
+
+
+def to_image_shape(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Resize a (C, *S') float array from the model's scale to the image's spatial ``shape``."""
+    if array.shape[1:] == tuple(shape):
+        return array
+    t = torch.from_numpy(np.ascontiguousarray(array, np.float32))[None]
+    mode = "bilinear" if len(shape) == 2 else "trilinear"
+    return F.interpolate(t, size=tuple(shape), mode=mode, align_corners=False)[0].numpy()
 
 
 def predict(
@@ -59,42 +147,19 @@ def predict(
     name: str = "image",
     progress: Callable[[int, int], None] | None = None,
     foreground: bool = False,
+    diameter: float | None = None,
 ):
     """Embeddings (D, *S) of ``image`` (same spatial shape), predicted tile by tile.
 
     ``use_ema`` predicts with the EMA network g instead of f (needed for consistency clustering).
     ``foreground=True`` returns ``(embeddings, probability)``, the second the foreground head's
-    probability (*S) in [0, 1], or None for a model without one.
+    probability (*S) in [0, 1], or None for a model without one. ``diameter``: the objects'
+    diameter in pixels (default: from the model, see :func:`resolve_zoom`).
     """
-    ndim, channels = model.ndim, model.in_channels
-    x = to_channels_first(image, ndim, name, channels)
-    check_compatible(model.config, ndim, x.shape[0], name)
-    spatial = x.shape[1:]
-    norm = model.config["normalization"]
-    x = normalize(x, norm["low"], norm["high"])
-    scale = float(model.config.get("scale", 1.0))
-    xs = rescale(x, scale, 1)
-    net = model.ema if (use_ema and model.ema is not None) else model.net
-    dev = resolve_device(device)
-    net = net.to(dev).eval()
-    tile = tile_shape or ((512, 512) if ndim == 2 else (48, 192, 192))
-    halo = halo or ((32, 32) if ndim == 2 else (8, 32, 32))
-    d = net.config["out_channels"]
-    out = np.zeros((d + int(bool(net.config.get("foreground"))),) + xs.shape[1:], np.float32)
-    blocks = list(_tiles(xs.shape[1:], tile, halo))
-    for i, (inner, outer) in enumerate(blocks):
-        origin = [o.start - s // 2 for o, s in zip(outer, xs.shape[1:])]
-        pred = _run(net, xs[(slice(None),) + outer], dev, origin)
-        local = tuple(slice(a.start - o.start, a.stop - o.start) for a, o in zip(inner, outer))
-        out[(slice(None),) + inner] = pred[(slice(None),) + local]
-        if progress is not None:
-            progress(i + 1, len(blocks))
-    if out.shape[1:] != spatial:
-        t = torch.from_numpy(out)[None]
-        mode = "bilinear" if ndim == 2 else "trilinear"
-        out = F.interpolate(t, size=spatial, mode=mode, align_corners=False)[0].numpy()
-    emb = out[:d]
+    p = predict_scaled(model, image, use_ema=use_ema, device=device, diameter=diameter, tile_shape=tile_shape,
+                       halo=halo, name=name, progress=progress)
+    emb = to_image_shape(p.embeddings, p.shape)
     if not foreground:
         return emb
-    prob = expit(out[d]) if out.shape[0] > d else None
+    prob = None if p.foreground is None else to_image_shape(p.foreground[None], p.shape)[0]
     return emb, prob

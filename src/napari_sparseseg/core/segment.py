@@ -1,39 +1,58 @@
-"""Prediction + clustering with the defaults a model carries (object sizes, loss margins)."""
+"""Prediction + clustering with the defaults a model carries.
+
+Clustering runs at the model's scale, where every image's objects have the target diameter
+(:mod:`.scale`): the mutex-watershed offsets and the size limits are then in units of the objects
+themselves, whatever the image's pixel size. The labels are resized to the image at the end.
+User-facing sizes (``min_size``, ``max_size``) are in the image's pixels.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from .checkpoint import Model
 from .clustering import segment_embeddings
 from .errors import SparseSegError
-from .prediction import predict
+from .prediction import Prediction, predict_scaled
 
-#: segments smaller than this fraction of the median annotated object are fragments: dropped.
-#: 1/4 measured best of 1/20, 1/8, 1/4, 1/2 on the demo data and CVPPP (docs/benchmarks.md)
+#: segments smaller than this fraction of the median annotated object are fragments: dropped
 MIN_SIZE_FRACTION = 1 / 4
 #: mutex watershed keeps the segments that the EMA network g reproduces with at least this IoU
 #: (measured on CVPPP@0.1, docs/benchmarks.md); 0 turns the filter off. Used when background is
-#: found by the largest-segment rule; with a foreground head the filter is off by default (it
-#: lowered SBD there)
+#: found by the largest-segment rule; with a foreground head the filter is off by default
 AGREEMENT = 0.8
-#: the foreground threshold as a fraction of c (below), as the theory says (docs/method.md)
+#: a segment is foreground when its mean foreground probability reaches this fraction of c (the
+#: head's mean on annotated pixels): P(object) >= 1/2 in positive-unlabeled terms (docs/method.md)
 FOREGROUND_FRACTION = 0.5
-#: mutex-watershed bias of the default segmentation (> 0 splits more); chosen on CVPPP@0.1
-#: *training* images from 0, 0.05, 0.1, 0.15, 0.2 (docs/benchmarks.md)
-BIAS = 0.05
-
+#: pixels below this fraction of the segment threshold are not clustered at all (surely background);
+#: chosen on the benchmark suite (benchmarks/sweep.py, mean rank over its datasets)
+PREMASK_FRACTION = 1.0
+#: mutex-watershed bias of the default segmentation (> 0 splits more); suite mean rank
+BIAS = 0.0
+#: share of the affinity head in the repulsive (long-range) mutex-watershed weights (the rest:
+#: embedding distances); suite mean rank
+AFFINITY_MIX = 0.5
+#: share of the affinity head in the attractive (nearest-neighbour) weights: boundaries come from
+#: the head, which sees them directly; suite mean rank
+ATTRACTIVE_MIX = 1.0
 
 BACKGROUNDS = ("auto", "foreground", "largest", "none")
 
 
-def clustering_options(config: dict[str, Any], method: str = "mws", **overrides) -> dict[str, Any]:
-    """Keyword arguments for :func:`segment_embeddings` derived from a model's config.
+def _zoom_area(zoom: float) -> float:
+    """Pixels at the model's scale per image pixel (only y/x are zoomed)."""
+    return zoom * zoom
 
-    ``overrides`` whose value is None keep the model-derived default.
-    """
+
+def clustering_options(config: dict[str, Any], method: str = "mws", zoom: float = 1.0, **overrides) -> dict[str, Any]:
+    """Keyword arguments for :func:`segment_embeddings` at the model's scale, derived from a model's
+    config. ``overrides`` whose value is None keep the model-derived default; ``min_size`` and
+    ``max_size`` overrides are in image pixels (converted with ``zoom``)."""
     loss = config.get("loss", {})
     med = config.get("object_area_median") or 0
     opts: dict[str, Any] = {
@@ -43,15 +62,29 @@ def clustering_options(config: dict[str, Any], method: str = "mws", **overrides)
         "min_size": int(med * MIN_SIZE_FRACTION),
         "bias": BIAS,
         "agreement": AGREEMENT if method == "mws" else None,
+        "affinity_mix": AFFINITY_MIX,
+        "attractive_mix": ATTRACTIVE_MIX,
     }
-    opts.update({k: v for k, v in overrides.items() if v is not None})
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    for key in ("min_size", "max_size"):
+        if key in overrides:
+            overrides[key] = int(round(overrides[key] * _zoom_area(zoom)))
+    opts.update(overrides)
     return opts
 
 
+def default_min_size(config: dict[str, Any], zoom: float | None = None) -> int:
+    """The default minimum object size in image pixels (at the model's common zoom by default)."""
+    from .scale import model_zoom
+
+    zoom = model_zoom(config) if zoom is None else zoom
+    return int(round((config.get("object_area_median") or 0) * MIN_SIZE_FRACTION / _zoom_area(zoom)))
+
+
 def foreground_threshold(config: dict[str, Any]) -> float | None:
-    """The probability above which the foreground head calls a pixel foreground: a fraction of c,
-    the head's mean probability on annotated pixels during training (losses.foreground_term);
-    None for a model without a foreground head."""
+    """The mean probability above which the foreground head calls a segment foreground: a fraction
+    of c, the head's mean probability on annotated pixels during training
+    (losses.foreground_term); None for a model without a foreground head."""
     c = (config.get("foreground") or {}).get("c")
     return None if c is None else FOREGROUND_FRACTION * float(c)
 
@@ -66,18 +99,18 @@ def resolve_background(config: dict[str, Any], background: str | None = "auto") 
         return "foreground" if has_fg else "largest"
     if background == "foreground" and not has_fg:
         raise SparseSegError(
-            "background 'foreground': this model has no foreground head (trained with a background label or "
-            "by an older version); use background 'largest' or 'none'"
+            "background 'foreground': this model has no foreground head (trained by an older version or "
+            "with --no-foreground); use background 'largest' or 'none'"
         )
     return background
 
 
-def resolve(config: dict[str, Any], method: str = "mws", **overrides) -> tuple[str, dict[str, Any]]:
+def resolve(config: dict[str, Any], method: str = "mws", zoom: float = 1.0, **overrides) -> tuple[str, dict[str, Any]]:
     """(background rule, options for :func:`segment_embeddings`) for a model ``config``."""
     overrides = dict(overrides)
     background = resolve_background(config, overrides.pop("background", None))
     overrides.pop("fg_threshold", None)
-    opts = clustering_options(config, method, **overrides)
+    opts = clustering_options(config, method, zoom, **overrides)
     if background == "foreground" and overrides.get("agreement") is None:
         opts["agreement"] = None
     return background, opts
@@ -88,37 +121,63 @@ def needs_g(method: str, config: dict[str, Any] | None = None, **overrides) -> b
     return method == "consistency" or bool(resolve(config or {}, method, **overrides)[1]["agreement"])
 
 
-def embed(model: Model, image: np.ndarray, need_g: bool = False, device: str = "auto", name: str = "image"):
-    """(embeddings of f, of g when ``need_g`` else None, foreground probability or None)."""
-    emb, fg = predict(model, image, device=device, name=name, foreground=True)
-    emb_g = predict(model, image, device=device, name=name, use_ema=True) if need_g else None
-    return emb, emb_g, fg
+@dataclass
+class Embedded:
+    """Cached network outputs for one image: f's prediction and, when needed, g's."""
+
+    f: Prediction
+    g: Prediction | None = None
+
+    @property
+    def zoom(self) -> float:
+        return self.f.zoom
 
 
-def cluster(model: Model, emb: np.ndarray, emb_g: np.ndarray | None, method: str = "mws",
-            fg: np.ndarray | None = None, fg_threshold: float | None = None, **overrides) -> np.ndarray:
-    """Cluster cached embeddings with the model's defaults unless overridden (no network call).
+def embed(model: Model, image: np.ndarray, need_g: bool = False, device: str = "auto", name: str = "image",
+          diameter: float | None = None) -> Embedded:
+    """Predict f (and g when ``need_g``) at the model's scale; ``diameter`` (pixels) sets the zoom."""
+    f = predict_scaled(model, image, device=device, name=name, diameter=diameter)
+    g = predict_scaled(model, image, device=device, name=name, use_ema=True, zoom=f.zoom) if need_g else None
+    return Embedded(f, g)
 
-    ``background`` (override): "auto" (default), "foreground" (pixels the foreground head ``fg``
-    calls background are 0; threshold from the model unless ``fg_threshold``), "largest"
-    or "none".
+
+def resize_labels(labels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Nearest-neighbour resize of a label image to ``shape``."""
+    if labels.shape == tuple(shape):
+        return labels
+    t = torch.from_numpy(labels.astype(np.float64))[None, None]
+    return F.interpolate(t, size=tuple(shape), mode="nearest-exact")[0, 0].numpy().astype(np.int64)
+
+
+def cluster(model: Model, embedded: Embedded, method: str = "mws", fg_threshold: float | None = None,
+            **overrides) -> np.ndarray:
+    """Cluster cached predictions with the model's defaults unless overridden (no network call);
+    labels at the image's resolution.
+
+    ``background`` (override): "auto" (default), "foreground" (segments the foreground head calls
+    background are 0; threshold from the model unless ``fg_threshold``), "largest" or "none".
     """
-    background, opts = resolve(model.config, method, **overrides)
-    if emb_g is None and method != "consistency":
+    pred = embedded.f
+    background, opts = resolve(model.config, method, pred.zoom, **overrides)
+    if embedded.g is None and method != "consistency":
         opts["agreement"] = None  # g's embeddings were not computed: cluster f alone
     if background == "foreground":
-        if fg is None:
-            raise SparseSegError("background 'foreground' needs the foreground probability (fg) of the model")
+        if pred.foreground is None:
+            raise SparseSegError("background 'foreground' needs the foreground probability of the model")
         thr = fg_threshold if fg_threshold is not None else foreground_threshold(model.config)
-        mask = fg >= thr
+        premask = pred.foreground >= PREMASK_FRACTION * thr
         if opts.get("mask") is not None:
-            mask &= np.asarray(opts["mask"], bool)
-        opts["mask"], background = mask, "none"
-    return segment_embeddings(emb, method, embeddings_g=emb_g, background=background, **opts)
+            premask &= np.asarray(opts["mask"], bool)
+        opts.update(mask=premask, foreground=pred.foreground, fg_threshold=thr)
+    g = embedded.g
+    seg = segment_embeddings(pred.embeddings, method, embeddings_g=None if g is None else g.embeddings,
+                             background=background, affinities=pred.affinities,
+                             affinities_g=None if g is None else g.affinities, **opts)
+    return resize_labels(seg, pred.shape)
 
 
 def segment(model: Model, image: np.ndarray, method: str = "mws", device: str = "auto", name: str = "image",
-            **overrides) -> np.ndarray:
+            diameter: float | None = None, **overrides) -> np.ndarray:
     """Instance labels for ``image``: :func:`embed`, then :func:`cluster`."""
-    emb, emb_g, fg = embed(model, image, needs_g(method, model.config, **overrides), device, name)
-    return cluster(model, emb, emb_g, method, fg=fg, **overrides)
+    embedded = embed(model, image, needs_g(method, model.config, **overrides), device, name, diameter)
+    return cluster(model, embedded, method, **overrides)

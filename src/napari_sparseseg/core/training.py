@@ -17,36 +17,26 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from . import checkpoint
+from . import checkpoint, scale as scales
+from .device import autocast, resolve_device, resolve_precision
 from .clustering import default_offsets
-from .data import CropSampler, auto_scale, photometric, prepare
+from .data import CropSampler, photometric, prepare
 from .errors import SparseSegError
 from .io import normalize, to_channels_first
 from .losses import SpocoLossConfig, spoco_loss
 from .network import UNet, ema_update, make_ema, split_output
 
-#: default coordinate scale for sparse labels (TrainConfig.coord_scale)
-SPATIAL_SCALE = 0.125
+#: training crops span this many target diameters in y/x (and in z, at most 32 slices)
+PATCH_DIAMETERS = 4
+#: each crop is zoomed by a random factor in [1/ZOOM_JITTER, ZOOM_JITTER]
+ZOOM_JITTER = 1.25
 #: used when neither an iteration count nor a time limit is given
 DEFAULT_ITERATIONS = 5000
+#: per dimensionality: a 3D crop holds ~30x the voxels of a 2D one, so 3D trains a narrower network
+#: on one crop per step and gets ~3x the steps in the same time (better on every 3D suite dataset)
+BATCH_SIZE = {2: 2, 3: 1}
+BASE_CHANNELS = {2: 16, 3: 8}
 NORMALIZATION = {"type": "percentile", "low": 1.0, "high": 99.8}
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' -> CUDA if present, else Apple MPS, else CPU. An unavailable device is an error."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SparseSegError(f"device {device!r}: no CUDA GPU is available here; use --device cpu or auto")
-    if device not in ("cpu", "mps") and not device.startswith("cuda"):
-        raise SparseSegError(f"device {device!r}: expected auto, cpu, cuda (or cuda:N) or mps")
-    return torch.device(device)
 
 
 @dataclass
@@ -55,28 +45,34 @@ class TrainConfig:
 
     iterations: int | None = None
     time_limit: float | None = None
-    batch_size: int = 2
+    #: None: BATCH_SIZE for the labels' dimensionality
+    batch_size: int | None = None
     patch_shape: tuple[int, ...] | None = None
     lr: float = 1e-3
     weight_decay: float = 1e-5
     seed: int = 0
     device: str = "auto"
+    #: "auto": bfloat16 autocast on CUDA GPUs that support it, float32 elsewhere
+    precision: str = "auto"
     ema_momentum: float = 0.999
     background_id: int | None = None
-    scale: float | None = None
-    base_channels: int = 16
+    #: the objects' typical diameter in pixels (as in cellpose); None: from the annotation, per image
+    diameter: float | None = None
+    #: None: BASE_CHANNELS for the labels' dimensionality
+    base_channels: int | None = None
     depth: int = 4
     #: coordinate channels added to the embeddings, in embedding units per pixel at the model's scale
-    #: ("spatial embeddings"): objects are ~32 px across there, so 1/8 puts neighbouring object
-    #: centres ~4 units (2 dd) apart. Measured on CVPPP@0.1 against 0 and 1/16 (docs/benchmarks.md).
-    #: None: 1/8 for sparse labels; 0 with a background label, whose one "object" spans the image
-    #: and could not be pulled together in coordinate space
+    #: ("spatial embeddings"); None: COORD_UNITS per target diameter (scale.coordinate_scale)
     coord_scale: float | None = None
     #: "replicate" gives the network no cue of where a crop's border is ("zeros" does)
     padding_mode: str = "replicate"
-    #: a foreground head trained positive-unlabeled (losses.foreground_term); sparse labels only
+    #: a foreground head trained positive-unlabeled (losses.foreground_term)
     foreground: bool = True
+    #: an affinity head for the mutex-watershed offsets, trained on the annotated pixel pairs
+    #: (losses.affinity_term): boundary evidence where coordinate channels alone would cut objects
+    affinities: bool = True
     elastic: bool = True
+    zoom_jitter: float = ZOOM_JITTER
     checkpoint_every: float = 60.0
     loss: SpocoLossConfig = field(default_factory=SpocoLossConfig)
 
@@ -87,10 +83,10 @@ class TrainConfig:
             raise SparseSegError(f"iterations must be >= 1, got {self.iterations}")
         if self.time_limit is not None and self.time_limit <= 0:
             raise SparseSegError(f"time limit must be > 0 seconds, got {self.time_limit}")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise SparseSegError(f"batch size must be >= 1, got {self.batch_size}")
-        if self.scale is not None and not 0 < self.scale <= 1:
-            raise SparseSegError(f"scale must be in (0, 1], got {self.scale}")
+        if self.diameter is not None and not self.diameter > 0:
+            raise SparseSegError(f"diameter must be a positive number of pixels, got {self.diameter}")
 
 
 @dataclass
@@ -108,18 +104,10 @@ class TrainEvent:
     reason: str = ""
 
 
-def object_areas(labels: np.ndarray, background_id: int | None = None) -> np.ndarray:
-    """Pixel counts of the annotated objects (the background label excluded)."""
-    counts = np.bincount(labels.ravel())
-    counts[0] = 0
-    if background_id is not None and background_id < counts.size:
-        counts[background_id] = 0
-    return counts[counts > 0]
-
-
 def _patch_shape(ndim: int, shapes: list[tuple[int, ...]], divisor: tuple[int, ...]) -> tuple[int, ...]:
-    # objects are brought to ~32 px across (auto scale): a 128 px crop holds a few with context
-    default = (128, 128) if ndim == 2 else (32, 96, 96)
+    """PATCH_DIAMETERS target diameters in y/x (at most 32 slices in z), no larger than the images."""
+    side = int(PATCH_DIAMETERS * scales.TARGET_DIAMETER[ndim])
+    default = (side, side) if ndim == 2 else (min(32, side), side, side)
     biggest = np.max(np.array(shapes), axis=0)
     return tuple(int(math.ceil(min(d, b) / v) * v) for d, b, v in zip(default, biggest, divisor))
 
@@ -129,7 +117,11 @@ class Trainer:
     labels: (Y, X) or (Z, Y, X) integer arrays, 0 = unlabeled.
 
     ``init`` is a model to start from: to continue training it (``resume=True``, optimizer and
-    iteration counter restored) or to fine-tune it on new data (new optimizer).
+    iteration counter restored) or to fine-tune it on new data (new optimizer). ``ignore``: per
+    image, None or a mask whose nonzero pixels take no part in training.
+
+    Each image is zoomed so that its own annotated objects have the target diameter
+    (:mod:`.scale`); a model being fine-tuned keeps its target, the new images get their own zooms.
     """
 
     def __init__(
@@ -141,6 +133,7 @@ class Trainer:
         init: checkpoint.Model | None = None,
         resume: bool = False,
         names: list[str] | None = None,
+        ignore: list[np.ndarray | None] | None = None,
     ):
         self.config = config or TrainConfig()
         cfg = self.config
@@ -163,25 +156,38 @@ class Trainer:
                 raise SparseSegError(f"{name}: has {img.shape[0]} channel(s) but {names[0]} has {channels}")
         if init is not None:
             checkpoint.check_compatible(init.config, ndim, channels, names[0])
+        if cfg.batch_size is None:
+            cfg.batch_size = BATCH_SIZE[ndim]
+        if cfg.base_channels is None:
+            cfg.base_channels = BASE_CHANNELS[ndim]
         self.device = resolve_device(cfg.device)
+        self.autocast_dtype = resolve_precision(cfg.precision, self.device)
         norm = NORMALIZATION if init is None else init.config["normalization"]
         imgs = [normalize(img, norm["low"], norm["high"]) for img in imgs]
-        if init is not None:
-            scale = float(init.config["scale"])
-        else:
-            scale = cfg.scale if cfg.scale is not None else auto_scale(labels)
-        self.samples = prepare(imgs, labels, scale, cfg.background_id, names)
-        areas = np.concatenate([object_areas(lab, cfg.background_id) for lab in labels])
+        if ignore is not None and len(ignore) != len(labels):
+            raise SparseSegError(f"{len(ignore)} ignore mask(s) for {len(labels)} label image(s); they must pair up")
+        if ignore is not None:
+            labels = [np.where(np.asarray(m).astype(bool), 0, lab) if m is not None and np.shape(m) == lab.shape
+                      else lab for lab, m in zip(labels, ignore)]
+        diameters = scales.image_diameters(labels, cfg.background_id)
+        zooms = scales.training_zooms(diameters, ndim, cfg.diameter)
+        self.scale_config = scales.scale_config(diameters, ndim, cfg.diameter)
+        self.samples = prepare(imgs, labels, zooms, cfg.background_id, names, ignore)
+        # object sizes at the model's scale: what post-processing compares segments with
+        areas = np.concatenate([np.bincount(s.labels.ravel())[1:] for s in self.samples])
+        areas = areas[areas > 0]
+        self._images = imgs  # for the size model at the end of training
         torch.manual_seed(cfg.seed)
         if init is not None:
             self.net = init.net
             self.ema = init.ema if init.ema is not None else make_ema(init.net)
             net_cfg = init.config["network"]
         else:
-            # with a background label the largest-segment rule finds background; no foreground head
-            coord_scale = cfg.coord_scale if cfg.coord_scale is not None else (SPATIAL_SCALE if cfg.background_id is None else 0.0)
+            coord_scale = (cfg.coord_scale if cfg.coord_scale is not None
+                           else scales.coordinate_scale(ndim))
             self.net = UNet(ndim, channels, 16, cfg.base_channels, cfg.depth, coord_scale=coord_scale,
-                            padding_mode=cfg.padding_mode, foreground=cfg.foreground and cfg.background_id is None)
+                            padding_mode=cfg.padding_mode, foreground=cfg.foreground,
+                            affinities=len(default_offsets(ndim)) if cfg.affinities else 0)
             self.ema = make_ema(self.net)
             net_cfg = self.net.config
         self.net.to(self.device).train()
@@ -189,7 +195,8 @@ class Trainer:
         self.patch = cfg.patch_shape or _patch_shape(ndim, [s.labels.shape for s in self.samples], self.net.divisor)
         if any(p % d for p, d in zip(self.patch, self.net.divisor)):
             raise SparseSegError(f"patch shape {self.patch} must be a multiple of {self.net.divisor} per axis")
-        self.sampler = CropSampler(self.samples, self.patch, seed=cfg.seed, elastic=cfg.elastic)
+        self.sampler = CropSampler(self.samples, self.patch, seed=cfg.seed, elastic=cfg.elastic,
+                                   zoom_jitter=cfg.zoom_jitter)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.iteration = 0
         self.seconds = 0.0
@@ -208,9 +215,10 @@ class Trainer:
             "method": "spoco",
             "loss": self.config.loss.to_dict(),
             "normalization": dict(norm),
-            "scale": scale,
+            "scale": self.scale_config,
             "patch_shape": list(self.patch),
             "offsets": default_offsets(ndim),
+            # at the model's scale (each image zoomed to the target diameter)
             "object_area_median": float(np.median(areas)) if areas.size else None,
             "background_id": cfg.background_id,
             "training": {},
@@ -263,6 +271,21 @@ class Trainer:
             return None
         return checkpoint.save(folder, self.model)
 
+    def fit_size_model(self) -> None:
+        """With training images of mixed object sizes, fit the size model that estimates a new
+        image's zoom (:func:`.scale.fit_size_model`); otherwise new images take the common zoom."""
+        if not self.scale_config.get("mixed"):
+            return
+        zooms = [s.zoom for s in self.samples]
+        was_training = self.net.training
+        try:
+            self.scale_config["size_model"] = scales.fit_size_model(
+                self.net, self._images, zooms, seed=self.config.seed, device=self.device)
+        except (RuntimeError, ValueError, np.linalg.LinAlgError):
+            self.scale_config["size_model"] = None  # new images then take the common zoom
+        finally:
+            self.net.train(was_training)
+
     # -- the loop ------------------------------------------------------------------------------
     def step(self) -> dict[str, float]:
         """One optimiser step on a fresh batch; returns the loss terms."""
@@ -270,10 +293,15 @@ class Trainer:
         x_f = photometric(img, self.generator).to(self.device)
         x_g = photometric(img, self.generator).to(self.device)
         lab, val = lab.to(self.device), val.to(self.device)
-        emb_f, fg = split_output(self.net(x_f), self.net.config)
-        with torch.no_grad():
-            emb_g, _ = split_output(self.ema(x_g), self.net.config)
-        terms = spoco_loss(emb_f, emb_g, lab, val, self.config.loss, self.generator, fg_logits=fg)
+        with autocast(self.device, self.autocast_dtype):
+            out_f = self.net(x_f)
+            with torch.no_grad():
+                out_g = self.ema(x_g)
+        # the losses in float32 whatever the network ran in
+        emb_f, fg, aff = split_output(out_f.float(), self.net.config)
+        emb_g = split_output(out_g.float(), self.net.config).embeddings
+        terms = spoco_loss(emb_f, emb_g, lab, val, self.config.loss, self.generator, fg_logits=fg,
+                           aff_logits=aff, offsets=self.model_config["offsets"])
         if fg is not None:
             with torch.no_grad():
                 annotated = (lab > 0) & val
@@ -350,6 +378,8 @@ class Trainer:
         finally:
             # also on Ctrl-C, generator close and errors: keep the last good state
             self.seconds = start_s + (time.perf_counter() - t0)
+            if self.iteration > start_it:
+                self.fit_size_model()
             ckpt = self.save() if self.iteration > start_it or self.out is not None else None
         yield TrainEvent(
             iteration=self.iteration, total=None, seconds=self.seconds, losses=self.last_losses,

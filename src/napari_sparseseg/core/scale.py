@@ -1,0 +1,266 @@
+"""Length scales from the user's own annotation.
+
+The network works at one object size: every image is zoomed (in y/x) so that its annotated
+objects have ``TARGET_DIAMETER`` pixels across, each image by its own factor, so a training set may
+mix objects of very different sizes. Everything else that has a length (crop size, coordinate
+channels, mutex-watershed offsets, minimum object size) is then fixed in units of that diameter.
+
+At segmentation time an image has no annotation. Its zoom is, in this order: the user's object
+diameter (as in cellpose); the training images' common zoom when their objects had about one size;
+otherwise an estimate from the image itself (:func:`fit_size_model`: a ridge regression from the
+network's pooled deepest features to the zoom, fitted on zoomed views of the training images, the
+idea of cellpose's size model).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from .errors import SparseSegError
+
+#: object diameter (pixels) at the network's working scale, in y/x
+TARGET_DIAMETER = {2: 32.0, 3: 16.0}
+#: zoom limits: objects larger than 16 targets are not shrunk further; small ones are enlarged at most 2x
+MIN_ZOOM, MAX_ZOOM = 1 / 16, 2.0
+#: training images whose median object diameters differ by more than this factor are "mixed sizes":
+#: then each new image's zoom is estimated instead of taking the training images' common one
+MIXED_SIZES = 1.5
+
+
+def object_diameters(labels: np.ndarray, background_id: int | None = None) -> np.ndarray:
+    """Equivalent diameters of the annotated objects; in-plane (mean area per slice) for 3D stacks."""
+    labels = np.asarray(labels)
+    counts = np.bincount(labels.ravel()).astype(float)
+    counts[0] = 0
+    if background_id is not None and background_id < counts.size:
+        counts[background_id] = 0
+    if labels.ndim == 3:
+        slices = ndimage.find_objects(labels)
+        depth = np.ones(counts.size)
+        for i, s in enumerate(slices, start=1):
+            if s is not None:
+                depth[i] = s[0].stop - s[0].start
+        counts = counts / depth
+    counts = counts[counts > 0]
+    return 2 * np.sqrt(counts / np.pi)
+
+
+#: within-image spread (sd of log diameter) assumed when no image has two annotated objects
+PRIOR_LOG_SD = 0.35
+
+
+def image_diameters(labels: list[np.ndarray], background_id: int | None = None) -> list[float | None]:
+    """Each label image's annotated-object diameter (None: no object in that image).
+
+    With a few objects per image, an image's median says little about its own scale: the estimate
+    is shrunk towards the common diameter by how much images really differ (empirical Bayes on
+    log diameters: between-image variance beyond what the within-image spread explains). Images
+    of truly different scales (say 10 vs 60 px nuclei) keep their own; a plant with one small
+    labeled leaf among many does not become a "small-object image".
+    """
+    logs = [np.log(object_diameters(lab, background_id)) for lab in labels]
+    logs = [v[np.isfinite(v)] for v in logs]
+    have = [v for v in logs if v.size]
+    if not have:
+        return [None] * len(labels)
+    # robust: medians, and the spread from median absolute deviations (objects cut by the image
+    # border or a stray speck must not make an image look "noisy")
+    centres = np.array([np.median(v) for v in have])
+    counts = np.array([v.size for v in have], float)
+    multi = [v for v in have if v.size > 1]
+    if multi:
+        within = float(np.average([(1.4826 * np.median(np.abs(v - np.median(v)))) ** 2 for v in multi],
+                                  weights=[v.size - 1 for v in multi]))
+    else:
+        within = PRIOR_LOG_SD**2
+    noise = np.pi / 2 * within / counts  # variance of a median of n draws
+    grand = float(np.median(centres))
+    # between-image variance of the scales, robust to a few odd images (MAD), less the noise
+    spread = (1.4826 * float(np.median(np.abs(centres - grand)))) ** 2 if centres.size > 2 else float(np.var(centres))
+    tau2 = max(0.0, spread - float(np.median(noise)))
+    out: list[float | None] = []
+    for v in logs:
+        if not v.size:
+            out.append(None)
+            continue
+        n = np.pi / 2 * within / v.size
+        dev = float(np.median(v)) - grand
+        # strong evidence of a scale of its own (more than 3 sd of what noise and the other images
+        # explain) is kept as it is; weak evidence is shrunk towards the common scale
+        keep = abs(dev) > 3 * np.sqrt(n + tau2)
+        shrink = 1.0 if keep or tau2 + n == 0 else tau2 / (tau2 + n)
+        out.append(float(np.exp(grand + shrink * dev)))
+    return out
+
+
+#: coordinate channels: embedding units across one object of the target diameter (objects are
+#: zoomed to it, so the scale follows the annotation), so that the centres of two touching objects
+#: start 2 dd apart (the push margin)
+COORD_UNITS = 4.0
+
+
+def coordinate_scale(ndim: int) -> float:
+    """Units per pixel of the coordinate channels at the model's scale."""
+    return COORD_UNITS / TARGET_DIAMETER[ndim]
+
+
+def zoom_for(diameter: float, ndim: int) -> float:
+    """The y/x zoom that brings objects of ``diameter`` pixels to the target diameter, clipped."""
+    if not diameter or diameter <= 0 or not math.isfinite(diameter):
+        raise SparseSegError(f"object diameter must be a positive number of pixels, got {diameter}")
+    return float(np.clip(TARGET_DIAMETER[ndim] / diameter, MIN_ZOOM, MAX_ZOOM))
+
+
+def common_diameter(diameters: list[float | None]) -> float | None:
+    """Geometric median of the per-image diameters (None without any)."""
+    d = np.array([v for v in diameters if v], float)
+    return float(np.exp(np.median(np.log(d)))) if d.size else None
+
+
+def mixed_sizes(diameters: list[float | None]) -> bool:
+    d = np.array([v for v in diameters if v], float)
+    return bool(d.size > 1 and d.max() / d.min() > MIXED_SIZES)
+
+
+def training_zooms(diameters: list[float | None], ndim: int, user_diameter: float | None = None) -> list[float]:
+    """Each training image's zoom: from the user's diameter, else from its own objects (images
+    without an annotated object take the common one)."""
+    if user_diameter is not None:
+        return [zoom_for(user_diameter, ndim)] * len(diameters)
+    common = common_diameter(diameters)
+    if common is None:
+        return [1.0] * len(diameters)
+    return [zoom_for(d if d else common, ndim) for d in diameters]
+
+
+def scale_config(diameters: list[float | None], ndim: int, user_diameter: float | None = None) -> dict[str, Any]:
+    """What a model stores about scales (``config["scale"]``)."""
+    common = user_diameter if user_diameter is not None else common_diameter(diameters)
+    return {
+        "target_diameter": TARGET_DIAMETER[ndim],
+        "diameter": common,
+        "zoom": zoom_for(common, ndim) if common else 1.0,
+        "train_diameters": [None if d is None else round(d, 2) for d in diameters],
+        "mixed": user_diameter is None and mixed_sizes(diameters),
+        "size_model": None,
+    }
+
+
+def model_zoom(config: dict[str, Any]) -> float:
+    """The model's common zoom (also for models written before per-image scales: a number)."""
+    scale = config.get("scale", 1.0)
+    return float(scale["zoom"]) if isinstance(scale, dict) else float(scale)
+
+
+# -- size model -----------------------------------------------------------------------------------
+def _resize(x: torch.Tensor, zoom: float) -> torch.Tensor:
+    """Zoom the last two axes of a (B, C, *S) tensor."""
+    if zoom == 1.0:
+        return x
+    size = [max(8, int(round(s * zoom))) for s in x.shape[-2:]]
+    lead = x.shape[:-2]
+    flat = x.reshape(1, -1, *x.shape[-2:])
+    out = F.interpolate(flat, size=size, mode="area" if zoom < 1 else "bilinear")
+    return out.reshape(*lead, *size)
+
+
+def _fit_window(x: torch.Tensor, window: tuple[int, ...], divisor: tuple[int, ...], rng) -> torch.Tensor:
+    """A random crop of at most ``window`` (padded by replication to the network's divisor)."""
+    spatial = x.shape[2:]
+    sl = []
+    for s, w in zip(spatial, window):
+        start = int(rng.integers(0, s - w + 1)) if s > w else 0
+        sl.append(slice(start, start + min(s, w)))
+    x = x[(slice(None), slice(None)) + tuple(sl)]
+    pad = []
+    for s, d in zip(reversed(x.shape[2:]), reversed(divisor)):
+        pad += [0, (-s) % d]
+    if any(pad):
+        x = F.pad(x, pad, mode="replicate")
+    return x
+
+
+@torch.no_grad()
+def pooled_features(net, x: torch.Tensor) -> np.ndarray:
+    """Mean and standard deviation of the network's deepest features over a (1, C, *S) view."""
+    f = net.deepest_features(x)[0].flatten(1)
+    return torch.cat([f.mean(1), f.std(1)]).double().cpu().numpy()
+
+
+def _window(ndim: int) -> tuple[int, ...]:
+    return (256, 256) if ndim == 2 else (32, 96, 96)
+
+
+def fit_size_model(net, images: list[np.ndarray], zooms: list[float], seed: int = 0,
+                   views: int = 160, device="cpu") -> dict[str, Any]:
+    """Ridge regression from pooled features to log(zoom error), on views of the training images
+    (normalised, channels first) zoomed by their true zoom times a random factor in [1/2, 2]."""
+    rng = np.random.default_rng(seed)
+    ndim = net.ndim
+    feats, targets = [], []
+    per_image = max(4, views // max(1, len(images)))
+    was_training = net.training
+    net.eval()
+    try:
+        for img, z in zip(images, zooms):
+            t = torch.from_numpy(np.ascontiguousarray(img, np.float32))[None]
+            for _ in range(per_image):
+                err = float(np.exp(rng.uniform(np.log(0.5), np.log(2.0))))
+                view = _fit_window(_resize(t, z * err), _window(ndim), net.divisor, rng).to(device)
+                feats.append(pooled_features(net, view))
+                targets.append(np.log(err))
+    finally:
+        net.train(was_training)
+    X, y = np.array(feats), np.array(targets)
+    mean, std = X.mean(0), X.std(0) + 1e-8
+    Xs = (X - mean) / std
+    # ridge strength by leave-one-out (closed form through the hat matrix)
+    best = None
+    u, s, vt = np.linalg.svd(Xs, full_matrices=False)
+    for lam in (0.1, 1.0, 10.0, 100.0, 1000.0):
+        d = s / (s**2 + lam)
+        w = vt.T @ (d * (u.T @ (y - y.mean())))
+        hat = (u * (s**2 / (s**2 + lam))) @ u.T
+        resid = (y - y.mean() - Xs @ w) / np.clip(1 - np.diag(hat) - 1 / len(y), 1e-6, None)
+        loo = float(np.mean(resid**2))
+        if best is None or loo < best[0]:
+            best = (loo, lam, w)
+    loo, lam, w = best
+    return {"mean": mean.tolist(), "std": std.tolist(), "weights": w.tolist(), "bias": float(y.mean()),
+            "lambda": lam, "loo_rmse_log": math.sqrt(loo), "n_views": len(y)}
+
+
+def predict_log_error(net, size_model: dict[str, Any], x: torch.Tensor, rng=None) -> float:
+    """log(objects' diameter / target) in a (1, C, *S) view, by the size model (median over windows)."""
+    rng = rng or np.random.default_rng(0)
+    w = np.array(size_model["weights"])
+    mean, std = np.array(size_model["mean"]), np.array(size_model["std"])
+    preds = []
+    n = 1 if all(s <= v for s, v in zip(x.shape[2:], _window(net.ndim))) else 5
+    for _ in range(n):
+        view = _fit_window(x, _window(net.ndim), net.divisor, rng)
+        f = pooled_features(net, view)
+        preds.append(float((f - mean) / std @ w + size_model["bias"]))
+    return float(np.median(preds))
+
+
+def estimate_zoom(net, config: dict[str, Any], image: np.ndarray, device="cpu", passes: int = 2) -> float:
+    """The zoom of a new, normalised (C, *S) image, by the model's size model (``passes`` rounds,
+    each at the zoom the previous one found); the common zoom if the model has none."""
+    scale = config.get("scale")
+    zoom = model_zoom(config)
+    if not isinstance(scale, dict) or not scale.get("size_model"):
+        return zoom
+    t = torch.from_numpy(np.ascontiguousarray(image, np.float32))[None]
+    net = net.to(device)
+    lo, hi = MIN_ZOOM, MAX_ZOOM
+    for _ in range(passes):
+        err = math.exp(predict_log_error(net, scale["size_model"], _resize(t, zoom).to(device)))
+        zoom = float(np.clip(zoom / max(err, 1e-3), lo, hi))
+    return zoom

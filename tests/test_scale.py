@@ -1,0 +1,91 @@
+import numpy as np
+import pytest
+import torch
+
+from napari_sparseseg import SparseSegError
+from napari_sparseseg.core import scale
+from napari_sparseseg.core.network import UNet
+
+
+def test_object_diameter_in_plane_for_stacks():
+    lab = np.zeros((10, 40, 40), int)
+    lab[2:6, 10:30, 10:30] = 1  # 4 slices of a 20x20 square
+    assert scale.object_diameters(lab)[0] == pytest.approx(2 * np.sqrt(400 / np.pi))
+    lab2 = np.zeros((40, 40), int)
+    lab2[:10, :10] = 3
+    lab2[20:40, 20:40] = 5
+    assert scale.object_diameters(lab2, background_id=5) == pytest.approx([2 * np.sqrt(100 / np.pi)])
+
+
+def _squares(side: int, n: int, size: int = 400, jitter: int = 0, seed: int = 0, sides=None) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    lab = np.zeros((size, size), int)
+    step = size // 4
+    for i in range(n):
+        s = sides[i] if sides is not None else (side + int(rng.integers(-jitter, jitter + 1)) if jitter else side)
+        y, x = divmod(i, 4)
+        lab[y * step : y * step + s, x * step : x * step + s] = i + 1
+    return lab
+
+
+def test_each_image_gets_the_zoom_of_its_own_objects():
+    small, big, empty = _squares(16, 8, jitter=2), _squares(80, 8, jitter=8, seed=1), np.zeros((50, 50), int)
+    d = scale.image_diameters([small, big, empty])
+    assert d[0] == pytest.approx(2 * np.sqrt(256 / np.pi), rel=0.1)  # 8 objects each: barely shrunk
+    assert d[1] == pytest.approx(2 * np.sqrt(6400 / np.pi), rel=0.1) and d[2] is None
+    zooms = scale.training_zooms(d, 2)
+    assert zooms[0] == pytest.approx(32 / d[0]) and zooms[1] == pytest.approx(32 / d[1])
+    # an image without objects takes the common (geometric median) diameter
+    assert zooms[2] == pytest.approx(32 / np.sqrt(d[0] * d[1]))
+    cfg = scale.scale_config(d, 2)
+    assert cfg["mixed"] and cfg["target_diameter"] == 32
+    # the user's diameter overrides, for every image
+    assert scale.training_zooms(d, 2, user_diameter=64) == [0.5, 0.5, 0.5]
+    assert not scale.scale_config(d, 2, user_diameter=64)["mixed"]
+
+
+def test_one_odd_object_does_not_make_its_image_a_scale_of_its_own():
+    # plants whose leaves vary a lot; one image's single labeled leaf is small: that is noise in the
+    # per-image estimate, not a smaller scale (shrunk towards the common diameter)
+    leaves = [18, 22, 27, 33, 40, 48, 58, 70]  # within a plant, leaves vary a lot
+    images = [_squares(0, 8, sides=leaves) for _ in range(5)]
+    images.append(_squares(16, 1))
+    d = scale.image_diameters(images)
+    assert d[-1] > 30 and not scale.mixed_sizes(d)
+    # the same image with many small objects is a scale of its own
+    images[-1] = _squares(12, 8, sides=[10, 11, 11, 12, 12, 13, 13, 14])
+    d = scale.image_diameters(images)
+    assert d[-1] < 20 and scale.mixed_sizes(d)
+
+
+def test_zoom_limits_and_errors():
+    assert scale.zoom_for(1000, 2) == scale.MIN_ZOOM and scale.zoom_for(2, 2) == scale.MAX_ZOOM
+    assert scale.zoom_for(16, 3) == 1.0
+    with pytest.raises(SparseSegError, match="object diameter must be a positive number of pixels, got -3"):
+        scale.zoom_for(-3, 2)
+    assert scale.model_zoom({"scale": 0.5}) == 0.5  # models written before per-image zooms
+    assert scale.model_zoom({"scale": {"zoom": 0.25}}) == 0.25
+
+
+def _disks(radius: float, size: int = 192, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    img = np.zeros((size, size), np.float32)
+    for _ in range(int(size * size / (9 * radius * radius))):
+        cy, cx = rng.uniform(0, size, 2)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < radius**2] = 1.0
+    return (img + rng.normal(0, 0.05, img.shape).astype(np.float32))[None]
+
+
+def test_size_model_recovers_the_zoom_of_a_new_image():
+    torch.manual_seed(0)
+    net = UNet(2, 1, 4, base_channels=8, depth=3)
+    # training images with objects of 8 and 24 px radius, each zoomed to the target diameter
+    images = [_disks(8, seed=1), _disks(24, size=384, seed=2)]
+    zooms = [32 / 16, 32 / 48]
+    sm = scale.fit_size_model(net, images, zooms, views=60)
+    assert sm["loo_rmse_log"] < 0.35
+    cfg = {"scale": {"zoom": 1.0, "mixed": True, "size_model": sm}}
+    for radius, size in ((8, 192), (16, 256), (24, 384)):
+        est = scale.estimate_zoom(net, cfg, _disks(radius, size=size, seed=5))
+        assert est == pytest.approx(16 / radius, rel=0.35), (radius, est)
