@@ -27,7 +27,7 @@ def main() -> None:
     from qtpy.QtCore import QTimer
     from qtpy.QtWidgets import QApplication
 
-    import napari_sparseseg._widget as W
+    import napari_sparseseg._napari.widget as W
 
     viewer = napari.Viewer(show=True)
     viewer.window._qt_window.resize(1400, 900)

@@ -11,7 +11,8 @@ import torch
 
 from napari_sparseseg.core.samples import synthetic_cells
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# at most 2 threads; fewer when OMP_NUM_THREADS says so (an oversubscribed CPU slows torch 10x and more)
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1, int(os.environ.get("OMP_NUM_THREADS") or 2))))
 
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 

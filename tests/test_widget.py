@@ -1,11 +1,14 @@
 """The dock widget, driven as a user would: opened through the manifest, on the sample data."""
 
+import json
+
 import numpy as np
 import pytest
 
 napari = pytest.importorskip("napari")
 
-import napari_sparseseg._widget as W  # noqa: E402
+import napari_sparseseg._napari.layers as L  # noqa: E402
+import napari_sparseseg._napari.widget as W  # noqa: E402
 import napari_sparseseg.core.segment as core_segment  # noqa: E402
 from napari_sparseseg import load_model  # noqa: E402
 
@@ -15,7 +18,7 @@ TIMEOUT = 180_000
 @pytest.fixture
 def errors(monkeypatch):
     seen = []
-    monkeypatch.setattr(W, "notify_error", seen.append)
+    monkeypatch.setattr(L, "notify_error", seen.append)
     return seen
 
 
@@ -85,8 +88,9 @@ def test_segment_adds_new_layer_and_reclusters_without_network(qtbot, widget, er
     viewer, w = widget
     _train(qtbot, w, iterations=10, preview_every=0)
     calls = []
-    real = core_segment.predict
-    monkeypatch.setattr(core_segment, "predict", lambda *a, **k: calls.append(k.get("use_ema", False)) or real(*a, **k))
+    real = core_segment.predict_scaled
+    monkeypatch.setattr(core_segment, "predict_scaled",
+                        lambda *a, **k: calls.append(k.get("use_ema", False)) or real(*a, **k))
     annotations = np.array(viewer.layers["cells 2D annotations"].data, copy=True)
     n_layers = len(viewer.layers)
     w.segment.pca.value = True
@@ -144,9 +148,14 @@ def test_bad_choices_notify(qtbot, widget, errors, make_napari_viewer):
 
 def test_new_annotation_layer_and_warnings(widget):
     viewer, w = widget
+    n_layers = len(viewer.layers)
     w.annotate.add_labels_layer()
     layer = w.annotate.labels.value
-    assert layer.name == "cells 2D annotations [1]" or layer.name.startswith("cells 2D annotations")
+    # a new layer named after the image; napari numbers it since the sample's layer has that name
+    assert len(viewer.layers) == n_layers + 1 and viewer.layers[-1] is layer
+    assert layer is not viewer.layers["cells 2D annotations"]
+    assert layer.name == "cells 2D annotations [1]"
+    assert layer.mode == "paint"
     assert layer.data.shape == (384, 384) and layer.data.max() == 0
     assert "No objects annotated yet" in w.annotate.status.value
     layer.data[10:20, 10:20] = 1
@@ -185,3 +194,86 @@ def test_3d_stack_trains_previews_a_slab_and_segments(qtbot, make_napari_viewer,
         assert viewer.layers["cells 3D segmentation"].data.shape == stack.data.shape
     finally:
         w.cleanup_model_folder()
+
+
+def test_segment_knobs_show_what_auto_means(qtbot, widget, tmp_path, errors):
+    viewer, w = widget
+    seg = w.segment
+    auto_knobs = (seg.min_size, seg.fg_threshold, seg.agreement)
+    # before a model exists: plain "auto" on the sentinel -1 (the spin box's minimum), no numbers
+    for knob in auto_knobs:
+        assert knob.value == knob.min == -1
+        assert knob.native.specialValueText() == "auto" and knob.native.text() == "auto"
+    assert seg.max_size.value == 0 and seg.max_size.native.text() == "no limit"
+    # after training: the values the engine will use with this model
+    _train(qtbot, w, iterations=2, preview_every=0)
+    config = w.session.model.config
+    min_size = core_segment.default_min_size(config)  # image pixels, at the model's common zoom
+    threshold = core_segment.FOREGROUND_FRACTION * config["foreground"]["c"]
+    assert min_size > 0 and 0 < threshold < 1
+    assert seg.min_size.native.text() == f"auto ({min_size})"
+    assert seg.fg_threshold.native.text() == f"auto ({threshold:.2f})"
+    assert seg.agreement.native.text() == "auto (off)"  # background from the foreground head: no filter
+    assert seg.max_size.native.text() == "no limit"
+    # the background and method choices change what auto means
+    seg.background.value = "largest"
+    assert seg.fg_threshold.native.text() == "auto (not used)"
+    assert seg.agreement.native.text() == f"auto ({core_segment.AGREEMENT:.2f})"
+    seg.method.value = "hdbscan"
+    assert seg.agreement.native.text() == "auto (off)"
+    seg.method.value, seg.background.value = "mws", "auto"
+    assert seg.agreement.native.text() == "auto (off)"
+    # a number the user sets is shown as such; back at -1 the auto text returns
+    seg.min_size.value = 30
+    assert seg.min_size.native.text() == "30"
+    seg.min_size.value = -1
+    assert seg.min_size.native.text() == f"auto ({min_size})"
+    # loading a model: its own values
+    w.train.save_model(tmp_path / "m")
+    path = tmp_path / "m" / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg["object_area_median"], cfg["foreground"]["c"] = 480, 0.42
+    cfg["scale"]["zoom"] = 0.5  # 480 px at the model's scale are 1920 image pixels: min size 480
+    path.write_text(json.dumps(cfg))
+    w.train.load_model(tmp_path / "m")
+    assert seg.min_size.native.text() == "auto (480)" and seg.fg_threshold.native.text() == "auto (0.21)"
+    # a model without a foreground head: background from the largest segment, filtered by agreement
+    del cfg["foreground"]
+    path.write_text(json.dumps(cfg))
+    w.train.load_model(tmp_path / "m")
+    assert seg.fg_threshold.native.text() == "auto (not used)"
+    assert seg.agreement.native.text() == f"auto ({core_segment.AGREEMENT:.2f})"
+    seg.background.value = "foreground"  # not possible with this model: no number to show
+    assert all(knob.native.text() == "auto" for knob in auto_knobs)
+    for knob in auto_knobs:  # the internal sentinel is unchanged
+        assert knob.value == -1
+    assert not errors
+
+
+def test_ignore_mask_layer_and_object_diameter(qtbot, widget, errors):
+    viewer, w = widget
+    bad = viewer.add_labels(np.zeros((10, 10), np.int32), name="bad mask")
+    w.annotate.ignore.reset_choices()
+    w.annotate.ignore.value = bad
+    w.train.start()
+    assert "ignore mask layer 'bad mask' has shape (10, 10) but the annotations have shape (384, 384)" in errors[-1]
+    mask = np.zeros((384, 384), np.int32)
+    mask[:, :100] = 1
+    good = viewer.add_labels(mask, name="unsure region")
+    w.annotate.ignore.reset_choices()
+    w.annotate.ignore.value = good
+    w.train.diameter.value = 30.0
+    _train(qtbot, w, iterations=2, preview_every=0)
+    sample = w.train.trainer.samples[0]
+    cut = int(100 * sample.zoom)
+    assert not sample.valid[:, : cut - 1].any() and sample.valid[:, cut + 1 :].all()
+    assert w.session.model.config["scale"]["diameter"] == 30.0
+    # the Segment tab's diameter sets the zoom: changing it predicts again
+    seg = w.segment
+    assert seg.diameter.native.text() == "auto"
+    seg.run()
+    qtbot.waitUntil(lambda: seg.worker is None and seg._cache is not None, timeout=TIMEOUT)
+    assert seg._cache["embedded"].zoom == pytest.approx(32 / 30)
+    seg.diameter.value = 16.0
+    qtbot.waitUntil(lambda: seg.worker is None and seg._cache["embedded"].zoom == pytest.approx(2.0), timeout=TIMEOUT)
+    assert not [e for e in errors if "ignore mask" not in e]

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .core.segment import cluster, embed, segment
-from .core.training import Trainer
+from ..core.segment import cluster, embed, segment
+from ..core.training import Trainer
 
 __all__ = ["Preview", "cluster", "embed", "preview_region", "train_steps"]
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .core.samples import synthetic_cells
-from .core.sparsify import sparsify
+from ..core.samples import synthetic_cells
+from ..core.sparsify import sparsify
 
 
 def _layers(img: np.ndarray, gt: np.ndarray, fraction: float, seed: int, name: str):

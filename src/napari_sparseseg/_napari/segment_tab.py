@@ -1,0 +1,206 @@
+"""Segment tab: prediction + clustering into a new Labels layer; the knobs re-cluster the cached
+prediction without calling the network again."""
+
+from __future__ import annotations
+
+import napari
+import numpy as np
+from magicgui.widgets import CheckBox, ComboBox, FloatSlider, FloatSpinBox, Label, PushButton
+from napari.qt.threading import create_worker
+from qtpy.QtWidgets import QVBoxLayout, QWidget
+
+from ..core import checkpoint
+from ..core.errors import SparseSegError
+from ..core.prediction import to_image_shape
+from ..core.segment import AGREEMENT, BACKGROUNDS, BIAS, default_min_size, foreground_threshold, needs_g, resolve
+from . import layers as L
+from . import workers
+from .session import Session
+
+
+class SegmentPanel(QWidget):
+    def __init__(self, viewer: napari.Viewer, session: Session):
+        super().__init__()
+        self.viewer, self.session = viewer, session
+        self.image = ComboBox(choices=L.layer_choices(viewer, napari.layers.Image))
+        self.method = ComboBox(choices=["mws", "hdbscan", "meanshift", "consistency"], value="mws")
+        self.bias = FloatSlider(value=BIAS, min=-0.5, max=0.5, step=0.01,
+                                tooltip="> 0 splits more, < 0 merges more (mutex watershed)")
+        self.min_size = L.count_box(value=-1, min=-1, max=10**9, tooltip="-1: from the model (1/4 of the median object)")
+        self.max_size = L.count_box(value=0, min=0, max=10**12, tooltip="larger segments are background; 0: no limit")
+        self.background = ComboBox(choices=list(BACKGROUNDS), value="auto",
+                                   tooltip="auto: the model's foreground head if it has one, else largest; "
+                                           "foreground: what the foreground head calls background is 0; "
+                                           "largest: the largest segment is background; none: dense tissue")
+        self.fg_threshold = FloatSpinBox(value=-1.0, min=-1.0, max=1.0, step=0.01,
+                                         tooltip="foreground probability threshold; -1: from the model")
+        self.agreement = FloatSpinBox(value=-1.0, min=-1.0, max=1.0, step=0.05,
+                                      tooltip="mutex watershed: keep the segments that the EMA network reproduces "
+                                              f"with at least this IoU (drops cut-up background); 0: off; -1: auto "
+                                              f"({AGREEMENT} with background 'largest', off with 'foreground')")
+        self.diameter = FloatSpinBox(value=0.0, min=0.0, max=10_000.0, step=1.0,
+                                     tooltip="typical object diameter in this image, in pixels; auto: the model's "
+                                             "(estimated per image for a model trained on objects of mixed sizes)")
+        self.diameter.native.setSpecialValueText("auto")
+        self.pca = CheckBox(value=False, text="show embeddings (PCA as RGB)")
+        self.run_btn = PushButton(text="Segment")
+        self.status = Label(value="")
+        self.status.native.setWordWrap(True)
+        lay = QVBoxLayout(self)
+        lay.addWidget(L.form(("image", self.image), ("object diameter", self.diameter), ("clustering", self.method),
+                             ("bias", self.bias),
+                            ("min size", self.min_size), ("max size", self.max_size),
+                            ("background", self.background), ("fg threshold", self.fg_threshold),
+                            ("agreement", self.agreement), (None, self.pca), (None, self.run_btn),
+                            (None, self.status)))
+        lay.addStretch()
+        self.run_btn.changed.connect(self.run)
+        for knob in (self.bias, self.min_size, self.max_size, self.background, self.fg_threshold, self.agreement,
+                     self.method):
+            knob.changed.connect(self.recluster)
+        self.diameter.changed.connect(self._diameter_changed)
+        # the sentinels (-1: auto, 0: no limit) are the spin boxes' minimum, where Qt shows a text instead
+        self.max_size.native.setSpecialValueText("no limit")
+        self.method.changed.connect(self.show_auto_values)
+        self.background.changed.connect(self.show_auto_values)
+        self.show_auto_values()
+        self.worker = None
+        self._cache: dict | None = None
+        self.outputs: dict[str, napari.layers.Labels] = {}
+        self._pending = None
+
+    def auto_values(self) -> dict[str, str]:
+        """What "auto" means for min size, fg threshold and agreement with the current model, method
+        and background choice, as the engine resolves it (core.segment); plain "auto" without a model."""
+        texts = {"min_size": "auto", "fg_threshold": "auto", "agreement": "auto"}
+        model = self.session.model
+        if model is None:
+            return texts
+        try:
+            background, opts = resolve(model.config, self.method.value, background=self.background.value)
+        except SparseSegError:  # e.g. background 'foreground' for a model without a foreground head
+            return texts
+        threshold = foreground_threshold(model.config)
+        texts["min_size"] = f"auto ({default_min_size(model.config)})"
+        texts["fg_threshold"] = (f"auto ({threshold:.2f})" if background == "foreground" and threshold is not None
+                                 else "auto (not used)")
+        texts["agreement"] = f"auto ({opts['agreement']:.2f})" if opts.get("agreement") else "auto (off)"
+        return texts
+
+    def show_auto_values(self, *_) -> None:
+        """Show each knob left at -1 as "auto (the value the model will use)"."""
+        for name, text in self.auto_values().items():
+            getattr(self, name).native.setSpecialValueText(text)
+
+    def _overrides(self) -> dict:
+        return dict(bias=float(self.bias.value),
+                    min_size=None if self.min_size.value < 0 else int(self.min_size.value),
+                    max_size=int(self.max_size.value) or None,
+                    background=self.background.value,
+                    fg_threshold=None if self.fg_threshold.value < 0 else float(self.fg_threshold.value),
+                    agreement=float(self.agreement.value) if self.method.value == "mws" and self.agreement.value >= 0
+                    else None)
+
+    def _key(self, image):
+        m = self.session.model
+        return (id(image), id(m), m.config.get("training", {}).get("iteration") if m else None,
+                float(self.diameter.value))
+
+    @property
+    def diameter_value(self) -> float | None:
+        return float(self.diameter.value) or None
+
+    def run(self) -> None:
+        image, model = self.image.value, self.session.model
+        if image is None:
+            L.notify_error("Select an image to segment.")
+            return
+        if model is None:
+            L.notify_error("There is no model yet: train one (Train tab) or load a saved model folder.")
+            return
+        img = L.image_array(image)
+        try:
+            ndim = len(L.spatial_shape(image))
+            chans = 3 if getattr(image, "rgb", False) else 1
+            checkpoint.check_compatible(model.config, ndim, chans, f"image '{image.name}'")
+        except SparseSegError as err:
+            L.notify_error(str(err))
+            return
+        method, overrides = self.method.value, self._overrides()
+        need_g = needs_g(method, model.config, **overrides)
+        key = self._key(image)
+        if self._cache is not None and self._cache["key"] == key and (self._cache["embedded"].g is not None or not need_g):
+            self.recluster()
+            return
+        diameter = self.diameter_value
+
+        def work():
+            embedded = workers.embed(model, img, need_g, device="auto", diameter=diameter)
+            return embedded, workers.cluster(model, embedded, method, **overrides)
+
+        self.status.value = "Predicting…"
+        self._start(work, lambda res: self._done(image, key, *res))
+
+    def _diameter_changed(self, *_) -> None:
+        # another object diameter is another zoom: what is shown is predicted again
+        if self._cache is not None:
+            self.run()
+
+    def recluster(self, *_) -> None:
+        """Re-run clustering only, on the cached embeddings (no network call)."""
+        image = self.image.value
+        if self._cache is None or image is None or self._cache["key"] != self._key(image):
+            return
+        model, method, overrides = self.session.model, self.method.value, self._overrides()
+        embedded = self._cache["embedded"]
+        if embedded.g is None and needs_g(method, model.config, **overrides):
+            self.status.value = "This choice needs the EMA network's embeddings too: press Segment."
+            return
+        self._start(lambda: workers.cluster(model, embedded, method, **overrides),
+                    lambda seg: self._show(image, seg))
+
+    def _start(self, func, on_result) -> None:
+        if self.worker is not None:
+            self._pending = (func, on_result)
+            return
+        self._pending = None
+        self.worker = create_worker(func)
+        self.worker.returned.connect(on_result)
+        self.worker.errored.connect(lambda err: L.notify_error(
+            str(err) if isinstance(err, SparseSegError) else f"Segmentation failed: {err}"))
+        self.worker.finished.connect(self._finished)
+        self.worker.start()
+
+    def _finished(self) -> None:
+        self.worker = None
+        pending = self._pending
+        if pending is not None:
+            self._start(*pending)
+
+    def _done(self, image, key, embedded, seg) -> None:
+        self._cache = {"key": key, "embedded": embedded}
+        self._show(image, seg)
+        if self.pca.value:
+            from elf.segmentation.embeddings import embedding_pca
+
+            rgb = embedding_pca(to_image_shape(embedded.f.embeddings, embedded.f.shape))
+            rgb = (rgb - rgb.min()) / max(float(rgb.max() - rgb.min()), 1e-9)
+            rgb = np.moveaxis(rgb, 0, -1)
+            name = f"{image.name} embeddings (PCA)"
+            if name in self.viewer.layers:
+                self.viewer.layers[name].data = rgb
+            else:
+                self.viewer.add_image(rgb, name=name, rgb=True, visible=False)
+
+    def _show(self, image, seg) -> None:
+        # a layer this widget created is reused; a user's layer is never written to
+        layer = self.outputs.get(image.name)
+        if layer is not None and layer in self.viewer.layers:
+            layer.data = seg
+        else:
+            layer = self.viewer.add_labels(seg, name=f"{image.name} segmentation",
+                                           scale=image.scale[-seg.ndim:])
+            self.outputs[image.name] = layer
+        self.status.value = f"{int(seg.max())} objects"
+
+

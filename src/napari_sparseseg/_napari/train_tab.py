@@ -1,0 +1,230 @@
+"""Train tab: training in a thread worker with progress, loss curve, preview and Stop; load and
+save model folders."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import napari
+import numpy as np
+from magicgui.widgets import ComboBox, FloatSpinBox, Label, PushButton, SpinBox
+from napari.qt.threading import create_worker
+from napari.utils import progress
+from napari.utils.notifications import show_info
+from qtpy.QtCore import Signal
+from qtpy.QtWidgets import QFileDialog, QPushButton, QVBoxLayout, QWidget
+from superqt import QCollapsible
+
+from ..core import checkpoint
+from ..core.errors import SparseSegError
+from ..core.losses import SpocoLossConfig
+from ..core.training import TrainConfig, Trainer
+from . import layers as L
+from . import workers
+from .annotate_tab import AnnotatePanel
+from .loss_plot import LossPlot
+from .session import Session
+
+PRESETS = {"Quick (2 min)": 120.0, "Standard (10 min)": 600.0, "Long (30 min)": 1800.0, "Fixed iterations": None}
+PREVIEW_LAYER = "sparseseg preview"
+
+
+class TrainPanel(QWidget):
+    #: the session's model was replaced (training finished, or a model was loaded)
+    model_changed = Signal()
+
+    def __init__(self, viewer: napari.Viewer, annotate: AnnotatePanel, session: Session):
+        super().__init__()
+        self.viewer, self.annotate, self.session = viewer, annotate, session
+        self.method = ComboBox(choices=["SPOCO"], value="SPOCO", tooltip="training method (CRAC is planned)")
+        self.preset = ComboBox(choices=list(PRESETS), value="Quick (2 min)")
+        self.iterations = SpinBox(value=500, min=1, max=10_000_000, tooltip="used with 'Fixed iterations'")
+        self.device = ComboBox(choices=["auto", "cpu", "cuda"], value="auto")
+        self.lr = FloatSpinBox(value=0.0, min=0.0, max=1.0, step=1e-4,
+                               tooltip="0: automatic (1e-3; 1e-4 when fine-tuning a loaded model)")
+        self.batch = SpinBox(value=0, min=0, max=64, tooltip="crops per step; auto: 2 in 2D, 1 in 3D")
+        self.batch.native.setSpecialValueText("auto")
+        self.consistency = FloatSpinBox(value=1.0, min=0.0, max=10.0, step=0.1)
+        self.anchor = ComboBox(choices=["pixel", "mean"], value="pixel")
+        self.seed = SpinBox(value=0, min=0, max=2**31 - 1)
+        self.preview_every = FloatSpinBox(value=15.0, min=0.0, max=3600.0, tooltip="seconds; 0: no preview")
+        self.diameter = FloatSpinBox(value=0.0, min=0.0, max=10_000.0, step=1.0,
+                                     tooltip="typical object diameter in pixels; auto: measured on the painted objects")
+        self.diameter.native.setSpecialValueText("auto")
+        self.start_btn = PushButton(text="Train")
+        self.stop_btn = PushButton(text="Stop", enabled=False)
+        self.load_btn = QPushButton("Load model…")
+        self.save_btn = QPushButton("Save model…")
+        self.status = Label(value="No model yet.")
+        self.status.native.setWordWrap(True)
+        self.status.native.setMinimumHeight(40)
+        self.plot = LossPlot()
+        advanced = QCollapsible("Advanced settings")
+        advanced.addWidget(L.form(("learning rate", self.lr), ("batch size", self.batch),
+                                 ("consistency weight", self.consistency), ("anchor", self.anchor),
+                                  ("seed", self.seed), ("preview every (s)", self.preview_every),
+                                  ("object diameter", self.diameter)))
+        lay = QVBoxLayout(self)
+        lay.addWidget(L.form(("method", self.method), ("budget", self.preset), ("iterations", self.iterations), ("device", self.device)))
+        lay.addWidget(advanced)
+        lay.addWidget(L.form((None, self.start_btn), (None, self.stop_btn)))
+        lay.addWidget(self.plot)
+        lay.addWidget(L.form((None, self.status), (None, self.load_btn), (None, self.save_btn)))
+        lay.addStretch()
+        self.start_btn.changed.connect(self.start)
+        self.stop_btn.changed.connect(self.stop)
+        self.load_btn.clicked.connect(lambda: self._pick_folder(self.load_model))
+        self.save_btn.clicked.connect(lambda: self._pick_folder(self.save_model))
+        self.trainer: Trainer | None = None
+        self.worker = None
+        self._pbar = None
+        self.first_preview_seconds: float | None = None
+
+    # -- model files ---------------------------------------------------------------------------
+    def _pick_folder(self, action) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Model folder")
+        if folder:
+            action(folder)
+
+    def load_model(self, folder) -> None:
+        try:
+            model = checkpoint.load(folder)
+        except SparseSegError as err:
+            L.notify_error(str(err))
+            return
+        self.session.model, self.session.origin, self.session.folder = model, "loaded", Path(folder)
+        self._describe()
+        self.model_changed.emit()
+        show_info(f"Loaded model from {folder}; training now fine-tunes it (learning rate 1e-4).")
+
+    def save_model(self, folder) -> None:
+        if self.session.model is None:
+            L.notify_error("There is no model to save yet: train one or load one first.")
+            return
+        checkpoint.save(folder, self.session.model)
+        show_info(f"Model saved to {folder}")
+
+    def _describe(self) -> None:
+        m = self.session.model
+        if m is None:
+            self.status.value = "No model yet."
+            return
+        t = m.config.get("training", {})
+        self.status.value = (f"Model: {m.ndim}D, {m.in_channels} channel(s), {t.get('iteration', 0)} iterations "
+                             f"({self.session.origin}{', ' + str(self.session.folder) if self.session.folder else ''})")
+
+    # -- training ------------------------------------------------------------------------------
+    def _config(self, fine_tune: bool) -> TrainConfig:
+        budget = PRESETS[self.preset.value]
+        lr = self.lr.value or (1e-4 if fine_tune else 1e-3)
+        return TrainConfig(
+            iterations=int(self.iterations.value) if budget is None else None,
+            time_limit=budget,
+            batch_size=int(self.batch.value) or None,
+            lr=lr,
+            seed=int(self.seed.value),
+            device=self.device.value,
+            background_id=self.annotate.background_id,
+            diameter=float(self.diameter.value) or None,
+            loss=SpocoLossConfig(anchor=self.anchor.value, w_consistency=float(self.consistency.value)),
+            checkpoint_every=30.0,
+        )
+
+    def start(self) -> None:
+        if self.worker is not None:
+            return
+        image, labels = self.annotate.image.value, self.annotate.labels.value
+        if image is None:
+            L.notify_error("Select an image to train on (Annotate tab).")
+            return
+        if labels is None:
+            L.notify_error("Select or create an annotation (Labels) layer in the Annotate tab and paint a few objects.")
+            return
+        try:
+            img = L.image_array(image)
+            lab = np.asarray(labels.data)
+            if L.spatial_shape(image) != lab.shape:
+                raise SparseSegError(
+                    f"annotation layer '{labels.name}' has shape {lab.shape} but image '{image.name}' has "
+                    f"{L.spatial_shape(image)}; annotate on a layer of the image's shape"
+                )
+            model = self.session.model
+            resume = model is not None and self.session.origin == "trained"
+            fine_tune = model is not None and self.session.origin == "loaded"
+            folder = self.session.folder if resume else Path(tempfile.mkdtemp(prefix="sparseseg-model-"))
+            ignore = self.annotate.ignore_mask(lab.shape)
+            self.trainer = Trainer([img], [lab], self._config(fine_tune), out=folder, init=model, resume=resume,
+                                   names=[f"image '{image.name}'"], ignore=None if ignore is None else [ignore])
+        except SparseSegError as err:
+            L.notify_error(str(err))
+            return
+        self.session.folder = folder
+        z = int(self.viewer.dims.current_step[0]) if lab.ndim == 3 else 0
+        preview = img if self.preview_every.value > 0 else None
+        self.worker = create_worker(
+            workers.train_steps, self.trainer, preview_image=preview,
+            preview_every=float(self.preview_every.value), z=z,
+        )
+        self.worker.yielded.connect(self._on_event)
+        self.worker.errored.connect(self._on_error)
+        self.worker.finished.connect(self._on_finished)
+        self._pbar = progress(total=100, desc="SparseSeg training")
+        self._pbar_pos = 0
+        self.plot.clear()
+        self.first_preview_seconds = None
+        self.start_btn.enabled, self.stop_btn.enabled = False, True
+        self.status.value = "Training…"
+        self.worker.start()
+
+    def stop(self) -> None:
+        if self.trainer is not None:
+            self.trainer.stop()  # takes effect after the current step; the worker then saves
+
+    def _on_event(self, ev) -> None:
+        if isinstance(ev, workers.Preview):
+            if self.first_preview_seconds is None and self.trainer is not None:
+                self.first_preview_seconds = self.trainer.seconds
+            self._show_preview(ev)
+            return
+        if ev.done:
+            return
+        self.plot.add(ev.losses.get("loss", float("nan")))
+        pos = int(100 * ev.progress)
+        if self._pbar is not None and pos > self._pbar_pos:
+            self._pbar.update(pos - self._pbar_pos)
+            self._pbar_pos = pos
+        if ev.iteration % 5 == 0:
+            self.status.value = f"iteration {ev.iteration}, loss {ev.losses['loss']:.3f}, {ev.seconds:.0f} s"
+
+    def _show_preview(self, ev) -> None:
+        image = self.annotate.image.value
+        shape = L.spatial_shape(image) if image is not None else ev.labels.shape
+        data = ev.labels
+        if len(shape) == 3 and data.shape != shape:
+            full = np.zeros(shape, np.int32)
+            full[ev.z_start : ev.z_start + data.shape[0]] = data
+            data = full
+        if PREVIEW_LAYER in self.viewer.layers:
+            self.viewer.layers[PREVIEW_LAYER].data = data
+        else:
+            layer = self.viewer.add_labels(data, name=PREVIEW_LAYER, opacity=0.5)
+            layer.editable = False
+
+    def _on_error(self, err) -> None:
+        msg = str(err) if isinstance(err, SparseSegError) else f"Training failed: {err}"
+        L.notify_error(msg + " The last good checkpoint is kept.")
+
+    def _on_finished(self) -> None:
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+        if self.trainer is not None:
+            self.session.model, self.session.origin = self.trainer.model, "trained"
+        self.worker = None
+        self.start_btn.enabled, self.stop_btn.enabled = True, False
+        self._describe()
+        if self.trainer is not None:
+            self.model_changed.emit()
+
+
