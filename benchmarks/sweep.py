@@ -1,0 +1,103 @@
+"""Post-processing choices scored on the models a suite run trained (no retraining): each model's
+predictions are computed once, then clustered with every setting of a grid.
+
+    python benchmarks/sweep.py --run /tmp/sparseseg-suite/runs/full --grid bias=0,0.05,0.1 affinity_mix=0,0.5,1
+
+Every option of ``napari_sparseseg.core.segment.cluster`` can be swept (bias, affinity_mix,
+fg_threshold, background, min_size, agreement), and the module constants ``FOREGROUND_FRACTION``,
+``PREMASK_FRACTION`` and ``MIN_SIZE_FRACTION`` (upper case). Prints, per setting, each dataset's
+primary metric (mean over the run's seeds) and the mean rank across datasets, so a default is
+chosen on the whole suite, never on one dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from suite import score  # noqa: E402
+from suite_data import DATASETS, LOWER_IS_BETTER  # noqa: E402
+
+from napari_sparseseg.core import checkpoint, io  # noqa: E402
+from napari_sparseseg.core import segment as seg_mod  # noqa: E402
+
+
+def parse_grid(items: list[str]) -> list[dict]:
+    keys, values = [], []
+    for item in items:
+        key, vals = item.split("=")
+        keys.append(key)
+        values.append([_value(v) for v in vals.split(",")])
+    return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+
+
+def _value(text: str):
+    if text in ("None", "none_"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, required=True, help="a suite run folder (holds <dataset>-s<seed>/)")
+    p.add_argument("--work", type=Path, default=Path("/tmp/sparseseg-suite"))
+    p.add_argument("--grid", nargs="+", required=True, help="key=v1,v2,... (several keys: all combinations)")
+    p.add_argument("--datasets", nargs="+", default=None)
+    p.add_argument("--max-images", type=int, default=6, help="test images per run (2D datasets)")
+    args = p.parse_args()
+    grid = parse_grid(args.grid)
+    runs = sorted(d for d in args.run.iterdir() if (d / "model" / "config.json").exists())
+    if args.datasets:
+        runs = [r for r in runs if r.name.rsplit("-s", 1)[0] in args.datasets]
+    table: dict[str, dict[int, list[float]]] = {}
+    for run in runs:
+        name = run.name.rsplit("-s", 1)[0]
+        key = DATASETS[name].primary
+        model = checkpoint.load(run / "model")
+        root = args.work / name
+        names = sorted(p.name for p in (run / "test_images").iterdir())[: args.max_images]
+        cache = []
+        for n in names:
+            img = io.read(root / "test_images" / n)
+            need_g = any(seg_mod.needs_g("mws", model.config, **{k: v for k, v in s.items() if k.islower()})
+                         for s in grid)
+            cache.append((seg_mod.embed(model, img, need_g, "cpu"), io.read_labels(root / "test_gt" / n)))
+        for i, setting in enumerate(grid):
+            consts = {k: v for k, v in setting.items() if k.isupper()}
+            saved = {k: getattr(seg_mod, k) for k in consts}
+            for k, v in consts.items():
+                setattr(seg_mod, k, v)
+            try:
+                opts = {k: v for k, v in setting.items() if k.islower()}
+                vals = [score(seg_mod.cluster(model, e, **opts), gt)[key] for e, gt in cache]
+            finally:
+                for k, v in saved.items():
+                    setattr(seg_mod, k, v)
+            table.setdefault(name, {}).setdefault(i, []).append(float(np.mean(vals)))
+        print(f"  {run.name}: " + " ".join(f"{table[name][i][-1]:.3f}" for i in range(len(grid))), flush=True)
+    # mean over seeds, then rank per dataset (1 = best)
+    print(f"\n{'setting':<50}" + "".join(f"{n[:10]:>11}" for n in table) + f"{'mean rank':>11}")
+    ranks = np.zeros(len(grid))
+    for name, per in table.items():
+        means = np.array([np.mean(per[i]) for i in range(len(grid))])
+        order = means if DATASETS[name].primary in LOWER_IS_BETTER else -means
+        ranks += np.argsort(np.argsort(order)) + 1
+    for i, setting in enumerate(grid):
+        label = " ".join(f"{k}={v}" for k, v in setting.items())
+        print(f"{label:<50}" + "".join(f"{np.mean(table[n][i]):11.3f}" for n in table) + f"{ranks[i] / len(table):11.2f}")
+    out = args.run / "sweep.json"
+    out.write_text(json.dumps({"grid": grid, "table": {n: {str(i): v for i, v in per.items()} for n, per in table.items()}},
+                              indent=1))
+
+
+if __name__ == "__main__":
+    main()
