@@ -18,7 +18,7 @@ import torch
 from napari_sparseseg.core import checkpoint, io
 from napari_sparseseg.core.clustering import segment_embeddings
 from napari_sparseseg.core.metrics import evaluate
-from napari_sparseseg.core.segment import cluster, clustering_options, embed
+from napari_sparseseg.core.segment import cluster, embed, resize_labels, resolve
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cvppp_a1"
 
@@ -46,17 +46,20 @@ def main() -> None:
     img = io.read(args.data / "images" / f"{args.image}_rgb.png")
     gt = io.read_labels(args.data / "labels" / f"{args.image}_label.png")
     # the clustering methods side by side: every pixel, the same post-processing, no foreground mask
-    opts = {**clustering_options(m.config), "agreement": None}
-    t_pred, (emb, _, fg) = timed(lambda: embed(m, img, device=args.device), args.repeat)
+    t_pred, embedded = timed(lambda: embed(m, img, device=args.device), args.repeat)
+    emb = embedded.f.embeddings  # at the model's scale; scored after resizing to the image
+    _, opts = resolve(m.config, "mws", embedded.f.zoom, background="largest")
+    opts = {**opts, "agreement": None, "affinities": embedded.f.affinities}
+    shape = embedded.f.shape
     rows = [("prediction (f)", t_pred, None)]
     t_mws, seg = timed(lambda: segment_embeddings(emb, "mws", **opts), args.repeat)
-    rows.append(("mutex watershed", t_mws, evaluate(seg, gt)["sbd"]))
+    rows.append(("mutex watershed", t_mws, evaluate(resize_labels(seg, shape), gt)["sbd"]))
     if args.slow:
         for method in ("hdbscan", "meanshift"):
             t, seg = timed(lambda: segment_embeddings(emb, method, **opts), 1)
-            rows.append((method, t, evaluate(seg, gt)["sbd"]))
+            rows.append((method, t, evaluate(resize_labels(seg, shape), gt)["sbd"]))
     # what `sparseseg segment` runs: the model's defaults (foreground head, when it has one)
-    t_def, seg = timed(lambda: cluster(m, emb, None, "mws", fg=fg), args.repeat)
+    t_def, seg = timed(lambda: cluster(m, embedded, "mws"), args.repeat)
     rows.append(("MWS, model defaults", t_def, evaluate(seg, gt)["sbd"]))
     rows.append(("prediction + MWS", t_pred + t_def, None))
     print(f"\n{args.image}: image {img.shape}, embeddings {emb.shape}, {torch.get_num_threads()} CPU threads, "

@@ -73,13 +73,13 @@ def main() -> None:
     need_g = any(needs_g(method, m.config) for method in args.clustering)
     for ip in val_imgs:
         t0 = time.perf_counter()
-        embs.append(embed(m, io.read(ip), need_g))  # f, g (EMA network) when a method needs it, foreground
+        embs.append(embed(m, io.read(ip), need_g))  # f (and g, the EMA network, when a method needs it)
         t_pred += time.perf_counter() - t0
     for method in args.clustering:
         scores, t_clu = [], 0.0
-        for (emb, emb_g, fg), gp in zip(embs, val_gts):
+        for embedded, gp in zip(embs, val_gts):
             t0 = time.perf_counter()
-            seg = cluster(m, emb, emb_g, method, fg=fg)
+            seg = cluster(m, embedded, method)
             t_clu += time.perf_counter() - t0
             scores.append(evaluate(seg, io.read_labels(gp)))
         mean = mean_scores(scores)
