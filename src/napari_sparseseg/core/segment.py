@@ -159,6 +159,12 @@ def cluster(model: Model, embedded: Embedded, method: str = "mws", fg_threshold:
     """
     pred = embedded.f
     background, opts = resolve(model.config, method, pred.zoom, **overrides)
+    if opts.get("mask") is not None:
+        # a mask is given at the image's resolution; clustering runs at the model's scale
+        mask = np.asarray(opts["mask"])
+        if mask.shape != tuple(pred.shape):
+            raise SparseSegError(f"mask: shape {mask.shape} does not match the image's {tuple(pred.shape)}")
+        opts["mask"] = resize_labels(mask.astype(np.uint8), pred.embeddings.shape[1:]).astype(bool)
     if embedded.g is None and method != "consistency":
         opts["agreement"] = None  # g's embeddings were not computed: cluster f alone
     if background == "foreground":
