@@ -78,10 +78,10 @@ def test_crash_keeps_last_good_checkpoint(cells2d, tmp_path, monkeypatch):
     trainer = Trainer([img], [sparsify(gt, 0.5)], TrainConfig(iterations=100, **FAST), out=tmp_path / "m")
     real_step = trainer.step
 
-    def step():
+    def step(progress=0.0):
         if trainer.iteration == 4:
             raise RuntimeError("out of memory")
-        return real_step()
+        return real_step(progress)
 
     monkeypatch.setattr(trainer, "step", step)
     with pytest.raises(RuntimeError, match="out of memory"):
@@ -92,9 +92,9 @@ def test_crash_keeps_last_good_checkpoint(cells2d, tmp_path, monkeypatch):
 def test_nan_losses_are_skipped_then_reported(cells2d, tmp_path, monkeypatch):
     img, gt = cells2d[0]
     trainer = Trainer([img], [sparsify(gt, 0.5)], TrainConfig(iterations=50, **FAST), out=tmp_path / "m")
-    import napari_sparseseg.core.training as T
+    import napari_sparseseg.core.methods.spoco as S
 
-    monkeypatch.setattr(T, "spoco_loss", lambda *a, **k: {"loss": torch.tensor(float("nan"), requires_grad=True)})
+    monkeypatch.setattr(S, "spoco_loss", lambda *a, **k: {"loss": torch.tensor(float("nan"), requires_grad=True)})
     with pytest.raises(SparseSegError, match="training diverged"):
         list(trainer.run())
 
@@ -139,7 +139,7 @@ def test_fine_tune_from_model_checks_dimensionality(cells2d, tmp_path):
         Trainer([rgb], [gt], TrainConfig(iterations=1), init=base)
     tuned = Trainer([img], [gt], TrainConfig(iterations=1, **FAST), init=base)
     # fine-tuning keeps the network; the new images get the zooms of their own objects
-    assert tuned.iteration == 0 and tuned.model_config["network"] == base.config["network"]
+    assert tuned.iteration == 0 and tuned.model.config["network"] == base.config["network"]
     assert tuned.model_config["scale"]["target_diameter"] == base.config["scale"]["target_diameter"]
 
 
@@ -248,7 +248,7 @@ def test_ema_network_follows_f_after_each_optimizer_step(cells2d, iteration):
     trainer = Trainer([img], [sparsify(gt, 0.3)], TrainConfig(iterations=10, ema_momentum=0.9, **FAST))
     trainer.step()  # g and f differ from here on
     trainer.iteration = iteration
-    m = trainer._momentum(trainer.iteration)
+    m = trainer.method._momentum(trainer.iteration)
     assert 0 < m <= 0.9
     if iteration == 100_000:
         assert m == 0.9  # the configured momentum, once the ramp is over
@@ -310,3 +310,62 @@ def test_ignore_mask_removes_pixels_from_training(cells2d):
     assert len(s.objects) == len(np.unique(sparse[sparse > 0])) - len(left_only)
     with pytest.raises(SparseSegError, match="1 ignore mask.s. for 2 label image.s."):
         Trainer([img, img], [sparse, sparse], TrainConfig(iterations=1, **FAST), ignore=[ignore])
+
+
+def test_unknown_method_is_named_in_the_error():
+    with pytest.raises(SparseSegError, match="method 'crack': expected one of spoco"):
+        TrainConfig(method="crack")
+
+
+def test_learning_rate_rule_lives_in_the_engine(cells2d, tmp_path):
+    from napari_sparseseg.core.training import FINE_TUNE_LR, LR
+
+    img, gt = cells2d[0]
+    first = Trainer([img], [sparsify(gt, 0.3)], TrainConfig(iterations=1, **FAST), out=tmp_path / "a")
+    list(first.run())
+    assert first.config.lr == LR
+    tuned = Trainer([img], [sparsify(gt, 0.3)], TrainConfig(iterations=1, **FAST), init=load_model(tmp_path / "a"))
+    assert tuned.config.lr == FINE_TUNE_LR and tuned.optimizer.param_groups[0]["lr"] == FINE_TUNE_LR
+    resumed = Trainer([img], [sparsify(gt, 0.3)], TrainConfig(iterations=1, **FAST), init=load_model(tmp_path / "a"),
+                      resume=True)
+    assert resumed.config.lr == LR
+
+
+def test_the_loop_only_talks_to_the_method_interface(cells2d, monkeypatch):
+    """A method registered beside SPOCO is trained by the same loop: its loss is minimised, its
+    after_step hook runs once per optimizer step, its config lands in the model."""
+    from napari_sparseseg.core import methods
+    from napari_sparseseg.core.methods.base import Method
+
+    class Mean(Method):
+        name = "mean"
+
+        def __init__(self, config, ndim, channels, offsets, device, autocast_dtype=None, init=None):
+            super().__init__(config, ndim, channels, offsets, device, autocast_dtype, init)
+            self.net = torch.nn.Conv2d(channels, 1, 1)
+            self.net.divisor = (1, 1)
+            self.steps = []
+
+        @property
+        def networks(self):
+            return {"f": self.net}
+
+        def losses(self, image, labels, valid, generator, progress):
+            loss = ((self.net(image) - 1) ** 2).mean()
+            return {"loss": loss, "fit": loss}
+
+        def after_step(self, iteration):
+            self.steps.append(iteration)
+
+        def model_config(self):
+            return {"method": self.name, "network": {"kind": "conv"}}
+
+    monkeypatch.setitem(methods.METHODS, "mean", Mean)
+    monkeypatch.setattr("napari_sparseseg.core.training.METHOD_NAMES", ("spoco", "mean"))
+    img, gt = cells2d[0]
+    trainer = Trainer([img], [sparsify(gt, 0.3)], TrainConfig(method="mean", iterations=30, lr=0.05, **FAST))
+    events = list(trainer.run())
+    assert trainer.method.steps == list(range(30))
+    assert events[-2].losses["fit"] < events[0].losses["fit"] / 2
+    model = trainer.model
+    assert model.config["method"] == "mean" and model.net is trainer.method.net and model.ema is None

@@ -17,7 +17,9 @@ import numpy as np
 
 from .core import checkpoint, io
 from .core.errors import SparseSegError
+from .core.methods import METHOD_NAMES
 from .core.segment import AGREEMENT, BIAS
+from .core.training import FINE_TUNE_LR, LR
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:
@@ -91,14 +93,14 @@ def cmd_train(args) -> int:
         init = checkpoint.load(args.init)
     imgs, labs, names, ignore = _load_pairs(args.images, args.labels, args.ignore_mask)
     loss = SpocoLossConfig(anchor=args.anchor, w_consistency=args.consistency_weight)
-    lr = args.lr if args.lr is not None else (1e-4 if (init is not None and not resume) else 1e-3)
     config = TrainConfig(
         iterations=args.iterations,
         time_limit=args.time_limit,
         batch_size=args.batch_size,
         patch_shape=args.patch_shape,
         precision=args.precision,
-        lr=lr,
+        lr=args.lr,
+        method=args.method,
         seed=args.seed,
         device=args.device,
         background_id=args.background_id,
@@ -240,8 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--time-limit", type=float, default=None, metavar="SECONDS", help="stop after this many seconds")
     t.add_argument("--iterations", type=int, default=None, help="stop after this many iterations")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--method", choices=METHOD_NAMES, default="spoco",
+                   help="training method (a model given with --from or --resume keeps its own)")
     t.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    t.add_argument("--from", dest="init", default=None, metavar="MODEL", help="fine-tune this model (lr 1e-4 by default)")
+    t.add_argument("--from", dest="init", default=None, metavar="MODEL", help=f"fine-tune this model (lr {FINE_TUNE_LR:g} by default)")
     t.add_argument("--resume", action="store_true", help="continue training the model already in --out")
     t.add_argument("--background-id", type=int, default=None, help="this label is background (full supervision)")
     t.add_argument("--batch-size", type=int, default=None, help="crops per step (default: 2 in 2D, 1 in 3D)")
@@ -249,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="auto: bfloat16 autocast where it is fast (CUDA, CPUs with AMX), else float32")
     t.add_argument("--patch-shape", type=_parse_shape, default=None, help="training crop, e.g. 256,256")
-    t.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3; 1e-4 with --from)")
+    t.add_argument("--lr", type=float, default=None, help=f"learning rate (default {LR:g}; {FINE_TUNE_LR:g} with --from)")
     t.add_argument("--diameter", type=float, default=None, metavar="PIXELS",
                    help="typical object diameter in pixels (default: measured on each image's labeled objects)")
     t.add_argument("--ignore-mask", default=None, metavar="GLOB",

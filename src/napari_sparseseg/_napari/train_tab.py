@@ -19,7 +19,8 @@ from superqt import QCollapsible
 from ..core import checkpoint
 from ..core.errors import SparseSegError
 from ..core.losses import SpocoLossConfig
-from ..core.training import TrainConfig, Trainer
+from ..core.methods import METHOD_NAMES
+from ..core.training import FINE_TUNE_LR, LR, TrainConfig, Trainer
 from . import layers as L
 from . import workers
 from .annotate_tab import AnnotatePanel
@@ -37,12 +38,13 @@ class TrainPanel(QWidget):
     def __init__(self, viewer: napari.Viewer, annotate: AnnotatePanel, session: Session):
         super().__init__()
         self.viewer, self.annotate, self.session = viewer, annotate, session
-        self.method = ComboBox(choices=["SPOCO"], value="SPOCO", tooltip="training method (CRAC is planned)")
+        self.method = ComboBox(choices=[(n.upper(), n) for n in METHOD_NAMES], value=METHOD_NAMES[0],
+                               tooltip="training method; a loaded model keeps its own")
         self.preset = ComboBox(choices=list(PRESETS), value="Quick (2 min)")
         self.iterations = SpinBox(value=500, min=1, max=10_000_000, tooltip="used with 'Fixed iterations'")
         self.device = ComboBox(choices=["auto", "cpu", "cuda"], value="auto")
         self.lr = FloatSpinBox(value=0.0, min=0.0, max=1.0, step=1e-4,
-                               tooltip="0: automatic (1e-3; 1e-4 when fine-tuning a loaded model)")
+                               tooltip=f"0: automatic ({LR:g}; {FINE_TUNE_LR:g} when fine-tuning a loaded model)")
         self.batch = SpinBox(value=0, min=0, max=64, tooltip="crops per step; auto: 2 in 2D, 1 in 3D")
         self.batch.native.setSpecialValueText("auto")
         self.consistency = FloatSpinBox(value=1.0, min=0.0, max=10.0, step=0.1)
@@ -96,7 +98,7 @@ class TrainPanel(QWidget):
         self.session.model, self.session.origin, self.session.folder = model, "loaded", Path(folder)
         self._describe()
         self.model_changed.emit()
-        show_info(f"Loaded model from {folder}; training now fine-tunes it (learning rate 1e-4).")
+        show_info(f"Loaded model from {folder}; training now fine-tunes it (learning rate {FINE_TUNE_LR:g}).")
 
     def save_model(self, folder) -> None:
         if self.session.model is None:
@@ -117,12 +119,12 @@ class TrainPanel(QWidget):
     # -- training ------------------------------------------------------------------------------
     def _config(self, fine_tune: bool) -> TrainConfig:
         budget = PRESETS[self.preset.value]
-        lr = self.lr.value or (1e-4 if fine_tune else 1e-3)
         return TrainConfig(
             iterations=int(self.iterations.value) if budget is None else None,
             time_limit=budget,
             batch_size=int(self.batch.value) or None,
-            lr=lr,
+            lr=self.lr.value or None,  # the engine's rule: LR, or FINE_TUNE_LR for a loaded model
+            method=self.method.value,
             seed=int(self.seed.value),
             device=self.device.value,
             background_id=self.annotate.background_id,

@@ -12,19 +12,9 @@ from scipy import ndimage
 from skimage.segmentation import relabel_sequential
 
 from .errors import SparseSegError
+from .offsets import default_offsets  # noqa: F401  (part of this module's API)
 
 METHODS = ("mws", "hdbscan", "meanshift", "consistency")
-
-
-def default_offsets(ndim: int) -> list[list[int]]:
-    """Nearest neighbours first, then distances 3, 9 and 27 along every axis (8 in 2D, 12 in 3D)."""
-    offsets = []
-    for dist in (1, 3, 9, 27):
-        for ax in range(ndim):
-            o = [0] * ndim
-            o[ax] = -dist
-            offsets.append(o)
-    return offsets
 
 
 def _check(embeddings: np.ndarray) -> np.ndarray:

@@ -1,4 +1,8 @@
-"""The SPOCO training loop, as a generator of progress events that a caller can watch and stop.
+"""The training loop, as a generator of progress events that a caller can watch and stop.
+
+The loop is method-agnostic: it prepares the data (per-image zoom, crops, augmentation), runs the
+optimizer and its schedule, and writes checkpoints; the method (:mod:`.methods`, e.g. SPOCO) owns
+its networks, its loss and what it adds to the model's config.
 
 The command line, the napari thread worker and the tests all consume :meth:`Trainer.run`;
 :meth:`Trainer.stop` takes effect at the next step. A checkpoint is written every
@@ -18,13 +22,13 @@ import numpy as np
 import torch
 
 from . import checkpoint, scale as scales
-from .device import autocast, resolve_device, resolve_precision
-from .clustering import default_offsets
-from .data import CropSampler, photometric, prepare
+from .data import CropSampler, prepare
+from .device import resolve_device, resolve_precision
 from .errors import SparseSegError
 from .io import normalize, to_channels_first
-from .losses import SpocoLossConfig, spoco_loss
-from .network import UNet, ema_update, make_ema, split_output
+from .losses import SpocoLossConfig
+from .methods import METHOD_NAMES, get_method
+from .offsets import default_offsets
 
 #: training crops span this many target diameters in y/x (and in z, at most 32 slices)
 PATCH_DIAMETERS = 4
@@ -32,6 +36,8 @@ PATCH_DIAMETERS = 4
 ZOOM_JITTER = 1.25
 #: used when neither an iteration count nor a time limit is given
 DEFAULT_ITERATIONS = 5000
+#: learning rates: training from scratch, and fine-tuning a model on new data (10x lower)
+LR, FINE_TUNE_LR = 1e-3, 1e-4
 #: per dimensionality: a 3D crop holds ~30x the voxels of a 2D one, so 3D trains a narrower network
 #: on one crop per step and gets ~3x the steps in the same time (better on every 3D suite dataset)
 BATCH_SIZE = {2: 2, 3: 1}
@@ -43,12 +49,15 @@ NORMALIZATION = {"type": "percentile", "low": 1.0, "high": 99.8}
 class TrainConfig:
     """What to train and for how long. ``None`` for both limits means DEFAULT_ITERATIONS."""
 
+    #: the training method (methods.METHOD_NAMES); a model being fine-tuned or resumed keeps its own
+    method: str = "spoco"
     iterations: int | None = None
     time_limit: float | None = None
     #: None: BATCH_SIZE for the labels' dimensionality
     batch_size: int | None = None
     patch_shape: tuple[int, ...] | None = None
-    lr: float = 1e-3
+    #: None: LR from scratch or when resuming, FINE_TUNE_LR when fine-tuning another model
+    lr: float | None = None
     weight_decay: float = 1e-5
     seed: int = 0
     device: str = "auto"
@@ -79,6 +88,8 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.loss, dict):
             self.loss = SpocoLossConfig(**self.loss)
+        if self.method not in METHOD_NAMES:
+            raise SparseSegError(f"method {self.method!r}: expected one of {', '.join(METHOD_NAMES)}")
         if self.iterations is not None and self.iterations < 1:
             raise SparseSegError(f"iterations must be >= 1, got {self.iterations}")
         if self.time_limit is not None and self.time_limit <= 0:
@@ -113,7 +124,7 @@ def _patch_shape(ndim: int, shapes: list[tuple[int, ...]], divisor: tuple[int, .
 
 
 class Trainer:
-    """Trains SPOCO on sparse labels. Images: arrays (Y, X[, C]) or (Z, Y, X[, C]) / (C, ...);
+    """Trains a model on sparse labels with the method of ``config.method`` (SPOCO by default). Images: arrays (Y, X[, C]) or (Z, Y, X[, C]) / (C, ...);
     labels: (Y, X) or (Z, Y, X) integer arrays, 0 = unlabeled.
 
     ``init`` is a model to start from: to continue training it (``resume=True``, optimizer and
@@ -179,25 +190,17 @@ class Trainer:
         self._images = imgs  # for the size model at the end of training
         torch.manual_seed(cfg.seed)
         if init is not None:
-            self.net = init.net
-            self.ema = init.ema if init.ema is not None else make_ema(init.net)
-            net_cfg = init.config["network"]
-        else:
-            coord_scale = (cfg.coord_scale if cfg.coord_scale is not None
-                           else scales.coordinate_scale(ndim))
-            self.net = UNet(ndim, channels, 16, cfg.base_channels, cfg.depth, coord_scale=coord_scale,
-                            padding_mode=cfg.padding_mode, foreground=cfg.foreground,
-                            affinities=len(default_offsets(ndim)) if cfg.affinities else 0)
-            self.ema = make_ema(self.net)
-            net_cfg = self.net.config
-        self.net.to(self.device).train()
-        self.ema.to(self.device).eval()
-        self.patch = cfg.patch_shape or _patch_shape(ndim, [s.labels.shape for s in self.samples], self.net.divisor)
-        if any(p % d for p, d in zip(self.patch, self.net.divisor)):
-            raise SparseSegError(f"patch shape {self.patch} must be a multiple of {self.net.divisor} per axis")
+            cfg.method = init.config.get("method", "spoco")
+        if cfg.lr is None:
+            cfg.lr = FINE_TUNE_LR if (init is not None and not resume) else LR
+        offsets = default_offsets(ndim) if init is None else init.config.get("offsets") or default_offsets(ndim)
+        self.method = get_method(cfg.method)(cfg, ndim, channels, offsets, self.device, self.autocast_dtype, init)
+        self.patch = cfg.patch_shape or _patch_shape(ndim, [s.labels.shape for s in self.samples], self.method.divisor)
+        if any(p % d for p, d in zip(self.patch, self.method.divisor)):
+            raise SparseSegError(f"patch shape {self.patch} must be a multiple of {self.method.divisor} per axis")
         self.sampler = CropSampler(self.samples, self.patch, seed=cfg.seed, elastic=cfg.elastic,
                                    zoom_jitter=cfg.zoom_jitter)
-        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.Adam(self.method.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.iteration = 0
         self.seconds = 0.0
         if resume and init is not None:
@@ -211,13 +214,10 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.out = Path(out) if out is not None else None
         self.model_config: dict[str, Any] = {
-            "network": net_cfg,
-            "method": "spoco",
-            "loss": self.config.loss.to_dict(),
             "normalization": dict(norm),
             "scale": self.scale_config,
             "patch_shape": list(self.patch),
-            "offsets": default_offsets(ndim),
+            "offsets": offsets,
             # at the model's scale (each image zoomed to the target diameter)
             "object_area_median": float(np.median(areas)) if areas.size else None,
             "background_id": cfg.background_id,
@@ -227,8 +227,16 @@ class Trainer:
             self.model_config["parent"] = str(init.path) if init.path else None
         self._stop = False
         self.last_losses: dict[str, float] = {}
-        #: running mean of the foreground probability over annotated pixels (the PU constant c)
-        self.fg_c: float | None = (init.config.get("foreground") or {}).get("c") if init is not None else None
+
+    @property
+    def net(self) -> torch.nn.Module:
+        """The network being trained (the method's role "f")."""
+        return self.method.networks["f"]
+
+    @property
+    def ema(self) -> torch.nn.Module | None:
+        """The method's EMA network (role "g"), if it has one."""
+        return self.method.networks.get("g")
 
     # -- control -------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -246,24 +254,16 @@ class Trainer:
         # cosine decay to 5 % over the run's budget (iterations or time, whichever is nearer)
         return self.config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
-    def _momentum(self, it: int) -> float:
-        # ramp up so that g tracks f early on; capped at the configured m (0.999)
-        return min(self.config.ema_momentum, (1 + it) / (10 + it))
-
     @property
     def model(self) -> checkpoint.Model:
-        config = dict(self.model_config)
+        config = {**self.method.model_config(), **self.model_config}
         config["training"] = {
             "iteration": self.iteration,
             "seconds": round(self.seconds, 2),
             "train_config": {k: v for k, v in asdict(self.config).items() if k != "loss"},
             "last_losses": self.last_losses,
         }
-        if self.net.config.get("foreground"):
-            config["foreground"] = {"c": self.fg_c}
-        return checkpoint.Model(
-            net=self.net, ema=self.ema, config=config, optimizer_state=self.optimizer.state_dict(), path=self.out
-        )
+        return self.method.model(config, self.optimizer.state_dict(), self.out)
 
     def save(self, folder: str | Path | None = None) -> Path | None:
         folder = folder or self.out
@@ -287,27 +287,10 @@ class Trainer:
             self.net.train(was_training)
 
     # -- the loop ------------------------------------------------------------------------------
-    def step(self) -> dict[str, float]:
+    def step(self, progress: float = 0.0) -> dict[str, float]:
         """One optimiser step on a fresh batch; returns the loss terms."""
         img, lab, val = self.sampler.batch(self.config.batch_size)
-        x_f = photometric(img, self.generator).to(self.device)
-        x_g = photometric(img, self.generator).to(self.device)
-        lab, val = lab.to(self.device), val.to(self.device)
-        with autocast(self.device, self.autocast_dtype):
-            out_f = self.net(x_f)
-            with torch.no_grad():
-                out_g = self.ema(x_g)
-        # the losses in float32 whatever the network ran in
-        emb_f, fg, aff = split_output(out_f.float(), self.net.config)
-        emb_g = split_output(out_g.float(), self.net.config).embeddings
-        terms = spoco_loss(emb_f, emb_g, lab, val, self.config.loss, self.generator, fg_logits=fg,
-                           aff_logits=aff, offsets=self.model_config["offsets"])
-        if fg is not None:
-            with torch.no_grad():
-                annotated = (lab > 0) & val
-                if annotated.any():
-                    c = float(torch.sigmoid(fg[annotated]).mean())
-                    self.fg_c = c if self.fg_c is None else 0.98 * self.fg_c + 0.02 * c
+        terms = self.method.losses(img, lab.to(self.device), val.to(self.device), self.generator, progress)
         loss = terms["loss"]
         if not torch.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
@@ -315,7 +298,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        ema_update(self.ema, self.net, self._momentum(self.iteration))
+        self.method.after_step(self.iteration)
         return {k: float(v.detach()) for k, v in terms.items()}
 
     def run(self) -> Iterator[TrainEvent]:
@@ -344,11 +327,12 @@ class Trainer:
                 if time_limit is not None and elapsed >= time_limit:
                     reason = "time limit"
                     break
-                lr = self._lr(progress_at(time.perf_counter()))
+                progress = progress_at(time.perf_counter())
+                lr = self._lr(progress)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 try:
-                    losses = self.step()
+                    losses = self.step(progress)
                     bad_steps = 0
                 except FloatingPointError:
                     bad_steps += 1

@@ -1,0 +1,71 @@
+"""What a training method provides to the method-agnostic training loop (:mod:`..training`).
+
+The loop owns the data (zoomed samples, crops, augmentation), the optimizer and its schedule,
+budgets, stopping, events and checkpoints. A method owns its networks (by role), its loss and
+what it adds to a model's ``config.json``. A second method lives beside the first as another
+subclass registered in :mod:`.` (``METHODS``), never as a branch inside the loop.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Iterable
+
+import torch
+
+from .. import checkpoint
+
+
+class Method(ABC):
+    """One training method. Built by the loop with the run's settings::
+
+        method = SpocoMethod(config, ndim, channels, offsets, device, init)
+
+    ``init`` is a model to start from (fine-tuning or resuming), whose networks are reused.
+    """
+
+    #: the name stored as ``"method"`` in a model's config
+    name: str = ""
+
+    def __init__(self, config, ndim: int, channels: int, offsets: list[list[int]], device: torch.device,
+                 autocast_dtype: torch.dtype | None = None, init: checkpoint.Model | None = None):
+        self.config = config
+        self.ndim = ndim
+        self.channels = channels
+        self.offsets = offsets
+        self.device = device
+        self.autocast_dtype = autocast_dtype
+
+    @property
+    @abstractmethod
+    def networks(self) -> dict[str, torch.nn.Module]:
+        """The method's networks by role; the trained one is ``"f"``."""
+
+    @property
+    def divisor(self) -> tuple[int, ...]:
+        """Crop sizes must be multiples of this per axis (the trained network's pooling)."""
+        return self.networks["f"].divisor
+
+    def parameters(self) -> Iterable[torch.nn.Parameter]:
+        """What the optimizer updates."""
+        return self.networks["f"].parameters()
+
+    @abstractmethod
+    def losses(self, image: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
+               generator: torch.Generator, progress: float) -> dict[str, torch.Tensor]:
+        """The loss terms of one batch (image (B, C, *P) on the CPU, labels and valid (B, *P) on
+        the device), ``"loss"`` being the total to minimise; ``progress`` in [0, 1] is how far the
+        run is through its budget (for schedules)."""
+
+    def after_step(self, iteration: int) -> None:
+        """Called after each optimizer step (e.g. to update an EMA network), never at evaluation."""
+
+    def model_config(self) -> dict[str, Any]:
+        """What this method adds to the model's ``config.json`` (network, loss, learned constants)."""
+        return {"method": self.name}
+
+    def model(self, config: dict[str, Any], optimizer_state: dict | None, path) -> checkpoint.Model:
+        """The model as the checkpoint module stores it."""
+        nets = self.networks
+        return checkpoint.Model(net=nets["f"], ema=nets.get("g"), config=config,
+                                optimizer_state=optimizer_state, path=path)

@@ -1,0 +1,81 @@
+"""SPOCO (Wolny et al., CVPR 2022) as a training method: a pixel-embedding U-Net f and its EMA
+copy g, the SPOCO loss (:func:`..losses.spoco_loss`) with the foreground and affinity heads
+(docs/method.md), and the positive-unlabeled constant c of the foreground head."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .. import scale as scales
+from ..data import photometric
+from ..device import autocast
+from ..losses import spoco_loss
+from ..network import UNet, ema_update, make_ema, split_output
+from .base import Method
+
+#: the running mean of the foreground probability on annotated pixels moves by this much per step
+FG_C_RATE = 0.02
+
+
+class SpocoMethod(Method):
+    name = "spoco"
+
+    def __init__(self, config, ndim, channels, offsets, device, autocast_dtype=None, init=None):
+        super().__init__(config, ndim, channels, offsets, device, autocast_dtype, init)
+        if init is not None:
+            self.net = init.net
+            self.ema = init.ema if init.ema is not None else make_ema(init.net)
+            #: running mean of the foreground probability over annotated pixels (the PU constant c)
+            self.fg_c: float | None = (init.config.get("foreground") or {}).get("c")
+        else:
+            coord_scale = config.coord_scale if config.coord_scale is not None else scales.coordinate_scale(ndim)
+            self.net = UNet(ndim, channels, 16, config.base_channels, config.depth, coord_scale=coord_scale,
+                            padding_mode=config.padding_mode, foreground=config.foreground,
+                            affinities=len(offsets) if config.affinities else 0)
+            self.ema = make_ema(self.net)
+            self.fg_c = None
+        self.net.to(device).train()
+        self.ema.to(device).eval()
+
+    @property
+    def networks(self) -> dict[str, torch.nn.Module]:
+        return {"f": self.net, "g": self.ema}
+
+    def losses(self, image, labels, valid, generator, progress):
+        # two photometric views: f sees one, its EMA g the other (the consistency term)
+        x_f = photometric(image, generator).to(self.device)
+        x_g = photometric(image, generator).to(self.device)
+        with autocast(self.device, self.autocast_dtype):
+            out_f = self.net(x_f)
+            with torch.no_grad():
+                out_g = self.ema(x_g)
+        # the losses in float32 whatever the network ran in
+        emb_f, fg, aff = split_output(out_f.float(), self.net.config)
+        emb_g = split_output(out_g.float(), self.net.config).embeddings
+        terms = spoco_loss(emb_f, emb_g, labels, valid, self.config.loss, generator, fg_logits=fg,
+                           aff_logits=aff, offsets=self.offsets)
+        if fg is not None:
+            self._track_c(fg, labels, valid)
+        return terms
+
+    @torch.no_grad()
+    def _track_c(self, fg_logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> None:
+        annotated = (labels > 0) & valid
+        if annotated.any():
+            c = float(torch.sigmoid(fg_logits[annotated]).mean())
+            self.fg_c = c if self.fg_c is None else (1 - FG_C_RATE) * self.fg_c + FG_C_RATE * c
+
+    def _momentum(self, iteration: int) -> float:
+        # ramp up so that g tracks f early on; capped at the configured m (0.999)
+        return min(self.config.ema_momentum, (1 + iteration) / (10 + iteration))
+
+    def after_step(self, iteration: int) -> None:
+        ema_update(self.ema, self.net, self._momentum(iteration))
+
+    def model_config(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"method": self.name, "network": self.net.config, "loss": self.config.loss.to_dict()}
+        if self.net.config.get("foreground"):
+            out["foreground"] = {"c": self.fg_c}
+        return out
