@@ -277,3 +277,21 @@ def test_ignore_mask_layer_and_object_diameter(qtbot, widget, errors):
     seg.diameter.value = 16.0
     qtbot.waitUntil(lambda: seg.worker is None and seg._cache["embedded"].zoom == pytest.approx(2.0), timeout=TIMEOUT)
     assert not [e for e in errors if "ignore mask" not in e]
+
+
+def test_crac_trains_and_segments_from_the_widget(qtbot, widget, errors):
+    viewer, w = widget
+    assert w.train.method.choices == ("spoco", "crac")
+    w.train.method.value = "crac"
+    _train(qtbot, w, iterations=5, preview_every=0)
+    assert not errors
+    assert w.session.model.config["method"] == "crac" and w.session.model.ema is None
+    # the Segment tab reads the method from the model: no EMA network, the affinity choice applies
+    w.segment.affinities.value = "mean"
+    w.segment.run()
+    qtbot.waitUntil(lambda: "cells 2D segmentation" in viewer.layers and w.segment.worker is None, timeout=TIMEOUT)
+    assert not errors
+    # a choice a CRAC model cannot take is reported, naming why
+    w.segment.method.value = "hdbscan"  # re-clustering reports it at once
+    qtbot.waitUntil(lambda: w.segment.worker is None and bool(errors), timeout=60_000)
+    assert "segmented with 'mws' only" in errors[-1]

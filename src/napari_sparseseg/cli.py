@@ -18,7 +18,7 @@ import numpy as np
 from .core import checkpoint, io
 from .core.errors import SparseSegError
 from .core.methods import METHOD_NAMES
-from .core.segment import AGREEMENT, BIAS
+from .core.segment import AFFINITY_SOURCES, AGREEMENT, BIAS, CRAC_AFFINITY_SOURCE
 from .core.training import FINE_TUNE_LR, LR
 
 
@@ -115,7 +115,7 @@ def cmd_train(args) -> int:
     zooms = sorted({round(s.zoom, 3) for s in trainer.samples})
     sc = trainer.scale_config
     print(
-        f"training SPOCO on {len(imgs)} image(s), {sum(len(s.objects) for s in trainer.samples)} annotated "
+        f"training {trainer.method.name.upper()} on {len(imgs)} image(s), {sum(len(s.objects) for s in trainer.samples)} annotated "
         f"object(s), object diameter {sc['diameter']:.1f} px{' (mixed sizes)' if sc['mixed'] else ''}, "
         f"zoom {zooms[0]:.3g}{f'-{zooms[-1]:.3g}' if len(zooms) > 1 else ''}, patch {trainer.patch}, "
         f"device {trainer.device}"
@@ -160,7 +160,7 @@ def cmd_segment(args) -> int:
             model, io.read(path), args.clustering, device=args.device, name=str(path), diameter=args.diameter,
             bias=args.bias,
             min_size=args.min_size, max_size=args.max_size, background=args.background, agreement=args.agreement,
-            fg_threshold=args.fg_threshold,
+            fg_threshold=args.fg_threshold, affinity_source=args.affinities,
         )
         dst = io.write(_out_path(out, path), seg.astype(np.uint32 if seg.max() > 65535 else np.uint16))
         print(f"{path} -> {dst}: {int(seg.max())} objects in {time.perf_counter() - t0:.2f} s")
@@ -224,7 +224,7 @@ def cmd_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sparseseg",
-        description="Train instance segmentation from a few labeled objects (SPOCO) and segment images.",
+        description="Train instance segmentation from a few labeled objects (SPOCO or CRAC) and segment images.",
     )
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -286,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--agreement", type=float, default=None, metavar="IOU",
                    help="keep segments the EMA network reproduces with at least this IoU "
                         f"(default {AGREEMENT} for mws when background is the largest segment, else off; 0: off)")
+    g.add_argument("--affinities", choices=tuple(AFFINITY_SOURCES), default=None,
+                   help=f"CRAC models: the affinity map the mutex watershed reads: eam (from the embeddings), iam "
+                        f"(predicted directly) or mean (default {CRAC_AFFINITY_SOURCE})")
     g.add_argument("--diameter", type=float, default=None, metavar="PIXELS",
                    help="typical object diameter in these images, in pixels (default: the model's, or estimated "
                         "per image for a model trained on objects of mixed sizes)")

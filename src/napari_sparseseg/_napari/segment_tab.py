@@ -12,7 +12,10 @@ from qtpy.QtWidgets import QVBoxLayout, QWidget
 from ..core import checkpoint
 from ..core.errors import SparseSegError
 from ..core.prediction import to_image_shape
-from ..core.segment import AGREEMENT, BACKGROUNDS, BIAS, default_min_size, foreground_threshold, needs_g, resolve
+from ..core.segment import (
+    AFFINITY_SOURCES, AGREEMENT, BACKGROUNDS, BIAS, CRAC_AFFINITY_SOURCE, default_min_size, foreground_threshold, needs_g,
+    resolve,
+)
 from . import layers as L
 from . import workers
 from .session import Session
@@ -42,6 +45,9 @@ class SegmentPanel(QWidget):
                                      tooltip="typical object diameter in this image, in pixels; auto: the model's "
                                              "(estimated per image for a model trained on objects of mixed sizes)")
         self.diameter.native.setSpecialValueText("auto")
+        self.affinities = ComboBox(choices=["auto", *AFFINITY_SOURCES], value="auto",
+                                   tooltip="CRAC models: the affinity map the mutex watershed reads: eam (from the "
+                                           f"embeddings), iam (predicted directly) or mean; auto: {CRAC_AFFINITY_SOURCE}")
         self.pca = CheckBox(value=False, text="show embeddings (PCA as RGB)")
         self.run_btn = PushButton(text="Segment")
         self.status = Label(value="")
@@ -51,12 +57,12 @@ class SegmentPanel(QWidget):
                              ("bias", self.bias),
                             ("min size", self.min_size), ("max size", self.max_size),
                             ("background", self.background), ("fg threshold", self.fg_threshold),
-                            ("agreement", self.agreement), (None, self.pca), (None, self.run_btn),
+                            ("agreement", self.agreement), ("affinities (CRAC)", self.affinities), (None, self.pca), (None, self.run_btn),
                             (None, self.status)))
         lay.addStretch()
         self.run_btn.changed.connect(self.run)
         for knob in (self.bias, self.min_size, self.max_size, self.background, self.fg_threshold, self.agreement,
-                     self.method):
+                     self.method, self.affinities):
             knob.changed.connect(self.recluster)
         self.diameter.changed.connect(self._diameter_changed)
         # the sentinels (-1: auto, 0: no limit) are the spin boxes' minimum, where Qt shows a text instead
@@ -99,7 +105,8 @@ class SegmentPanel(QWidget):
                     background=self.background.value,
                     fg_threshold=None if self.fg_threshold.value < 0 else float(self.fg_threshold.value),
                     agreement=float(self.agreement.value) if self.method.value == "mws" and self.agreement.value >= 0
-                    else None)
+                    else None,
+                    affinity_source=None if self.affinities.value == "auto" else self.affinities.value)
 
     def _key(self, image):
         m = self.session.model
@@ -127,7 +134,9 @@ class SegmentPanel(QWidget):
             L.notify_error(str(err))
             return
         method, overrides = self.method.value, self._overrides()
-        need_g = needs_g(method, model.config, **overrides)
+        need_g = self._needs_g(method, model, overrides)
+        if need_g is None:
+            return
         key = self._key(image)
         if self._cache is not None and self._cache["key"] == key and (self._cache["embedded"].g is not None or not need_g):
             self.recluster()
@@ -141,6 +150,16 @@ class SegmentPanel(QWidget):
         self.status.value = "Predicting…"
         self._start(work, lambda res: self._done(image, key, *res))
 
+    @staticmethod
+    def _needs_g(method, model, overrides) -> bool | None:
+        """Whether the choices need the EMA network; None (after telling the user) when the model
+        cannot take them (e.g. HDBSCAN for a CRAC model)."""
+        try:
+            return needs_g(method, model.config, **overrides)
+        except SparseSegError as err:
+            L.notify_error(str(err))
+            return None
+
     def _diameter_changed(self, *_) -> None:
         # another object diameter is another zoom: what is shown is predicted again
         if self._cache is not None:
@@ -153,7 +172,10 @@ class SegmentPanel(QWidget):
             return
         model, method, overrides = self.session.model, self.method.value, self._overrides()
         embedded = self._cache["embedded"]
-        if embedded.g is None and needs_g(method, model.config, **overrides):
+        need_g = self._needs_g(method, model, overrides)
+        if need_g is None:
+            return
+        if embedded.g is None and need_g:
             self.status.value = "This choice needs the EMA network's embeddings too: press Segment."
             return
         self._start(lambda: workers.cluster(model, embedded, method, **overrides),

@@ -24,7 +24,7 @@ __all__ = ["PREVIEW_LAYER", "PRESETS", "SparseSegWidget"]
 
 
 class SparseSegWidget(QWidget):
-    """Annotate a few objects, train SPOCO on them, segment every object."""
+    """Annotate a few objects, train SPOCO or CRAC on them, segment every object."""
 
     def __init__(self, napari_viewer: napari.Viewer):
         super().__init__()

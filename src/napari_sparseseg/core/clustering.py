@@ -51,6 +51,25 @@ def embeddings_to_affinities(embeddings: np.ndarray, offsets: list[list[int]], d
     return np.nan_to_num(w, nan=0.0).astype(np.float32)
 
 
+EMBEDDING_METRICS = ("distance", "cosine")
+
+
+def cosine_affinities(embeddings: np.ndarray, offsets: list[list[int]]) -> np.ndarray:
+    """CRAC's explicit affinities: the cosine similarity of the embeddings of each pixel pair,
+    clamped to [0, 1] (1 = same object); edges leaving the image get 1 (no repulsion)."""
+    unit = embeddings / np.maximum(np.linalg.norm(embeddings, axis=0, keepdims=True), 1e-8)
+    spatial = embeddings.shape[1:]
+    out = np.ones((len(offsets),) + spatial, np.float32)
+    for c, off in enumerate(offsets):
+        if any(abs(o) >= s for o, s in zip(off, spatial)):
+            continue
+        src = tuple(slice(max(0, -o), s - max(0, o)) for o, s in zip(off, spatial))
+        dst = tuple(slice(max(0, o), s - max(0, -o)) for o, s in zip(off, spatial))
+        cos = np.einsum("d...,d...->...", unit[(slice(None),) + src], unit[(slice(None),) + dst])
+        out[(c,) + src] = np.clip(cos, 0.0, 1.0)
+    return out
+
+
 def mws_weights(
     embeddings: np.ndarray,
     offsets: list[list[int]],
@@ -58,13 +77,20 @@ def mws_weights(
     affinities: np.ndarray | None = None,
     affinity_mix: float = 0.5,
     attractive_mix: float | None = None,
+    embedding_metric: str = "distance",
 ) -> np.ndarray:
     """Disaffinities for the mutex watershed: from the embedding distances
-    (:func:`embeddings_to_affinities`), blended with the affinity head's (1 - probability of "same
+    (:func:`embeddings_to_affinities`, SPOCO) or cosine similarities (:func:`cosine_affinities`,
+    CRAC; ``embedding_metric="cosine"``), blended with the affinity head's (1 - probability of "same
     object", one channel per offset) when ``affinities`` are given: ``attractive_mix`` of the head
     for the nearest-neighbour (attractive) channels (default: ``affinity_mix``), ``affinity_mix``
     for the long-range (repulsive) ones."""
-    w = embeddings_to_affinities(embeddings, offsets, delta_dist)
+    if embedding_metric not in EMBEDDING_METRICS:
+        raise SparseSegError(f"embedding metric {embedding_metric!r}: expected one of {', '.join(EMBEDDING_METRICS)}")
+    if embedding_metric == "cosine":
+        w = 1.0 - cosine_affinities(embeddings, offsets)
+    else:
+        w = embeddings_to_affinities(embeddings, offsets, delta_dist)
     if affinities is not None:
         if affinities.shape != w.shape:
             raise SparseSegError(f"affinities: shape {affinities.shape} does not fit the offsets, expected {w.shape}")
@@ -88,6 +114,7 @@ def mutex_watershed(
     affinities: np.ndarray | None = None,
     affinity_mix: float = 0.5,
     attractive_mix: float | None = None,
+    embedding_metric: str = "distance",
 ) -> np.ndarray:
     """Mutex watershed (python-elf / bioimage-cpp) on the long-range grid graph of the embeddings
     (and the affinity head's affinities, :func:`mws_weights`).
@@ -99,7 +126,7 @@ def mutex_watershed(
 
     ndim = embeddings.ndim - 1
     offsets = offsets or default_offsets(ndim)
-    w = mws_weights(embeddings, offsets, delta_dist, affinities, affinity_mix, attractive_mix)
+    w = mws_weights(embeddings, offsets, delta_dist, affinities, affinity_mix, attractive_mix, embedding_metric)
     if bias:
         # w is a disaffinity in every channel, so one shift raises repulsion and lowers attraction
         w = np.clip(w + bias, 0.0, 1.0)
@@ -304,6 +331,7 @@ def segment_embeddings(
     affinities_g: np.ndarray | None = None,
     affinity_mix: float = 0.5,
     attractive_mix: float | None = None,
+    embedding_metric: str = "distance",
 ) -> np.ndarray:
     """Instance labels from embeddings (D, Y, X) or (D, Z, Y, X).
 
@@ -335,7 +363,8 @@ def segment_embeddings(
 
     def run(emb, aff=None):
         if method == "mws":
-            return mutex_watershed(emb, offsets, delta_dist, bias, strides, mws_mask, aff, affinity_mix, attractive_mix)
+            return mutex_watershed(emb, offsets, delta_dist, bias, strides, mws_mask, aff, affinity_mix, attractive_mix,
+                                   embedding_metric)
         if method == "hdbscan":
             return hdbscan_clustering(emb, max(min_size, 2) if min_size else 200, mask)
         return meanshift_clustering(emb, delta_var, mask)

@@ -169,8 +169,48 @@ def split_output(out: torch.Tensor, config: dict[str, Any]) -> Outputs:
     return Outputs(out[:, :d], out[:, d] if fg else None, out[:, d + fg : d + fg + k] if k else None)
 
 
-def build_network(config: dict[str, Any]) -> UNet:
-    """Rebuild a network from the ``config`` a previous one recorded."""
+class TwinNet(nn.Module):
+    """CRAC's two networks of one architecture (SPEC §4): ``eam`` predicts ``out_channels``
+    embeddings (whose cosine similarities across each offset are the explicit affinity map) and
+    ``iam`` one affinity logit per offset (the implicit affinity map). The output is the
+    embeddings followed by the affinity logits, so :func:`split_output` splits it like a UNet's
+    with an affinity head. With ``foreground``, ``iam`` also predicts the foreground logit
+    (positive-unlabeled, as SPOCO's head here), placed between the two as :func:`split_output` expects."""
+
+    def __init__(self, ndim: int = 2, in_channels: int = 1, out_channels: int = 16, affinities: int = 8,
+                 base_channels: int = 16, depth: int = 4, anisotropic: bool = False,
+                 padding_mode: str = "zeros", foreground: bool = False, kind: str = "twin"):
+        super().__init__()
+        if affinities < 1:
+            raise ValueError(f"affinities must be >= 1, got {affinities}")
+        common = dict(ndim=ndim, in_channels=in_channels, base_channels=base_channels, depth=depth,
+                      anisotropic=anisotropic, padding_mode=padding_mode)
+        self.eam = UNet(out_channels=out_channels, **common)
+        self.iam = UNet(out_channels=affinities, foreground=foreground, **common)
+        self.ndim = ndim
+        self.affinities = affinities
+        self.foreground = foreground
+        self.config = {"kind": "twin", "out_channels": out_channels, "affinities": affinities,
+                       "foreground": foreground, **common}
+
+    @property
+    def divisor(self) -> tuple[int, ...]:
+        return self.eam.divisor
+
+    def forward(self, x: torch.Tensor, origin=None) -> torch.Tensor:
+        iam = self.iam(x)  # K affinity logits [, foreground logit]
+        k = self.affinities
+        return torch.cat([self.eam(x), iam[:, k:], iam[:, :k]], dim=1)
+
+    def deepest_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.eam.deepest_features(x)
+
+
+def build_network(config: dict[str, Any]) -> nn.Module:
+    """Rebuild a network from the ``config`` a previous one recorded (a UNet, or a TwinNet when
+    ``config["kind"]`` says so)."""
+    if config.get("kind") == "twin":
+        return TwinNet(**config)
     return UNet(**config)
 
 

@@ -42,6 +42,10 @@ AFFINITY_MIX = 0.5
 ATTRACTIVE_MIX = 1.0
 
 BACKGROUNDS = ("auto", "foreground", "largest", "none")
+#: CRAC models: which affinity map the mutex watershed reads (the affinity head's share of the
+#: weights): the explicit map from the embeddings (the paper's choice), the implicit one, or both
+AFFINITY_SOURCES = {"eam": 0.0, "iam": 1.0, "mean": 0.5}
+CRAC_AFFINITY_SOURCE = "eam"
 
 
 def _zoom_area(zoom: float) -> float:
@@ -66,6 +70,19 @@ def clustering_options(config: dict[str, Any], method: str = "mws", zoom: float 
         "attractive_mix": ATTRACTIVE_MIX,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    source = overrides.pop("affinity_source", None)
+    if config.get("method") == "crac":
+        if method != "mws":
+            raise SparseSegError(f"clustering {method!r}: a CRAC model's affinities are segmented with 'mws' only")
+        if overrides.get("agreement"):
+            raise SparseSegError("agreement filtering needs an EMA network; a CRAC model has none")
+        source = source or CRAC_AFFINITY_SOURCE
+        if source not in AFFINITY_SOURCES:
+            raise SparseSegError(f"affinity source {source!r}: expected one of {', '.join(AFFINITY_SOURCES)}")
+        mix = AFFINITY_SOURCES[source]
+        opts.update(embedding_metric="cosine", affinity_mix=mix, attractive_mix=mix, agreement=None)
+    elif source is not None:
+        raise SparseSegError(f"affinity source {source!r}: only CRAC models have a choice of affinity maps")
     for key in ("min_size", "max_size"):
         if key in overrides:
             overrides[key] = int(round(overrides[key] * _zoom_area(zoom)))

@@ -26,9 +26,9 @@ from .data import CropSampler, prepare
 from .device import resolve_device, resolve_precision
 from .errors import SparseSegError
 from .io import normalize, to_channels_first
+from .crac_loss import CracLossConfig
 from .losses import SpocoLossConfig
 from .methods import METHOD_NAMES, get_method
-from .offsets import default_offsets
 
 #: training crops span this many target diameters in y/x (and in z, at most 32 slices)
 PATCH_DIAMETERS = 4
@@ -83,11 +83,16 @@ class TrainConfig:
     elastic: bool = True
     zoom_jitter: float = ZOOM_JITTER
     checkpoint_every: float = 60.0
+    #: SPOCO's loss settings (method "spoco")
     loss: SpocoLossConfig = field(default_factory=SpocoLossConfig)
+    #: CRAC's loss settings (method "crac")
+    crac: CracLossConfig = field(default_factory=CracLossConfig)
 
     def __post_init__(self):
         if isinstance(self.loss, dict):
             self.loss = SpocoLossConfig(**self.loss)
+        if isinstance(self.crac, dict):
+            self.crac = CracLossConfig(**self.crac)
         if self.method not in METHOD_NAMES:
             raise SparseSegError(f"method {self.method!r}: expected one of {', '.join(METHOD_NAMES)}")
         if self.iterations is not None and self.iterations < 1:
@@ -193,8 +198,9 @@ class Trainer:
             cfg.method = init.config.get("method", "spoco")
         if cfg.lr is None:
             cfg.lr = FINE_TUNE_LR if (init is not None and not resume) else LR
-        offsets = default_offsets(ndim) if init is None else init.config.get("offsets") or default_offsets(ndim)
-        self.method = get_method(cfg.method)(cfg, ndim, channels, offsets, self.device, self.autocast_dtype, init)
+        method_cls = get_method(cfg.method)
+        offsets = (init.config.get("offsets") if init is not None else None) or method_cls.default_offsets(ndim)
+        self.method = method_cls(cfg, ndim, channels, offsets, self.device, self.autocast_dtype, init)
         self.patch = cfg.patch_shape or _patch_shape(ndim, [s.labels.shape for s in self.samples], self.method.divisor)
         if any(p % d for p, d in zip(self.patch, self.method.divisor)):
             raise SparseSegError(f"patch shape {self.patch} must be a multiple of {self.method.divisor} per axis")
@@ -260,7 +266,7 @@ class Trainer:
         config["training"] = {
             "iteration": self.iteration,
             "seconds": round(self.seconds, 2),
-            "train_config": {k: v for k, v in asdict(self.config).items() if k != "loss"},
+            "train_config": {k: v for k, v in asdict(self.config).items() if k not in ("loss", "crac")},
             "last_losses": self.last_losses,
         }
         return self.method.model(config, self.optimizer.state_dict(), self.out)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from ..errors import SparseSegError
 from .base import Method
+from .crac import CracMethod
 from .spoco import SpocoMethod
 
 #: name -> class; a model's ``config.json`` records the name
-METHODS: dict[str, type[Method]] = {"spoco": SpocoMethod}
+METHODS: dict[str, type[Method]] = {"spoco": SpocoMethod, "crac": CracMethod}
 METHOD_NAMES = tuple(METHODS)
 
 
@@ -20,4 +21,4 @@ def get_method(name: str) -> type[Method]:
         raise SparseSegError(f"method {name!r}: expected one of {', '.join(METHOD_NAMES)}") from None
 
 
-__all__ = ["METHODS", "METHOD_NAMES", "Method", "SpocoMethod", "get_method"]
+__all__ = ["METHODS", "METHOD_NAMES", "CracMethod", "Method", "SpocoMethod", "get_method"]

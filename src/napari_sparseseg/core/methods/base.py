@@ -14,6 +14,7 @@ from typing import Any, Iterable
 import torch
 
 from .. import checkpoint
+from ..offsets import default_offsets
 
 
 class Method(ABC):
@@ -26,6 +27,11 @@ class Method(ABC):
 
     #: the name stored as ``"method"`` in a model's config
     name: str = ""
+
+    @staticmethod
+    def default_offsets(ndim: int) -> list[list[int]]:
+        """The pixel-pair offsets of a new model (affinities, mutex watershed), nearest first."""
+        return default_offsets(ndim)
 
     def __init__(self, config, ndim: int, channels: int, offsets: list[list[int]], device: torch.device,
                  autocast_dtype: torch.dtype | None = None, init: checkpoint.Model | None = None):
@@ -69,3 +75,22 @@ class Method(ABC):
         nets = self.networks
         return checkpoint.Model(net=nets["f"], ema=nets.get("g"), config=config,
                                 optimizer_state=optimizer_state, path=path)
+
+
+class ForegroundConstant:
+    """The positive-unlabeled constant c of a foreground head: a running mean of its probability
+    on annotated pixels (:func:`..losses.foreground_term`; segmentation keeps P(object) >= 1/2,
+    i.e. probability >= c/2)."""
+
+    #: the running mean moves by this much per step
+    RATE = 0.02
+
+    def __init__(self, c: float | None = None):
+        self.c = c
+
+    @torch.no_grad()
+    def update(self, fg_logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> None:
+        annotated = (labels > 0) & valid
+        if annotated.any():
+            c = float(torch.sigmoid(fg_logits[annotated]).mean())
+            self.c = c if self.c is None else (1 - self.RATE) * self.c + self.RATE * c

@@ -13,10 +13,7 @@ from ..data import photometric
 from ..device import autocast
 from ..losses import spoco_loss
 from ..network import UNet, ema_update, make_ema, split_output
-from .base import Method
-
-#: the running mean of the foreground probability on annotated pixels moves by this much per step
-FG_C_RATE = 0.02
+from .base import ForegroundConstant, Method
 
 
 class SpocoMethod(Method):
@@ -27,15 +24,14 @@ class SpocoMethod(Method):
         if init is not None:
             self.net = init.net
             self.ema = init.ema if init.ema is not None else make_ema(init.net)
-            #: running mean of the foreground probability over annotated pixels (the PU constant c)
-            self.fg_c: float | None = (init.config.get("foreground") or {}).get("c")
+            self.fg = ForegroundConstant((init.config.get("foreground") or {}).get("c"))
         else:
             coord_scale = config.coord_scale if config.coord_scale is not None else scales.coordinate_scale(ndim)
             self.net = UNet(ndim, channels, 16, config.base_channels, config.depth, coord_scale=coord_scale,
                             padding_mode=config.padding_mode, foreground=config.foreground,
                             affinities=len(offsets) if config.affinities else 0)
             self.ema = make_ema(self.net)
-            self.fg_c = None
+            self.fg = ForegroundConstant()
         self.net.to(device).train()
         self.ema.to(device).eval()
 
@@ -57,15 +53,8 @@ class SpocoMethod(Method):
         terms = spoco_loss(emb_f, emb_g, labels, valid, self.config.loss, generator, fg_logits=fg,
                            aff_logits=aff, offsets=self.offsets)
         if fg is not None:
-            self._track_c(fg, labels, valid)
+            self.fg.update(fg, labels, valid)
         return terms
-
-    @torch.no_grad()
-    def _track_c(self, fg_logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> None:
-        annotated = (labels > 0) & valid
-        if annotated.any():
-            c = float(torch.sigmoid(fg_logits[annotated]).mean())
-            self.fg_c = c if self.fg_c is None else (1 - FG_C_RATE) * self.fg_c + FG_C_RATE * c
 
     def _momentum(self, iteration: int) -> float:
         # ramp up so that g tracks f early on; capped at the configured m (0.999)
@@ -77,5 +66,5 @@ class SpocoMethod(Method):
     def model_config(self) -> dict[str, Any]:
         out: dict[str, Any] = {"method": self.name, "network": self.net.config, "loss": self.config.loss.to_dict()}
         if self.net.config.get("foreground"):
-            out["foreground"] = {"c": self.fg_c}
+            out["foreground"] = {"c": self.fg.c}
         return out

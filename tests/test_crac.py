@@ -1,0 +1,224 @@
+"""CRAC: explicit affinities, the loss terms (values, gradients, schedule, stop-gradient), the
+method in the training loop, and the CLI paths."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from napari_sparseseg import SparseSegError, TrainConfig, Trainer, load_model
+from napari_sparseseg.cli import main
+from napari_sparseseg.core.crac_loss import (
+    CracLossConfig, alpha_schedule, confident, cross_term, crac_loss, entropy, explicit_affinities, pair_valid,
+    supervised_term,
+)
+from napari_sparseseg.core.clustering import cosine_affinities
+from napari_sparseseg.core.losses import affinity_targets
+from napari_sparseseg.core.metrics import evaluate
+from napari_sparseseg.core.network import TwinNet, build_network
+from napari_sparseseg.core.offsets import crac_offsets
+from napari_sparseseg.core.samples import synthetic_cells
+from napari_sparseseg.core.segment import segment
+from napari_sparseseg.core.sparsify import sparsify
+
+FAST = dict(patch_shape=(64, 64), base_channels=8, depth=3, checkpoint_every=1e9)
+
+
+def test_crac_offsets_nearest_first_and_real_z_lengths():
+    o2, o3 = crac_offsets(2), crac_offsets(3)
+    assert o2[:2] == [[-1, 0], [0, -1]] and len(o2) == 10 and [-27, 0] in o2
+    assert o3[:3] == [[-1, 0, 0], [0, -1, 0], [0, 0, -1]] and len(o3) == 12
+    assert [[-2, 0, 0], [-3, 0, 0], [-4, 0, 0]] == [o for o in o3 if o[0] < -1]
+
+
+def test_explicit_affinities_by_hand():
+    # 1 x 3 pixels, 2-d embeddings: (1, 0), (1, 0), (0, 1), and a pixel pointing away (-1, 0)
+    emb = torch.tensor([[[[1.0, 1.0, 0.0, -1.0]], [[0.0, 0.0, 1.0, 0.0]]]])
+    a = explicit_affinities(emb, [[0, -1], [0, -3]])
+    # pair (i, i - 1) stored at i; x = 0 has no partner -> 0
+    assert a[0, 0, 0].tolist() == pytest.approx([0.0, 1.0, 0.0, 0.0])  # cos -1 is clamped to 0
+    assert a[0, 1, 0].tolist() == pytest.approx([0.0, 0.0, 0.0, 0.0])  # (3) vs (0): cos -1 -> 0
+    # the numpy version the mutex watershed reads agrees where pairs exist (1 where none)
+    np_a = cosine_affinities(emb[0].numpy(), [[0, -1], [0, -3]])
+    assert np_a[0, 0].tolist() == pytest.approx([1.0, 1.0, 0.0, 0.0])
+
+
+def test_pair_valid_marks_pairs_inside_and_not_ignored():
+    valid = torch.ones(1, 2, 4, dtype=torch.bool)
+    valid[0, 1, 3] = False
+    pv = pair_valid(valid, [[0, -1], [-1, 0]])
+    assert pv[0, 0].tolist() == [[False, True, True, True], [False, True, True, False]]
+    assert pv[0, 1].tolist() == [[False] * 4, [True, True, True, False]]
+
+
+def test_supervised_term_value_and_gradient():
+    a = torch.tensor([[[[0.2, 0.9, 0.5]]]], requires_grad=True)
+    target = torch.tensor([[[[0.0, 1.0, 1.0]]]])
+    annotated = torch.tensor([[[[True, True, False]]]])
+    loss = supervised_term(a, target, annotated)
+    assert loss.item() == pytest.approx((0.04 + 0.01) / 2)
+    loss.backward()
+    assert a.grad[0, 0, 0].tolist() == pytest.approx([0.2, -0.1, 0.0])  # 2 (a - t) / 2 on annotated
+
+
+def test_alpha_schedule_and_confident_quantile():
+    assert alpha_schedule(0.0) == pytest.approx(0.05)
+    assert alpha_schedule(0.5) == pytest.approx(0.05 * 0.5**1.5)
+    assert alpha_schedule(1.0) == 0.0 and alpha_schedule(2.0) == 0.0
+    # 100 affinities, entropy rising with distance from 0/1: the 10 % least confident are dropped at alpha 0.1
+    a = torch.linspace(0.0, 0.49, 100)
+    region = torch.ones(100, dtype=torch.bool)
+    kept = confident(a, region, 0.1)
+    assert kept[:89].all() and not kept[-10:].any()
+    assert confident(a, region, 0.0).all()
+    assert entropy(torch.tensor([0.5])).item() == pytest.approx(math.log(2), rel=1e-5)
+    # only pairs of the region count, and the quantile is taken over them
+    region[50:] = False
+    kept = confident(a, region, 0.5)
+    assert not kept[50:].any() and kept[:25].all() and not kept[26:50].any()
+
+
+def test_cross_term_value_and_no_gradient_into_pseudo_targets():
+    a_iam = torch.tensor([0.1, 0.9, 0.6, 0.5], requires_grad=True)
+    a_eam = torch.tensor([0.0, 0.5, 0.9, 0.5], requires_grad=True)
+    region = torch.tensor([True, True, True, False])
+    loss = cross_term(a_iam, a_eam, region, 0.0)  # alpha 0: every pair of the region is confident
+    d = torch.tensor([0.1, 0.4, -0.3])
+    assert loss.item() == pytest.approx(2 * float((d**2).mean()))
+    loss.backward()
+    # each map is pulled towards the other, which is a constant target: d/d a_iam = 2 (a_iam - a_eam) / 3 only
+    assert a_iam.grad[:3].tolist() == pytest.approx((2 * d / 3).tolist())
+    assert a_eam.grad[:3].tolist() == pytest.approx((-2 * d / 3).tolist())
+    assert a_iam.grad[3] == 0 and a_eam.grad[3] == 0
+    # without the stop-gradient the gradient would be twice as large: check that the target is detached
+    a2 = a_eam.detach().clone().requires_grad_(True)
+    cross_term(a_iam.detach(), a2, region, 0.0).backward()
+    assert a2.grad[:3].tolist() == pytest.approx((-2 * d / 3).tolist())
+
+
+def _batch(seed=0):
+    img, gt = synthetic_cells((64, 64), seed=seed)
+    lab = torch.from_numpy(sparsify(gt, 0.5, seed).astype(np.int64))[None]
+    valid = torch.ones_like(lab, dtype=torch.bool)
+    x = torch.from_numpy(img.astype(np.float32) / 255)[None, None]
+    return x, lab, valid
+
+
+@pytest.mark.parametrize("which", ["iam", "eam"])
+def test_crac_loss_gradient_reaches_the_right_network_and_lowers_the_term(which):
+    torch.manual_seed(0)
+    offsets = crac_offsets(2)
+    net = TwinNet(2, 1, 16, len(offsets), base_channels=4, depth=2)
+    x, lab, valid = _batch()
+    target, annotated = affinity_targets(lab, valid, offsets)
+    term = f"supervised_{which}"
+    other = net.eam if which == "iam" else net.iam
+
+    def terms():
+        out = net(x)
+        return crac_loss(out[:, len(offsets) + 6:] if False else out[:, 16:], out[:, :16], target, annotated,
+                         pair_valid(valid, offsets), offsets, CracLossConfig(), 0.0)
+
+    t0 = terms()
+    net.zero_grad()
+    t0[term].backward()
+    own = net.iam if which == "iam" else net.eam
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in own.parameters())
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in other.parameters())
+    opt = torch.optim.SGD(own.parameters(), lr=0.5)
+    opt.step()
+    assert terms()[term].item() < t0[term].item()
+
+
+def test_twin_network_round_trips_through_its_config():
+    net = TwinNet(3, 2, 16, 12, base_channels=4, depth=2)
+    again = build_network(json.loads(json.dumps(net.config)))
+    assert isinstance(again, TwinNet) and again.config == net.config
+    again.load_state_dict(net.state_dict())
+    x = torch.randn(1, 2, 8, 16, 16)
+    assert torch.equal(again(x), net(x)) and net(x).shape == (1, 28, 8, 16, 16)
+
+
+def test_crac_training_beats_the_untrained_network(tmp_path):
+    cells = [synthetic_cells((128, 128), seed=s) for s in range(4)]
+    imgs = [c[0] for c in cells[:3]]
+    sparse = [sparsify(c[1], 0.3, i) for i, c in enumerate(cells[:3])]
+    test_img, test_gt = cells[3]
+    trainer = Trainer(imgs, sparse, TrainConfig(method="crac", iterations=150, lr=3e-3, **FAST), out=tmp_path / "m")
+
+    def score(model, source):
+        # the affinities themselves, with the true foreground given: what the loss trains
+        seg = segment(model, test_img, device="cpu", mask=test_gt > 0, affinity_source=source)
+        return evaluate(seg, test_gt)["sbd"]
+
+    untrained = {s: score(trainer.model, s) for s in ("eam", "iam")}
+    events = list(trainer.run())
+    assert events[-1].done
+    assert set(events[0].losses) == {"supervised_iam", "supervised_eam", "cross", "foreground", "loss"}
+    first = np.mean([e.losses["loss"] for e in events[:10]])
+    last = np.mean([e.losses["loss"] for e in events[-11:-1]])
+    assert last < first
+    model = load_model(tmp_path / "m")
+    assert model.config["method"] == "crac" and model.ema is None and model.config["offsets"] == crac_offsets(2)
+    assert 0 < model.config["foreground"]["c"] < 1
+    trained = {s: score(model, s) for s in ("eam", "iam")}
+    assert trained["eam"] > untrained["eam"] + 0.1 and trained["iam"] > untrained["iam"] + 0.3, (untrained, trained)
+    # and the whole default pipeline (foreground head included) produces objects
+    assert segment(model, test_img, device="cpu").max() > 0
+
+
+def test_crac_3d_trains_and_segments(tmp_path):
+    stack, gt = synthetic_cells((16, 48, 48), radius=(5, 8), seed=0)
+    trainer = Trainer([stack], [sparsify(gt, 0.3)], TrainConfig(method="crac", iterations=3, patch_shape=(16, 32, 32),
+                                                                 depth=2, checkpoint_every=1e9), out=tmp_path / "m")
+    list(trainer.run())
+    model = load_model(tmp_path / "m")
+    seg = segment(model, stack, device="cpu")
+    assert seg.shape == stack.shape and model.config["network"]["ndim"] == 3
+
+
+def test_crac_segmentation_options_and_errors(tmp_path):
+    img, gt = synthetic_cells((64, 64), seed=0)
+    crac = Trainer([img], [sparsify(gt, 0.5)], TrainConfig(method="crac", iterations=1, **FAST)).model
+    spoco = Trainer([img], [sparsify(gt, 0.5)], TrainConfig(iterations=1, **FAST)).model
+    for source in ("eam", "iam", "mean"):
+        assert segment(crac, img, device="cpu", affinity_source=source).shape == img.shape
+    with pytest.raises(SparseSegError, match="affinity source 'both': expected one of eam, iam, mean"):
+        segment(crac, img, device="cpu", affinity_source="both")
+    with pytest.raises(SparseSegError, match="only CRAC models have a choice of affinity maps"):
+        segment(spoco, img, device="cpu", affinity_source="iam")
+    with pytest.raises(SparseSegError, match="a CRAC model's affinities are segmented with 'mws' only"):
+        segment(crac, img, "hdbscan", device="cpu")
+    with pytest.raises(SparseSegError, match="agreement filtering needs an EMA network; a CRAC model has none"):
+        segment(crac, img, device="cpu", agreement=0.8)
+
+
+def test_crac_cli_train_segment_resume_and_fine_tune(tmp_path, capsys):
+    import tifffile
+
+    for d in ("img", "gt"):
+        (tmp_path / d).mkdir()
+    for i in range(2):
+        img, lab = synthetic_cells((96, 96), seed=i)
+        tifffile.imwrite(tmp_path / "img" / f"c{i}.tif", img)
+        tifffile.imwrite(tmp_path / "gt" / f"c{i}.tif", sparsify(lab, 0.3, i))
+    fast = ["--patch-shape", "64,64", "--quiet", "--base-channels", "4"]
+    common = ["--images", str(tmp_path / "img" / "*.tif"), "--labels", str(tmp_path / "gt" / "*.tif")]
+    assert main(["train", *common, "--out", str(tmp_path / "m"), "--iterations", "2", "--method", "crac", *fast]) == 0
+    assert "training CRAC on 2 image(s)" in capsys.readouterr().out
+    # resume and fine-tune keep the model's method without being told
+    assert main(["train", *common, "--out", str(tmp_path / "m"), "--iterations", "1", "--resume", *fast]) == 0
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["method"] == "crac" and cfg["training"]["iteration"] == 3
+    assert main(["train", *common, "--out", str(tmp_path / "t"), "--iterations", "1", "--from", str(tmp_path / "m"),
+                 *fast]) == 0
+    assert json.loads((tmp_path / "t" / "config.json").read_text())["method"] == "crac"
+    capsys.readouterr()
+    assert main(["segment", "--model", str(tmp_path / "m"), "--images", str(tmp_path / "img" / "c0.tif"),
+                 "--out", str(tmp_path / "seg"), "--affinities", "mean"]) == 0
+    assert (tmp_path / "seg" / "c0.tif").exists() and "objects in" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["train", *common, "--out", str(tmp_path / "x"), "--method", "crack", *fast])
+    assert "argument --method: invalid choice: 'crack'" in capsys.readouterr().err
