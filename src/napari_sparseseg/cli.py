@@ -71,6 +71,10 @@ def _load_pairs(images: str, labels: str, masks: str | None = None):
     return imgs, labs, names, (ignore if masks is not None else None)
 
 
+#: loss terms shown beside the total in the training progress bar, when the method has them
+PROGRESS_TERMS = ("obj", "consistency", "supervised_eam", "cross")
+
+
 def cmd_train(args) -> int:
     from tqdm import tqdm
 
@@ -133,8 +137,8 @@ def cmd_train(args) -> int:
                 break
             bar.update(1)
             if ev.iteration % 5 == 0:
-                bar.set_postfix(loss=f"{ev.losses['loss']:.3f}", obj=f"{ev.losses['obj']:.3f}",
-                                con=f"{ev.losses['consistency']:.3f}")
+                # the total first, then the method's own terms (SPOCO and CRAC name theirs differently)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in ev.losses.items() if k in ("loss", *PROGRESS_TERMS)})
     except KeyboardInterrupt:
         events.close()  # the trainer writes its checkpoint on close
         reason = "interrupted (Ctrl-C)"
