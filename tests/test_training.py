@@ -116,7 +116,7 @@ def test_full_supervision_with_background_id_trains_as_dense_labels(cells2d):
 
 def test_3d_training_and_segmentation(tmp_path):
     img, gt = synthetic_cells((16, 48, 48), radius=(6, 9), seed=1)
-    cfg = TrainConfig(iterations=3, batch_size=1, patch_shape=(16, 32, 32), base_channels=4, depth=3)
+    cfg = TrainConfig(iterations=3, batch_size=1, patch_shape=(16, 32, 32), base_channels=4, depth=3, method="spoco")
     trainer = Trainer([img], [sparsify(gt, 0.3)], cfg, out=tmp_path / "m3")
     list(trainer.run())
     model = trainer.model
@@ -313,7 +313,7 @@ def test_ignore_mask_removes_pixels_from_training(cells2d):
 
 
 def test_unknown_method_is_named_in_the_error():
-    with pytest.raises(SparseSegError, match="method 'crack': expected one of spoco"):
+    with pytest.raises(SparseSegError, match="method 'crack': expected auto or one of spoco, crac"):
         TrainConfig(method="crack")
 
 
@@ -369,3 +369,13 @@ def test_the_loop_only_talks_to_the_method_interface(cells2d, monkeypatch):
     assert events[-2].losses["fit"] < events[0].losses["fit"] / 2
     model = trainer.model
     assert model.config["method"] == "mean" and model.net is trainer.method.net and model.ema is None
+
+
+def test_auto_method_follows_the_dimensionality(cells2d):
+    from napari_sparseseg.core.methods import DEFAULT_METHOD
+
+    img, gt = cells2d[0]
+    assert Trainer([img], [sparsify(gt, 0.3)], TrainConfig(iterations=1, **FAST)).method.name == DEFAULT_METHOD[2]
+    stack, sgt = synthetic_cells((16, 32, 32), radius=(5, 8), seed=0)
+    cfg = TrainConfig(iterations=1, patch_shape=(16, 32, 32), depth=3)
+    assert Trainer([stack], [sparsify(sgt, 0.3)], cfg).method.name == DEFAULT_METHOD[3] == cfg.method

@@ -281,7 +281,7 @@ def test_ignore_mask_layer_and_object_diameter(qtbot, widget, errors):
 
 def test_crac_trains_and_segments_from_the_widget(qtbot, widget, errors):
     viewer, w = widget
-    assert w.train.method.choices == ("spoco", "crac")
+    assert w.train.method.choices == ("auto", "spoco", "crac") and w.train.method.value == "auto"
     w.train.method.value = "crac"
     _train(qtbot, w, iterations=5, preview_every=0)
     assert not errors

@@ -17,7 +17,7 @@ import numpy as np
 
 from .core import checkpoint, io
 from .core.errors import SparseSegError
-from .core.methods import METHOD_NAMES
+from .core.methods import DEFAULT_METHOD, METHOD_NAMES
 from .core.segment import AFFINITY_SOURCES, AGREEMENT, BIAS, CRAC_AFFINITY_SOURCE
 from .core.training import FINE_TUNE_LR, LR
 
@@ -246,8 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--time-limit", type=float, default=None, metavar="SECONDS", help="stop after this many seconds")
     t.add_argument("--iterations", type=int, default=None, help="stop after this many iterations")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--method", choices=METHOD_NAMES, default="spoco",
-                   help="training method (a model given with --from or --resume keeps its own)")
+    t.add_argument("--method", choices=("auto", *METHOD_NAMES), default="auto",
+                   help="training method; auto: " + ", ".join(f"{m} in {d}D" for d, m in DEFAULT_METHOD.items())
+                        + " (a model given with --from or --resume keeps its own)")
     t.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     t.add_argument("--from", dest="init", default=None, metavar="MODEL", help=f"fine-tune this model (lr {FINE_TUNE_LR:g} by default)")
     t.add_argument("--resume", action="store_true", help="continue training the model already in --out")

@@ -28,7 +28,7 @@ from .errors import SparseSegError
 from .io import normalize, to_channels_first
 from .crac_loss import CracLossConfig
 from .losses import SpocoLossConfig
-from .methods import METHOD_NAMES, get_method
+from .methods import METHOD_NAMES, get_method, resolve_method
 
 #: training crops span this many target diameters in y/x (and in z, at most 32 slices)
 PATCH_DIAMETERS = 4
@@ -49,8 +49,9 @@ NORMALIZATION = {"type": "percentile", "low": 1.0, "high": 99.8}
 class TrainConfig:
     """What to train and for how long. ``None`` for both limits means DEFAULT_ITERATIONS."""
 
-    #: the training method (methods.METHOD_NAMES); a model being fine-tuned or resumed keeps its own
-    method: str = "spoco"
+    #: the training method (methods.METHOD_NAMES), or "auto": methods.DEFAULT_METHOD for the labels'
+    #: dimensionality; a model being fine-tuned or resumed keeps its own
+    method: str = "auto"
     iterations: int | None = None
     time_limit: float | None = None
     #: None: BATCH_SIZE for the labels' dimensionality
@@ -93,8 +94,8 @@ class TrainConfig:
             self.loss = SpocoLossConfig(**self.loss)
         if isinstance(self.crac, dict):
             self.crac = CracLossConfig(**self.crac)
-        if self.method not in METHOD_NAMES:
-            raise SparseSegError(f"method {self.method!r}: expected one of {', '.join(METHOD_NAMES)}")
+        if self.method not in ("auto", *METHOD_NAMES):
+            raise SparseSegError(f"method {self.method!r}: expected auto or one of {', '.join(METHOD_NAMES)}")
         if self.iterations is not None and self.iterations < 1:
             raise SparseSegError(f"iterations must be >= 1, got {self.iterations}")
         if self.time_limit is not None and self.time_limit <= 0:
@@ -129,7 +130,7 @@ def _patch_shape(ndim: int, shapes: list[tuple[int, ...]], divisor: tuple[int, .
 
 
 class Trainer:
-    """Trains a model on sparse labels with the method of ``config.method`` (SPOCO by default). Images: arrays (Y, X[, C]) or (Z, Y, X[, C]) / (C, ...);
+    """Trains a model on sparse labels with the method of ``config.method`` ("auto": per dimensionality). Images: arrays (Y, X[, C]) or (Z, Y, X[, C]) / (C, ...);
     labels: (Y, X) or (Z, Y, X) integer arrays, 0 = unlabeled.
 
     ``init`` is a model to start from: to continue training it (``resume=True``, optimizer and
@@ -196,6 +197,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         if init is not None:
             cfg.method = init.config.get("method", "spoco")
+        cfg.method = resolve_method(cfg.method, ndim)
         if cfg.lr is None:
             cfg.lr = FINE_TUNE_LR if (init is not None and not resume) else LR
         method_cls = get_method(cfg.method)

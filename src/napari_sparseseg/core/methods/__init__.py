@@ -11,6 +11,17 @@ from .spoco import SpocoMethod
 #: name -> class; a model's ``config.json`` records the name
 METHODS: dict[str, type[Method]] = {"spoco": SpocoMethod, "crac": CracMethod}
 METHOD_NAMES = tuple(METHODS)
+#: what "auto" trains, per dimensionality: the better method on the benchmark suite's datasets of
+#: that kind (docs/benchmarks.md)
+DEFAULT_METHOD = {2: "spoco", 3: "crac"}
+
+
+def resolve_method(name: str, ndim: int) -> str:
+    """``"auto"`` -> the default method for ``ndim``-D labels; a registered name as it is."""
+    if name == "auto":
+        return DEFAULT_METHOD[ndim]
+    get_method(name)
+    return name
 
 
 def get_method(name: str) -> type[Method]:
@@ -21,4 +32,4 @@ def get_method(name: str) -> type[Method]:
         raise SparseSegError(f"method {name!r}: expected one of {', '.join(METHOD_NAMES)}") from None
 
 
-__all__ = ["METHODS", "METHOD_NAMES", "CracMethod", "Method", "SpocoMethod", "get_method"]
+__all__ = ["DEFAULT_METHOD", "METHODS", "METHOD_NAMES", "resolve_method", "CracMethod", "Method", "SpocoMethod", "get_method"]
