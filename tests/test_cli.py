@@ -1,4 +1,5 @@
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -221,13 +222,15 @@ def test_ctrl_c_stops_cleanly_and_keeps_model(data, tmp_path):
     cmd = [sys.executable, "-m", "napari_sparseseg", "train", "--images", str(data / "img" / "*.tif"),
            "--labels", str(data / "sparse" / "*.tif"), "--out", str(out), "--iterations", "100000",
            "--checkpoint-every", "0.5", *FAST]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # one thread: the child must not fight the test process's own torch threads for the cores
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     deadline = time.time() + 120
     while not (out / "config.json").exists() and time.time() < deadline:
         time.sleep(0.2)
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
-    stdout, _ = proc.communicate(timeout=60)
+    stdout, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, stdout
     assert "interrupted (Ctrl-C)" in stdout
     cfg = json.loads((out / "config.json").read_text())
