@@ -189,7 +189,7 @@ def test_crac_segmentation_options_and_errors(tmp_path):
         segment(crac, img, device="cpu", affinity_source="both")
     with pytest.raises(SparseSegError, match="only CRAC models have a choice of affinity maps"):
         segment(spoco, img, device="cpu", affinity_source="iam")
-    with pytest.raises(SparseSegError, match="a CRAC model's affinities are segmented with 'mws' only"):
+    with pytest.raises(SparseSegError, match="a CRAC model's affinities are segmented with 'mws' or 'multicut' only"):
         segment(crac, img, "hdbscan", device="cpu")
     with pytest.raises(SparseSegError, match="agreement filtering needs an EMA network; a CRAC model has none"):
         segment(crac, img, device="cpu", agreement=0.8)

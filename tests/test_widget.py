@@ -294,4 +294,4 @@ def test_crac_trains_and_segments_from_the_widget(qtbot, widget, errors):
     # a choice a CRAC model cannot take is reported, naming why
     w.segment.method.value = "hdbscan"  # re-clustering reports it at once
     qtbot.waitUntil(lambda: w.segment.worker is None and bool(errors), timeout=60_000)
-    assert "segmented with 'mws' only" in errors[-1]
+    assert "segmented with 'mws' or 'multicut' only" in errors[-1]

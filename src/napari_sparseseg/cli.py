@@ -18,7 +18,7 @@ import numpy as np
 from .core import checkpoint, io
 from .core.errors import SparseSegError
 from .core.methods import DEFAULT_METHOD, METHOD_NAMES
-from .core.segment import AFFINITY_SOURCES, AGREEMENT, BIAS, CRAC_AFFINITY_SOURCE
+from .core.segment import AFFINITY_SOURCES, AGREEMENT, BIAS, CLUSTERINGS, CRAC_AFFINITY_SOURCE
 from .core.training import FINE_TUNE_LR, LR
 
 
@@ -277,8 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", required=True)
     g.add_argument("--images", required=True, help="images (quoted glob)")
     g.add_argument("--out", required=True, help="folder for <stem>.tif")
-    g.add_argument("--clustering", choices=("mws", "hdbscan", "meanshift", "consistency"), default="mws")
-    g.add_argument("--bias", type=float, default=None, help=f"> 0 splits more, < 0 merges more (mws; default {BIAS})")
+    g.add_argument("--clustering", choices=CLUSTERINGS, default="auto",
+                   help="auto (default): multicut on superpixels where an image is mostly foreground (dense tissue: "
+                        "membranes, EM), mutex watershed (mws) for objects on a background")
+    g.add_argument("--bias", type=float, default=None,
+                   help=f"> 0 splits more, < 0 merges more (mws and multicut; default {BIAS})")
     g.add_argument("--min-size", type=int, default=None, help="smaller objects are removed (default: 1/4 of the median annotated object)")
     g.add_argument("--max-size", type=int, default=None,
                    help="larger segments are background (default: no limit)")
@@ -290,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="foreground probability threshold (default: from the model)")
     g.add_argument("--agreement", type=float, default=None, metavar="IOU",
                    help="keep segments the EMA network reproduces with at least this IoU "
-                        f"(default {AGREEMENT} for mws when background is the largest segment, else off; 0: off)")
+                        f"(default {AGREEMENT} for mws and multicut when background is the largest segment, else off; 0: off)")
     g.add_argument("--affinities", choices=tuple(AFFINITY_SOURCES), default=None,
                    help=f"CRAC models: the affinity map the mutex watershed reads: eam (from the embeddings), iam "
                         f"(predicted directly) or mean (default {CRAC_AFFINITY_SOURCE})")

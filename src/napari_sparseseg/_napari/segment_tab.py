@@ -10,10 +10,11 @@ from napari.qt.threading import create_worker
 from qtpy.QtWidgets import QVBoxLayout, QWidget
 
 from ..core import checkpoint
+from ..core.clustering import GRAPH_METHODS
 from ..core.errors import SparseSegError
 from ..core.prediction import to_image_shape
 from ..core.segment import (
-    AFFINITY_SOURCES, AGREEMENT, BACKGROUNDS, BIAS, CRAC_AFFINITY_SOURCE, default_min_size, foreground_threshold, needs_g,
+    AFFINITY_SOURCES, AGREEMENT, BACKGROUNDS, BIAS, CLUSTERINGS, CRAC_AFFINITY_SOURCE, default_min_size, foreground_threshold, needs_g,
     resolve,
 )
 from . import layers as L
@@ -26,9 +27,11 @@ class SegmentPanel(QWidget):
         super().__init__()
         self.viewer, self.session = viewer, session
         self.image = ComboBox(choices=L.layer_choices(viewer, napari.layers.Image))
-        self.method = ComboBox(choices=["mws", "hdbscan", "meanshift", "consistency"], value="mws")
+        self.method = ComboBox(choices=list(CLUSTERINGS), value="auto",
+                               tooltip="auto: multicut on superpixels where the image is mostly foreground (dense "
+                                       "tissue), mutex watershed (mws) for objects on a background")
         self.bias = FloatSlider(value=BIAS, min=-0.5, max=0.5, step=0.01,
-                                tooltip="> 0 splits more, < 0 merges more (mutex watershed)")
+                                tooltip="> 0 splits more, < 0 merges more (mws and multicut)")
         self.min_size = L.count_box(value=-1, min=-1, max=10**9, tooltip="-1: from the model (1/4 of the median object)")
         self.max_size = L.count_box(value=0, min=0, max=10**12, tooltip="larger segments are background; 0: no limit")
         self.background = ComboBox(choices=list(BACKGROUNDS), value="auto",
@@ -104,7 +107,7 @@ class SegmentPanel(QWidget):
                     max_size=int(self.max_size.value) or None,
                     background=self.background.value,
                     fg_threshold=None if self.fg_threshold.value < 0 else float(self.fg_threshold.value),
-                    agreement=float(self.agreement.value) if self.method.value == "mws" and self.agreement.value >= 0
+                    agreement=float(self.agreement.value) if self.method.value in ("auto", *GRAPH_METHODS) and self.agreement.value >= 0
                     else None,
                     affinity_source=None if self.affinities.value == "auto" else self.affinities.value)
 

@@ -1,5 +1,6 @@
-"""From pixel embeddings to instance labels: mutex watershed (default), HDBSCAN, mean-shift and
-consistency clustering, plus the post-processing users expect.
+"""From pixel embeddings to instance labels: mutex watershed, multicut on superpixels
+(:mod:`.agglomeration`), HDBSCAN, mean-shift and consistency clustering, plus the post-processing
+users expect.
 
 Embeddings are float arrays (D, Y, X) or (D, Z, Y, X). Every function returns an integer label
 image where 0 is background (when background handling is on) and ids are consecutive.
@@ -14,7 +15,9 @@ from skimage.segmentation import relabel_sequential
 from .errors import SparseSegError
 from .offsets import default_offsets  # noqa: F401  (part of this module's API)
 
-METHODS = ("mws", "hdbscan", "meanshift", "consistency")
+METHODS = ("mws", "multicut", "hdbscan", "meanshift", "consistency")
+#: the methods that read per-offset weights (embedding distances and the affinity head)
+GRAPH_METHODS = ("mws", "multicut")
 
 
 def _check(embeddings: np.ndarray) -> np.ndarray:
@@ -134,6 +137,26 @@ def mutex_watershed(
     strides = list(strides) if strides is not None else [1] * ndim
     seg = elf_mws(w, offsets, strides=strides, randomize_strides=False, mask=mask)
     return seg.astype(np.int64)
+
+
+def multicut(
+    embeddings: np.ndarray,
+    offsets: list[list[int]] | None = None,
+    delta_dist: float = 2.0,
+    bias: float = 0.0,
+    mask: np.ndarray | None = None,
+    affinities: np.ndarray | None = None,
+    affinity_mix: float = 0.5,
+    attractive_mix: float | None = None,
+    embedding_metric: str = "distance",
+) -> np.ndarray:
+    """Multicut on superpixels (:func:`.agglomeration.multicut_segmentation`) of the same weights
+    the mutex watershed reads (:func:`mws_weights`); ``bias`` > 0 splits more, < 0 merges more."""
+    from .agglomeration import multicut_segmentation
+
+    offsets = offsets or default_offsets(embeddings.ndim - 1)
+    w = mws_weights(embeddings, offsets, delta_dist, affinities, affinity_mix, attractive_mix, embedding_metric)
+    return multicut_segmentation(w, offsets, bias, mask)
 
 
 def _flat(embeddings: np.ndarray, mask: np.ndarray | None):
@@ -335,7 +358,8 @@ def segment_embeddings(
 ) -> np.ndarray:
     """Instance labels from embeddings (D, Y, X) or (D, Z, Y, X).
 
-    ``method``: "mws" (mutex watershed, default), "hdbscan", "meanshift" or "consistency" (needs
+    ``method``: "mws" (mutex watershed, default), "multicut" (on superpixels), "hdbscan", "meanshift"
+    or "consistency" (needs
     ``embeddings_g``, the EMA network's embeddings). ``background``: see :func:`remove_background`
     (by default the largest segment, the background cluster, comes out as 0; "foreground" needs
     ``foreground`` and ``fg_threshold``). With ``agreement`` (and ``embeddings_g``), g's
@@ -365,6 +389,8 @@ def segment_embeddings(
         if method == "mws":
             return mutex_watershed(emb, offsets, delta_dist, bias, strides, mws_mask, aff, affinity_mix, attractive_mix,
                                    embedding_metric)
+        if method == "multicut":
+            return multicut(emb, offsets, delta_dist, bias, mws_mask, aff, affinity_mix, attractive_mix, embedding_metric)
         if method == "hdbscan":
             return hdbscan_clustering(emb, max(min_size, 2) if min_size else 200, mask)
         return meanshift_clustering(emb, delta_var, mask)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import Model
-from .clustering import segment_embeddings
+from .clustering import GRAPH_METHODS, METHODS, segment_embeddings
 from .errors import SparseSegError
 from .prediction import Prediction, predict_scaled
 
@@ -42,6 +42,12 @@ AFFINITY_MIX = 0.5
 ATTRACTIVE_MIX = 1.0
 
 BACKGROUNDS = ("auto", "foreground", "largest", "none")
+#: clustering choices; "auto" (the default) takes the multicut on superpixels for an image that is
+#: mostly foreground (dense tissue: membranes, EM neuropil) and the mutex watershed for objects on a
+#: background (nuclei, leaves, organelles): chosen on the benchmark suite (docs/benchmarks.md)
+CLUSTERINGS = ("auto", *METHODS)
+#: "auto" calls an image dense tissue when at least this fraction of it is foreground
+DENSE_FRACTION = 0.5
 #: CRAC models: which affinity map the mutex watershed reads (the affinity head's share of the
 #: weights): the explicit map from the embeddings (the paper's choice), the implicit one, or both
 AFFINITY_SOURCES = {"eam": 0.0, "iam": 1.0, "mean": 0.5}
@@ -65,15 +71,16 @@ def clustering_options(config: dict[str, Any], method: str = "mws", zoom: float 
         "offsets": config.get("offsets"),
         "min_size": int(med * MIN_SIZE_FRACTION),
         "bias": BIAS,
-        "agreement": AGREEMENT if method == "mws" else None,
+        "agreement": AGREEMENT if method in GRAPH_METHODS or method == "auto" else None,
         "affinity_mix": AFFINITY_MIX,
         "attractive_mix": ATTRACTIVE_MIX,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     source = overrides.pop("affinity_source", None)
     if config.get("method") == "crac":
-        if method != "mws":
-            raise SparseSegError(f"clustering {method!r}: a CRAC model's affinities are segmented with 'mws' only")
+        if method not in GRAPH_METHODS and method != "auto":
+            raise SparseSegError(f"clustering {method!r}: a CRAC model's affinities are segmented with "
+                                 f"{' or '.join(repr(m) for m in GRAPH_METHODS)} only")
         if overrides.get("agreement"):
             raise SparseSegError("agreement filtering needs an EMA network; a CRAC model has none")
         source = source or CRAC_AFFINITY_SOURCE
@@ -166,16 +173,36 @@ def resize_labels(labels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return F.interpolate(t, size=tuple(shape), mode="nearest-exact")[0, 0].numpy().astype(np.int64)
 
 
-def cluster(model: Model, embedded: Embedded, method: str = "mws", fg_threshold: float | None = None,
+def choose_clustering(method: str, foreground: np.ndarray | None, fg_threshold: float | None) -> str:
+    """The clustering "auto" stands for on one image: "multicut" when at least ``DENSE_FRACTION``
+    of the image is foreground (dense tissue), else "mws"; other choices are returned unchanged."""
+    if method != "auto":
+        if method not in METHODS:
+            raise SparseSegError(f"clustering method {method!r}: expected one of {', '.join(CLUSTERINGS)}")
+        return method
+    if foreground is None or fg_threshold is None:
+        return "mws"
+    return "multicut" if float(np.mean(foreground >= fg_threshold)) >= DENSE_FRACTION else "mws"
+
+
+def cluster(model: Model, embedded: Embedded, method: str = "auto", fg_threshold: float | None = None,
             **overrides) -> np.ndarray:
     """Cluster cached predictions with the model's defaults unless overridden (no network call);
     labels at the image's resolution.
 
-    ``background`` (override): "auto" (default), "foreground" (segments the foreground head calls
-    background are 0; threshold from the model unless ``fg_threshold``), "largest" or "none".
+    ``method``: "auto" (default: :func:`choose_clustering` on this image; "multicut" with
+    background "none") or one of :data:`.clustering.METHODS`. ``background`` (override): "auto"
+    (default), "foreground" (segments the foreground head calls background are 0; threshold from
+    the model unless ``fg_threshold``), "largest" or "none".
     """
     pred = embedded.f
     background, opts = resolve(model.config, method, pred.zoom, **overrides)
+    thr = fg_threshold if fg_threshold is not None else foreground_threshold(model.config)
+    if method == "auto":
+        dense = background == "none" or (
+            background == "foreground" and choose_clustering("auto", pred.foreground, thr) == "multicut")
+        method = "multicut" if dense else "mws"
+    choose_clustering(method, None, None)  # a name that is no clustering is an error here
     if opts.get("mask") is not None:
         # a mask is given at the image's resolution; clustering runs at the model's scale
         mask = np.asarray(opts["mask"])
@@ -187,7 +214,6 @@ def cluster(model: Model, embedded: Embedded, method: str = "mws", fg_threshold:
     if background == "foreground":
         if pred.foreground is None:
             raise SparseSegError("background 'foreground' needs the foreground probability of the model")
-        thr = fg_threshold if fg_threshold is not None else foreground_threshold(model.config)
         premask = pred.foreground >= PREMASK_FRACTION * thr
         if opts.get("mask") is not None:
             premask &= np.asarray(opts["mask"], bool)
@@ -199,7 +225,7 @@ def cluster(model: Model, embedded: Embedded, method: str = "mws", fg_threshold:
     return resize_labels(seg, pred.shape)
 
 
-def segment(model: Model, image: np.ndarray, method: str = "mws", device: str = "auto", name: str = "image",
+def segment(model: Model, image: np.ndarray, method: str = "auto", device: str = "auto", name: str = "image",
             diameter: float | None = None, **overrides) -> np.ndarray:
     """Instance labels for ``image``: :func:`embed`, then :func:`cluster`."""
     embedded = embed(model, image, needs_g(method, model.config, **overrides), device, name, diameter)

@@ -1,0 +1,147 @@
+"""Multicut on superpixels of the learned weights (core.agglomeration) and its place in clustering."""
+
+import numpy as np
+import pytest
+
+from napari_sparseseg.core import agglomeration as A
+from napari_sparseseg.core.clustering import mutex_watershed, segment_embeddings
+from napari_sparseseg.core.errors import SparseSegError
+from napari_sparseseg.core.metrics import evaluate
+from napari_sparseseg.core.offsets import default_offsets
+from napari_sparseseg.core.segment import DENSE_FRACTION, choose_clustering
+
+
+def _weights(lab: np.ndarray, offsets, noise: float = 0.0, seed: int = 0, flips: float = 0.0) -> np.ndarray:
+    """Disaffinities from a label image (1 across a label change), plus Gaussian noise and a
+    fraction ``flips`` of the long-range weights set to 1 (spurious repulsion)."""
+    w = np.zeros((len(offsets),) + lab.shape, np.float32)
+    for c, off in enumerate(offsets):
+        if any(abs(o) >= s for o, s in zip(off, lab.shape)):
+            continue
+        src = tuple(slice(max(0, -o), s - max(0, o)) for o, s in zip(off, lab.shape))
+        dst = tuple(slice(max(0, o), s - max(0, -o)) for o, s in zip(off, lab.shape))
+        w[(c,) + src] = lab[src] != lab[dst]
+    rng = np.random.default_rng(seed)
+    if noise:
+        w += rng.normal(0, noise, w.shape).astype(np.float32)
+    if flips:
+        nd = lab.ndim
+        w[nd:][rng.random(w[nd:].shape) < flips] = 1
+    return np.clip(w, 0, 1)
+
+
+def _blocks(shape=(64, 64), n=4) -> np.ndarray:
+    lab = np.zeros(shape, np.int64)
+    step = shape[0] // n
+    for i in range(n):
+        for j in range(n):
+            lab[i * step:(i + 1) * step, j * step:(j + 1) * step] = i * n + j + 1
+    return lab
+
+
+def test_boundary_map_marks_both_sides_of_a_boundary():
+    lab = np.zeros((5, 6), np.int64)
+    lab[:, 3:] = 1
+    offsets = default_offsets(2)
+    b = A.boundary_map(_weights(lab, offsets), offsets)
+    expect = np.zeros((5, 6), np.float32)
+    expect[:, 2:4] = 1  # the pixel left of the cut sees it through its right neighbour
+    np.testing.assert_array_equal(b, expect)
+
+
+def test_boundary_map_3d_z_boundary():
+    lab = np.zeros((4, 3, 3), np.int64)
+    lab[2:] = 1
+    offsets = default_offsets(3)
+    b = A.boundary_map(_weights(lab, offsets), offsets)
+    assert b[1].min() == 1 and b[2].min() == 1 and b[0].max() == 0 and b[3].max() == 0
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (16, 48, 48)])
+def test_multicut_recovers_objects_from_noisy_weights(shape):
+    lab = _blocks(shape[-2:], 4)
+    if len(shape) == 3:
+        lab = np.repeat(lab[None], shape[0], axis=0)
+    offsets = default_offsets(len(shape))
+    w = _weights(lab, offsets, noise=0.2, flips=0.02)
+    seg = A.multicut_segmentation(w, offsets)
+    s = evaluate(seg, lab)
+    assert s["arand"] < 0.05, s
+    assert abs(len(np.unique(seg)) - 16) <= 1
+    # a few spurious long-range repulsions cut the mutex watershed's objects into pieces
+    emb = np.zeros((2,) + shape, np.float32)
+    mws = mutex_watershed(emb, offsets, affinities=1 - w, affinity_mix=1.0)
+    assert len(np.unique(mws)) > 2 * 16
+
+
+def test_multicut_bias_splits_more():
+    lab = _blocks()
+    offsets = default_offsets(2)
+    w = _weights(lab, offsets, noise=0.35, seed=1)
+    n = [len(np.unique(A.multicut_segmentation(w, offsets, bias))) for bias in (-0.2, 0.0, 0.2)]
+    assert n[0] <= n[1] <= n[2] and n[0] < n[2]
+
+
+def test_multicut_mask_never_bridges_objects():
+    # two halves that the weights call one object, separated by a masked-out strip
+    lab = np.ones((32, 32), np.int64)
+    offsets = default_offsets(2)
+    w = _weights(lab, offsets)
+    mask = np.ones((32, 32), bool)
+    mask[:, 14:18] = False
+    seg = A.multicut_segmentation(w, offsets, mask=mask)
+    assert (seg[~mask] == 0).all()
+    left, right = np.unique(seg[:, :14]), np.unique(seg[:, 18:])
+    assert len(left) == 1 and len(right) == 1 and left[0] != right[0] and 0 not in (left[0], right[0])
+    assert not A.multicut_segmentation(w, offsets, mask=np.zeros((32, 32), bool)).any()
+
+
+def test_multicut_errors_name_the_input():
+    offsets = default_offsets(2)
+    with pytest.raises(SparseSegError, match=r"weights: expected one channel per offset \(8, \*S\), got \(3, 8, 8\)"):
+        A.multicut_segmentation(np.zeros((3, 8, 8), np.float32), offsets)
+    with pytest.raises(SparseSegError, match=r"bias: expected a value in \(-0.5, 0.5\) for the multicut, got 0.7"):
+        A.multicut_segmentation(np.zeros((8, 8, 8), np.float32), offsets, bias=0.7)
+
+
+def test_segment_embeddings_multicut_with_background_rule():
+    lab = _blocks()
+    lab[lab == 6] = 0  # a background region the foreground says is background
+    offsets = default_offsets(2)
+    emb = np.zeros((2, 64, 64), np.float32)
+    fg = (lab > 0).astype(np.float32)
+    seg = segment_embeddings(emb, "multicut", offsets=offsets, affinities=1 - _weights(lab, offsets),
+                             affinity_mix=1.0, attractive_mix=1.0, background="foreground", foreground=fg,
+                             fg_threshold=0.5)
+    assert (seg[lab == 0] == 0).all()
+    assert evaluate(seg, lab)["arand"] < 0.02
+
+
+def test_auto_clustering_follows_the_foreground_fraction():
+    fg = np.zeros((10, 10), np.float32)
+    fg[:, : int(10 * DENSE_FRACTION)] = 0.9  # exactly the dense fraction is foreground
+    assert choose_clustering("auto", fg, 0.5) == "multicut"
+    fg[0, 0] = 0.1
+    assert choose_clustering("auto", fg, 0.5) == "mws"  # objects on a background
+    assert choose_clustering("auto", None, None) == "mws"  # no foreground head
+    assert choose_clustering("hdbscan", fg, 0.5) == "hdbscan"  # a named method is kept
+    with pytest.raises(SparseSegError, match="clustering method 'waterz': expected one of auto, mws, multicut"):
+        choose_clustering("waterz", fg, 0.5)
+
+
+def test_cluster_auto_takes_multicut_on_dense_images():
+    from napari_sparseseg import TrainConfig, Trainer
+    from napari_sparseseg.core.samples import synthetic_cells
+    from napari_sparseseg.core.segment import cluster, embed
+    from napari_sparseseg.core.sparsify import sparsify
+
+    img, gt = synthetic_cells((96, 96), seed=0)
+    model = Trainer([img], [sparsify(gt, 0.5)], TrainConfig(iterations=1, patch_shape=(64, 64), base_channels=8,
+                                                            depth=3, checkpoint_every=1e9)).model
+    model.config["foreground"] = {"c": 0.5}  # as a trained foreground head reports it (threshold c/2)
+    e = embed(model, img, device="cpu")
+    e.f.foreground[:] = 1.0  # all foreground: dense tissue
+    assert np.array_equal(cluster(model, e), cluster(model, e, "multicut"))
+    e.f.foreground[:] = 0.0
+    e.f.foreground[:20, :20] = 1.0  # a few objects on a background
+    assert np.array_equal(cluster(model, e), cluster(model, e, "mws"))
