@@ -153,21 +153,21 @@ def cmd_train(args) -> int:
 
 # -- segment -------------------------------------------------------------------------------------
 def cmd_segment(args) -> int:
-    from .core.segment import segment
+    from .core.segment import cluster, embed, needs_g, resolved_clustering
 
     model = checkpoint.load(args.model)
     files = io.expand(args.images, "--images")
     out = Path(args.out)
+    overrides = dict(bias=args.bias, min_size=args.min_size, max_size=args.max_size, background=args.background,
+                     agreement=args.agreement, fg_threshold=args.fg_threshold, affinity_source=args.affinities)
+    need_g = needs_g(args.clustering, model.config, **overrides)
     for path in files:
         t0 = time.perf_counter()
-        seg = segment(
-            model, io.read(path), args.clustering, device=args.device, name=str(path), diameter=args.diameter,
-            bias=args.bias,
-            min_size=args.min_size, max_size=args.max_size, background=args.background, agreement=args.agreement,
-            fg_threshold=args.fg_threshold, affinity_source=args.affinities,
-        )
+        embedded = embed(model, io.read(path), need_g, args.device, str(path), args.diameter)
+        how = resolved_clustering(model, embedded, args.clustering, **overrides)
+        seg = cluster(model, embedded, args.clustering, **overrides)
         dst = io.write(_out_path(out, path), seg.astype(np.uint32 if seg.max() > 65535 else np.uint16))
-        print(f"{path} -> {dst}: {int(seg.max())} objects in {time.perf_counter() - t0:.2f} s")
+        print(f"{path} -> {dst}: {int(seg.max())} objects in {time.perf_counter() - t0:.2f} s ({how})")
     return 0
 
 

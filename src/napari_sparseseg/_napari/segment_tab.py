@@ -15,7 +15,7 @@ from ..core.errors import SparseSegError
 from ..core.prediction import to_image_shape
 from ..core.segment import (
     AFFINITY_SOURCES, AGREEMENT, BACKGROUNDS, BIAS, CLUSTERINGS, CRAC_AFFINITY_SOURCE, default_min_size, foreground_threshold, needs_g,
-    resolve,
+    resolve, resolved_clustering,
 )
 from . import layers as L
 from . import workers
@@ -226,6 +226,16 @@ class SegmentPanel(QWidget):
             layer = self.viewer.add_labels(seg, name=f"{image.name} segmentation",
                                            scale=image.scale[-seg.ndim:])
             self.outputs[image.name] = layer
-        self.status.value = f"{int(seg.max())} objects"
+        self.status.value = f"{int(seg.max())} objects" + self._clustering_note()
+
+    def _clustering_note(self) -> str:
+        """What "auto" chose for the shown image, e.g. " (auto: multicut, dense tissue)"."""
+        if self.method.value != "auto" or self._cache is None or self.session.model is None:
+            return ""
+        try:
+            chosen = resolved_clustering(self.session.model, self._cache["embedded"], "auto", **self._overrides())
+        except SparseSegError:
+            return ""
+        return f" (auto: {chosen}, {'dense tissue' if chosen == 'multicut' else 'objects on a background'})"
 
 

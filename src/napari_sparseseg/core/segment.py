@@ -185,6 +185,22 @@ def choose_clustering(method: str, foreground: np.ndarray | None, fg_threshold: 
     return "multicut" if float(np.mean(foreground >= fg_threshold)) >= DENSE_FRACTION else "mws"
 
 
+def resolved_clustering(model: Model, embedded: Embedded, method: str = "auto", fg_threshold: float | None = None,
+                        **overrides) -> str:
+    """The clustering :func:`cluster` runs for these choices on this image: "auto" is the multicut
+    with background "none" or where the foreground head calls the image dense
+    (:func:`choose_clustering`), else the mutex watershed; a named method is itself."""
+    if method != "auto":
+        return choose_clustering(method, None, None)
+    background = resolve_background(model.config, overrides.get("background"))
+    if background == "none":
+        return "multicut"
+    if background != "foreground":
+        return "mws"
+    thr = fg_threshold if fg_threshold is not None else foreground_threshold(model.config)
+    return choose_clustering("auto", embedded.f.foreground, thr)
+
+
 def cluster(model: Model, embedded: Embedded, method: str = "auto", fg_threshold: float | None = None,
             **overrides) -> np.ndarray:
     """Cluster cached predictions with the model's defaults unless overridden (no network call);
@@ -198,11 +214,7 @@ def cluster(model: Model, embedded: Embedded, method: str = "auto", fg_threshold
     pred = embedded.f
     background, opts = resolve(model.config, method, pred.zoom, **overrides)
     thr = fg_threshold if fg_threshold is not None else foreground_threshold(model.config)
-    if method == "auto":
-        dense = background == "none" or (
-            background == "foreground" and choose_clustering("auto", pred.foreground, thr) == "multicut")
-        method = "multicut" if dense else "mws"
-    choose_clustering(method, None, None)  # a name that is no clustering is an error here
+    method = resolved_clustering(model, embedded, method, fg_threshold, **overrides)
     if opts.get("mask") is not None:
         # a mask is given at the image's resolution; clustering runs at the model's scale
         mask = np.asarray(opts["mask"])
