@@ -64,6 +64,10 @@ def test_training_in_worker_gives_model_preview_and_curve(qtbot, widget, errors)
     assert load_model(w.session.folder).config["training"]["iteration"] == 30
     assert W.PREVIEW_LAYER in viewer.layers and viewer.layers[W.PREVIEW_LAYER].data.shape == before.shape
     assert len(w.train.plot.values) == 30
+    # the loss curve has axes: raw and smoothed loss against iteration, on a log scale
+    ax = w.train.plot.ax
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_yscale()) == ("iteration", "loss", "log")
+    assert [len(line.get_xdata()) for line in ax.get_lines()] == [30, 30]
     assert np.array_equal(viewer.layers["cells 2D annotations"].data, before)
     # annotate -> train loop: training again continues the same model
     _train(qtbot, w, iterations=5, preview_every=0)
@@ -100,6 +104,8 @@ def test_segment_adds_new_layer_and_reclusters_without_network(qtbot, widget, er
     assert viewer.layers["cells 2D embeddings (PCA)"].rgb
     seg_layer = viewer.layers["cells 2D segmentation"]
     assert calls == [False]  # f only: the model's foreground head finds background, no EMA network needed
+    # the status says what "auto" clustering chose for this image (cells on a background)
+    assert w.segment.status.value == f"{int(seg_layer.data.max())} objects (auto: mws, objects on a background)"
     first = np.array(seg_layer.data, copy=True)
     w.segment.min_size.value = 10_000_000  # removes every object: visible proof that clustering re-ran
     qtbot.waitUntil(lambda: w.segment.worker is None and seg_layer.data.max() == 0, timeout=60_000)

@@ -1,56 +1,78 @@
-"""A small live loss curve drawn with QPainter (no plotting dependency)."""
+"""The live loss curve of the Train tab: matplotlib (already installed with napari's stack) on
+its Qt Agg canvas, with axes; redrawn at most a few times a second so training events never wait
+for drawing."""
 
 from __future__ import annotations
 
 import math
+import time
 
-from qtpy.QtCore import QPointF
-from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
-from qtpy.QtWidgets import QSizePolicy, QWidget
+from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+from matplotlib.figure import Figure
+from qtpy.QtWidgets import QSizePolicy
+
+#: at most one redraw per this many seconds (an Agg draw takes ~20-50 ms)
+REDRAW_SECONDS = 0.5
+#: smoothing of the drawn curve (exponential moving average weight of the newest value)
+SMOOTHING = 0.1
+
+_BG, _FG, _LINE = "#262930", "#c8c8c8", "#00aaff"
 
 
-class LossPlot(QWidget):
-    """Total training loss against iteration, smoothed, on a log scale."""
+class LossPlot(FigureCanvasQTAgg):
+    """Total training loss (raw and smoothed) against iteration, log scale."""
 
     def __init__(self, parent=None):
-        super().__init__(parent)
-        self.values: list[float] = []
-        self.setMinimumHeight(110)
+        fig = Figure(figsize=(3.2, 1.6), dpi=100, facecolor=_BG, layout="constrained")
+        super().__init__(fig)
+        self.setParent(parent)
+        self.ax = fig.add_subplot()
+        self.values: list[float] = []  # raw losses, one per iteration
+        self.smoothed: list[float] = []
+        self._last_draw = 0.0
+        self.setMinimumHeight(150)
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
-        self.setToolTip("training loss (log scale, smoothed)")
+        self.setToolTip("training loss per iteration (light: raw; bright: smoothed), log scale")
+        self._redraw()
 
     def clear(self) -> None:
-        self.values = []
-        self.update()
+        self.values, self.smoothed = [], []
+        self._redraw()
 
     def add(self, value: float) -> None:
-        if math.isfinite(value) and value > 0:
-            prev = self.values[-1] if self.values else value
-            self.values.append(0.9 * prev + 0.1 * value if self.values else value)
-            self.update()
-
-    def paintEvent(self, event):  # noqa: N802 (Qt API)
-        p = QPainter(self)
-        p.setRenderHint(QPainter.RenderHint.Antialiasing)
-        w, h = self.width(), self.height()
-        p.fillRect(0, 0, w, h, QColor(38, 41, 48))
-        p.setPen(QColor(180, 180, 180))
-        if len(self.values) < 2:
-            p.drawText(8, h // 2, "loss curve appears when training starts")
+        """Append one iteration's loss; non-finite or non-positive values are skipped."""
+        if not (math.isfinite(value) and value > 0):
             return
-        logs = [math.log10(v) for v in self.values]
-        lo, hi = min(logs), max(logs)
-        span = max(hi - lo, 1e-6)
-        n = len(logs)
-        step = max(1, n // max(w, 1))
-        pts = QPolygonF()
-        for i in range(0, n, step):
-            x = 6 + (w - 12) * i / (n - 1)
-            y = 16 + (h - 28) * (1 - (logs[i] - lo) / span)
-            pts.append(QPointF(x, y))
-        p.setPen(QPen(QColor(0, 170, 255), 2))
-        p.drawPolyline(pts)
-        p.setPen(QColor(200, 200, 200))
-        p.drawText(6, 12, f"loss {self.values[-1]:.3f}   (max {10 ** hi:.2f}, min {10 ** lo:.2f})")
-        p.drawText(w - 80, h - 2, f"{n} it", )
-        p.end()
+        self.values.append(value)
+        prev = self.smoothed[-1] if self.smoothed else value
+        self.smoothed.append((1 - SMOOTHING) * prev + SMOOTHING * value)
+        if time.monotonic() - self._last_draw >= REDRAW_SECONDS:
+            self._redraw()
+
+    def flush(self) -> None:
+        """Draw what has not been drawn yet (at the end of training)."""
+        self._redraw()
+
+    def _redraw(self) -> None:
+        ax = self.ax
+        ax.clear()
+        ax.set_facecolor(_BG)
+        for side in ax.spines.values():
+            side.set_color(_FG)
+        ax.tick_params(colors=_FG, labelsize=7)
+        ax.set_xlabel("iteration", color=_FG, fontsize=8)
+        ax.set_ylabel("loss", color=_FG, fontsize=8)
+        if len(self.values) >= 2:
+            its = range(1, len(self.values) + 1)
+            ax.plot(its, self.values, color=_LINE, alpha=0.3, linewidth=0.8)
+            ax.plot(its, self.smoothed, color=_LINE, linewidth=1.6)
+            ax.set_yscale("log")
+            ax.set_xlim(1, len(self.values))
+            ax.set_title(f"loss {self.smoothed[-1]:.3f}", color=_FG, fontsize=8, loc="left")
+        else:
+            ax.text(0.5, 0.5, "the loss curve appears when training starts", color=_FG, fontsize=8,
+                    ha="center", va="center", transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        self.draw_idle()
+        self._last_draw = time.monotonic()

@@ -219,6 +219,7 @@ class TrainPanel(QWidget):
         L.notify_error(msg + " The last good checkpoint is kept.")
 
     def _on_finished(self) -> None:
+        self.plot.flush()
         if self._pbar is not None:
             self._pbar.close()
             self._pbar = None
