@@ -1,5 +1,6 @@
-"""CVPPP A1 benchmark: SPOCO@p on the fixed 103/25 split, trained with `sparseseg train` and
-scored with `sparseseg evaluate`, exactly as a user would run them.
+"""CVPPP A1 benchmark: SPOCO@p (CRAC with ``--train-args --method crac``) on the fixed 103/25
+split, trained with `sparseseg train` and scored with `sparseseg evaluate`, exactly as a user would
+run them.
 
     python benchmarks/cvppp.py --fraction 0.1 --time-limit 1200 --work /tmp/cvppp
 
@@ -43,7 +44,7 @@ def main() -> None:
     p.add_argument("--full", action="store_true", help="full supervision: dense labels with background id 0")
     p.add_argument("--time-limit", type=float, default=1200)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--clustering", nargs="+", default=["mws"])
+    p.add_argument("--clustering", nargs="+", default=["auto"], help="auto (the default of sparseseg segment), mws, multicut, ...")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--train-args", nargs=argparse.REMAINDER, default=[])
     args = p.parse_args()
@@ -85,7 +86,8 @@ def main() -> None:
         mean = mean_scores(scores)
         sd = float(np.std([s["sbd"] for s in scores]))
         rows.append((method, mean, sd, t_clu / len(val_imgs)))
-    print(f"\nCVPPP A1 val (25 images), SPOCO@{'full' if args.full else args.fraction}, seed {args.seed}: "
+    print(f"\nCVPPP A1 val (25 images), {m.config.get('method', 'spoco').upper()}@{'full' if args.full else args.fraction}, "
+          f"seed {args.seed}: "
           f"{m.config['training']['iteration']} iterations in {m.config['training']['seconds']:.0f} s "
           f"({its:.2f} it/s), prediction {t_pred / len(val_imgs):.2f} s/image")
     print(f"{'clustering':<12}{'SBD':>8}{'(sd)':>8}{'|DiC|':>8}{'AP50':>8}{'mAP':>8}{'AJI':>8}{'s/image':>9}")

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import rankdata
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from suite import score  # noqa: E402
@@ -75,7 +76,8 @@ def main() -> None:
             consts = {k: v for k, v in setting.items() if k.isupper()}
             saved = {k: getattr(seg_mod, k) for k in consts}
             for k, v in consts.items():
-                setattr(seg_mod, k, v)
+                # a per-method table (e.g. FOREGROUND_FRACTION) takes the value for every method
+                setattr(seg_mod, k, dict.fromkeys(saved[k], v) if isinstance(saved[k], dict) else v)
             try:
                 opts = {k: v for k, v in setting.items() if k.islower()}
                 vals = [score(seg_mod.cluster(model, e, **opts), gt)[key] for e, gt in cache]
@@ -90,7 +92,7 @@ def main() -> None:
     for name, per in table.items():
         means = np.array([np.mean(per[i]) for i in range(len(grid))])
         order = means if DATASETS[name].primary in LOWER_IS_BETTER else -means
-        ranks += np.argsort(np.argsort(order)) + 1
+        ranks += rankdata(np.round(order, 3))  # ties (to the third decimal) share their mean rank
     for i, setting in enumerate(grid):
         label = " ".join(f"{k}={v}" for k, v in setting.items())
         print(f"{label:<50}" + "".join(f"{np.mean(table[n][i]):11.3f}" for n in table) + f"{ranks[i] / len(table):11.2f}")

@@ -182,7 +182,7 @@ def test_crac_3d_trains_and_segments(tmp_path):
 def test_crac_segmentation_options_and_errors(tmp_path):
     img, gt = synthetic_cells((64, 64), seed=0)
     crac = Trainer([img], [sparsify(gt, 0.5)], TrainConfig(method="crac", iterations=1, **FAST)).model
-    spoco = Trainer([img], [sparsify(gt, 0.5)], TrainConfig(iterations=1, **FAST)).model
+    spoco = Trainer([img], [sparsify(gt, 0.5)], TrainConfig(method="spoco", iterations=1, **FAST)).model
     for source in ("eam", "iam", "mean"):
         assert segment(crac, img, device="cpu", affinity_source=source).shape == img.shape
     with pytest.raises(SparseSegError, match="affinity source 'both': expected one of eam, iam, mean"):

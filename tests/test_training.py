@@ -8,7 +8,8 @@ from napari_sparseseg.core.segment import segment
 from napari_sparseseg.core.samples import synthetic_cells
 from napari_sparseseg.core.sparsify import sparsify
 
-FAST = dict(batch_size=2, patch_shape=(64, 64), base_channels=8, depth=3, checkpoint_every=1e9)
+# SPOCO explicitly (its EMA network, coordinate channels and losses are tested here; CRAC: test_crac.py)
+FAST = dict(method="spoco", batch_size=2, patch_shape=(64, 64), base_channels=8, depth=3, checkpoint_every=1e9)
 
 
 def _score(model, img, gt, mask=None):
@@ -363,7 +364,7 @@ def test_the_loop_only_talks_to_the_method_interface(cells2d, monkeypatch):
     monkeypatch.setitem(methods.METHODS, "mean", Mean)
     monkeypatch.setattr("napari_sparseseg.core.training.METHOD_NAMES", ("spoco", "mean"))
     img, gt = cells2d[0]
-    trainer = Trainer([img], [sparsify(gt, 0.3)], TrainConfig(method="mean", iterations=30, lr=0.05, **FAST))
+    trainer = Trainer([img], [sparsify(gt, 0.3)], TrainConfig(iterations=30, lr=0.05, **dict(FAST, method="mean")))
     events = list(trainer.run())
     assert trainer.method.steps == list(range(30))
     assert events[-2].losses["fit"] < events[0].losses["fit"] / 2
@@ -375,7 +376,8 @@ def test_auto_method_follows_the_dimensionality(cells2d):
     from napari_sparseseg.core.methods import DEFAULT_METHOD
 
     img, gt = cells2d[0]
-    assert Trainer([img], [sparsify(gt, 0.3)], TrainConfig(iterations=1, **FAST)).method.name == DEFAULT_METHOD[2]
+    cfg2 = TrainConfig(iterations=1, **dict(FAST, method="auto"))
+    assert Trainer([img], [sparsify(gt, 0.3)], cfg2).method.name == DEFAULT_METHOD[2] == cfg2.method
     stack, sgt = synthetic_cells((16, 32, 32), radius=(5, 8), seed=0)
     cfg = TrainConfig(iterations=1, patch_shape=(16, 32, 32), depth=3)
     assert Trainer([stack], [sparsify(sgt, 0.3)], cfg).method.name == DEFAULT_METHOD[3] == cfg.method

@@ -27,6 +27,8 @@ def widget(make_napari_viewer):
     viewer = make_napari_viewer()
     viewer.open_sample("napari-sparseseg", "cells_2d")
     _, w = viewer.window.add_plugin_dock_widget("napari-sparseseg", "SparseSeg")
+    assert w.train.method.value == "auto"  # CRAC in 2D and 3D (test_crac_trains_and_segments_from_the_widget)
+    w.train.method.value = "spoco"  # these tests exercise SPOCO's EMA network and agreement filter
     yield viewer, w
     w.cleanup_model_folder()
 
@@ -104,8 +106,10 @@ def test_segment_adds_new_layer_and_reclusters_without_network(qtbot, widget, er
     assert viewer.layers["cells 2D embeddings (PCA)"].rgb
     seg_layer = viewer.layers["cells 2D segmentation"]
     assert calls == [False]  # f only: the model's foreground head finds background, no EMA network needed
-    # the status says what "auto" clustering chose for this image (cells on a background)
-    assert w.segment.status.value == f"{int(seg_layer.data.max())} objects (auto: mws, objects on a background)"
+    # the status says what "auto" clustering chose for this image, as the engine decides it
+    chosen = core_segment.resolved_clustering(w.session.model, w.segment._cache["embedded"], "auto")
+    why = "dense tissue" if chosen == "multicut" else "objects on a background"
+    assert w.segment.status.value == f"{int(seg_layer.data.max())} objects (auto: {chosen}, {why})"
     first = np.array(seg_layer.data, copy=True)
     w.segment.min_size.value = 10_000_000  # removes every object: visible proof that clustering re-ran
     qtbot.waitUntil(lambda: w.segment.worker is None and seg_layer.data.max() == 0, timeout=60_000)
@@ -215,7 +219,7 @@ def test_segment_knobs_show_what_auto_means(qtbot, widget, tmp_path, errors):
     _train(qtbot, w, iterations=2, preview_every=0)
     config = w.session.model.config
     min_size = core_segment.default_min_size(config)  # image pixels, at the model's common zoom
-    threshold = core_segment.FOREGROUND_FRACTION * config["foreground"]["c"]
+    threshold = core_segment.foreground_fraction(config) * config["foreground"]["c"]
     assert min_size > 0 and 0 < threshold < 1
     assert seg.min_size.native.text() == f"auto ({min_size})"
     assert seg.fg_threshold.native.text() == f"auto ({threshold:.2f})"
@@ -287,7 +291,8 @@ def test_ignore_mask_layer_and_object_diameter(qtbot, widget, errors):
 
 def test_crac_trains_and_segments_from_the_widget(qtbot, widget, errors):
     viewer, w = widget
-    assert w.train.method.choices == ("auto", "spoco", "crac") and w.train.method.value == "auto"
+    assert w.train.method.choices == ("auto", "spoco", "crac")  # the fixture chose SPOCO over "auto" (CRAC)
+    assert w.train.method.native.itemText(0) == "auto (CRAC)"
     w.train.method.value = "crac"
     _train(qtbot, w, iterations=5, preview_every=0)
     assert not errors

@@ -17,7 +17,7 @@ import numpy as np
 
 from .core import checkpoint, io
 from .core.errors import SparseSegError
-from .core.methods import DEFAULT_METHOD, METHOD_NAMES
+from .core.methods import METHOD_NAMES, describe_default
 from .core.segment import AFFINITY_SOURCES, AGREEMENT, BIAS, CLUSTERINGS, CRAC_AFFINITY_SOURCE
 from .core.training import FINE_TUNE_LR, LR
 
@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--iterations", type=int, default=None, help="stop after this many iterations")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--method", choices=("auto", *METHOD_NAMES), default="auto",
-                   help="training method; auto: " + ", ".join(f"{m} in {d}D" for d, m in DEFAULT_METHOD.items())
+                   help="training method; auto: " + describe_default()
                         + " (a model given with --from or --resume keeps its own)")
     t.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     t.add_argument("--from", dest="init", default=None, metavar="MODEL", help=f"fine-tune this model (lr {FINE_TUNE_LR:g} by default)")

@@ -19,7 +19,7 @@ from superqt import QCollapsible
 from ..core import checkpoint
 from ..core.errors import SparseSegError
 from ..core.losses import SpocoLossConfig
-from ..core.methods import DEFAULT_METHOD, METHOD_NAMES
+from ..core.methods import METHOD_NAMES, describe_default
 from ..core.training import FINE_TUNE_LR, LR, TrainConfig, Trainer
 from . import layers as L
 from . import workers
@@ -38,7 +38,7 @@ class TrainPanel(QWidget):
     def __init__(self, viewer: napari.Viewer, annotate: AnnotatePanel, session: Session):
         super().__init__()
         self.viewer, self.annotate, self.session = viewer, annotate, session
-        auto = ", ".join(f"{m.upper()} in {d}D" for d, m in DEFAULT_METHOD.items())
+        auto = describe_default().upper().replace(" IN ", " in ")
         self.method = ComboBox(choices=[(f"auto ({auto})", "auto")] + [(n.upper(), n) for n in METHOD_NAMES],
                                value="auto", tooltip="training method; a loaded model keeps its own")
         self.preset = ComboBox(choices=list(PRESETS), value="Quick (2 min)")

@@ -12,8 +12,16 @@ from .spoco import SpocoMethod
 METHODS: dict[str, type[Method]] = {"spoco": SpocoMethod, "crac": CracMethod}
 METHOD_NAMES = tuple(METHODS)
 #: what "auto" trains, per dimensionality: the better method on the benchmark suite's datasets of
-#: that kind (docs/benchmarks.md)
-DEFAULT_METHOD = {2: "spoco", 3: "crac"}
+#: that kind (docs/benchmarks.md: CRAC on all seven, 2D and 3D)
+DEFAULT_METHOD = {2: "crac", 3: "crac"}
+
+
+def describe_default() -> str:
+    """What "auto" trains, in words: "crac", or "spoco in 2D, crac in 3D" when it differs."""
+    names = set(DEFAULT_METHOD.values())
+    if len(names) == 1:
+        return names.pop()
+    return ", ".join(f"{m} in {d}D" for d, m in DEFAULT_METHOD.items())
 
 
 def resolve_method(name: str, ndim: int) -> str:
@@ -32,4 +40,4 @@ def get_method(name: str) -> type[Method]:
         raise SparseSegError(f"method {name!r}: expected one of {', '.join(METHOD_NAMES)}") from None
 
 
-__all__ = ["DEFAULT_METHOD", "METHODS", "METHOD_NAMES", "resolve_method", "CracMethod", "Method", "SpocoMethod", "get_method"]
+__all__ = ["DEFAULT_METHOD", "describe_default", "METHODS", "METHOD_NAMES", "resolve_method", "CracMethod", "Method", "SpocoMethod", "get_method"]
