@@ -139,24 +139,15 @@ def mutex_watershed(
     return seg.astype(np.int64)
 
 
-def multicut(
-    embeddings: np.ndarray,
-    offsets: list[list[int]] | None = None,
-    delta_dist: float = 2.0,
-    bias: float = 0.0,
-    mask: np.ndarray | None = None,
-    affinities: np.ndarray | None = None,
-    affinity_mix: float = 0.5,
-    attractive_mix: float | None = None,
-    embedding_metric: str = "distance",
-) -> np.ndarray:
+def multicut(embeddings: np.ndarray, offsets: list[list[int]] | None = None, bias: float = 0.0,
+             mask: np.ndarray | None = None, **weights) -> np.ndarray:
     """Multicut on superpixels (:func:`.agglomeration.multicut_segmentation`) of the same weights
-    the mutex watershed reads (:func:`mws_weights`); ``bias`` > 0 splits more, < 0 merges more."""
+    the mutex watershed reads (:func:`mws_weights`, whose options ``weights`` are: delta_dist,
+    affinities, affinity_mix, attractive_mix, embedding_metric); ``bias`` > 0 splits more."""
     from .agglomeration import multicut_segmentation
 
     offsets = offsets or default_offsets(embeddings.ndim - 1)
-    w = mws_weights(embeddings, offsets, delta_dist, affinities, affinity_mix, attractive_mix, embedding_metric)
-    return multicut_segmentation(w, offsets, bias, mask)
+    return multicut_segmentation(mws_weights(embeddings, offsets, **weights), offsets, bias, mask)
 
 
 def _flat(embeddings: np.ndarray, mask: np.ndarray | None):
@@ -390,7 +381,8 @@ def segment_embeddings(
             return mutex_watershed(emb, offsets, delta_dist, bias, strides, mws_mask, aff, affinity_mix, attractive_mix,
                                    embedding_metric)
         if method == "multicut":
-            return multicut(emb, offsets, delta_dist, bias, mws_mask, aff, affinity_mix, attractive_mix, embedding_metric)
+            return multicut(emb, offsets, bias, mws_mask, delta_dist=delta_dist, affinities=aff,
+                            affinity_mix=affinity_mix, attractive_mix=attractive_mix, embedding_metric=embedding_metric)
         if method == "hdbscan":
             return hdbscan_clustering(emb, max(min_size, 2) if min_size else 200, mask)
         return meanshift_clustering(emb, delta_var, mask)
