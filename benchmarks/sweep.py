@@ -3,7 +3,7 @@ predictions are computed once, then clustered with every setting of a grid.
 
     python benchmarks/sweep.py --run /tmp/sparseseg-suite/runs/full --grid bias=0,0.05,0.1 affinity_mix=0,0.5,1
 
-Every option of ``napari_sparseseg.core.segment.cluster`` can be swept (bias, affinity_mix,
+Every option of ``napari_sparseseg.core.segment.cluster`` can be swept (method, bias, affinity_mix,
 fg_threshold, background, min_size, agreement), and the module constants ``FOREGROUND_FRACTION``,
 ``PREMASK_FRACTION`` and ``MIN_SIZE_FRACTION`` (upper case). Prints, per setting, each dataset's
 primary metric (mean over the run's seeds) and the mean rank across datasets, so a default is
@@ -69,7 +69,8 @@ def main() -> None:
         cache = []
         for n in names:
             img = io.read(root / "test_images" / n)
-            need_g = any(seg_mod.needs_g("mws", model.config, **{k: v for k, v in s.items() if k.islower()})
+            need_g = any(seg_mod.needs_g(s.get("method", "auto"), model.config,
+                                         **{k: v for k, v in s.items() if k.islower() and k != "method"})
                          for s in grid)
             cache.append((seg_mod.embed(model, img, need_g, "cpu"), io.read_labels(root / "test_gt" / n)))
         for i, setting in enumerate(grid):

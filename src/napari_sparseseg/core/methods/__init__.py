@@ -12,7 +12,7 @@ from .spoco import SpocoMethod
 METHODS: dict[str, type[Method]] = {"spoco": SpocoMethod, "crac": CracMethod}
 METHOD_NAMES = tuple(METHODS)
 #: what "auto" trains, per dimensionality: the better method on the benchmark suite's datasets of
-#: that kind (docs/benchmarks.md: CRAC on all seven, 2D and 3D)
+#: that kind (docs/benchmarks.md: CRAC, better on six of seven datasets and equal on the seventh)
 DEFAULT_METHOD = {2: "crac", 3: "crac"}
 
 
