@@ -165,7 +165,7 @@ def cmd_segment(args) -> int:
         t0 = time.perf_counter()
         embedded = embed(model, io.read(path), need_g, args.device, str(path), args.diameter)
         how = resolved_clustering(model, embedded, args.clustering, **overrides)
-        seg = cluster(model, embedded, args.clustering, **overrides)
+        seg = cluster(model, embedded, how, **overrides)  # "auto" decided once, on this image
         dst = io.write(_out_path(out, path), seg.astype(np.uint32 if seg.max() > 65535 else np.uint16))
         print(f"{path} -> {dst}: {int(seg.max())} objects in {time.perf_counter() - t0:.2f} s ({how})")
     return 0

@@ -46,18 +46,14 @@ def boundary_map(weights: np.ndarray, offsets: list[list[int]]) -> np.ndarray:
     return out
 
 
-def superpixels(boundaries: np.ndarray, mask: np.ndarray | None = None, threshold: float | None = None,
-                sigma: float | None = None, min_size: int | None = None) -> np.ndarray:
-    """Distance-transform watershed superpixels of a boundary map (python-elf)."""
+def superpixels(boundaries: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Distance-transform watershed superpixels of a boundary map (python-elf), with the module's
+    constants."""
     from elf.segmentation.watershed import distance_transform_watershed
 
     ws, _ = distance_transform_watershed(
-        boundaries.astype(np.float32),
-        SUPERPIXEL_THRESHOLD if threshold is None else threshold,
-        SUPERPIXEL_SIGMA if sigma is None else sigma,
-        sigma_weights=1.0,
-        min_size=SUPERPIXEL_MIN_SIZE if min_size is None else min_size,
-        mask=None if mask is None else mask.astype(bool),
+        boundaries.astype(np.float32), SUPERPIXEL_THRESHOLD, SUPERPIXEL_SIGMA, sigma_weights=1.0,
+        min_size=SUPERPIXEL_MIN_SIZE, mask=None if mask is None else mask.astype(bool),
     )
     return ws.astype(np.uint64)
 
