@@ -161,7 +161,7 @@ def test_user_errors():
 
 
 def test_worker_generator_previews_periodically_and_at_the_end_but_not_after_stop(cells2d):
-    from napari_sparseseg._napari.workers import Preview, train_steps
+    from napari_sparseseg.core.training_process import Preview, train_steps
 
     img, gt = cells2d[0]
     trainer = Trainer([img], [sparsify(gt, 0.3)], TrainConfig(iterations=3, **FAST))

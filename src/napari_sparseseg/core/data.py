@@ -104,11 +104,18 @@ def prepare(
         n_objects += len(objects)
         samples.append(Sample(img_s.astype(np.float32), lab_s.astype(np.int32), valid_s, objects, zoom))
     if n_objects == 0:
-        raise SparseSegError(
-            "no labeled object in any label image: paint at least one complete object (id > 0) "
-            "before training"
-        )
+        raise SparseSegError(NO_OBJECT)
     return samples
+
+
+NO_OBJECT = "no labeled object in any label image: paint at least one complete object (id > 0) before training"
+
+
+def require_objects(labels: list[np.ndarray], background_id: int | None = None) -> None:
+    """Raise the error training would raise when no label image holds an object (a quick check
+    that a caller can make before it starts training elsewhere)."""
+    if not any(np.any((lab != 0) & (lab != (0 if background_id is None else background_id))) for lab in labels):
+        raise SparseSegError(NO_OBJECT)
 
 
 def _pad_to(arr: np.ndarray, shape: tuple[int, ...], value=0, mode="constant") -> np.ndarray:
