@@ -1,4 +1,4 @@
-"""Train tab: training in a thread worker with progress, loss curve, preview and Stop; load and
+"""Train tab: training in a child process (watched by a thread worker) with progress, loss curve, preview and Stop; load and
 save model folders."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from ..core import checkpoint
 from ..core.errors import SparseSegError
 from ..core.losses import SpocoLossConfig
 from ..core.methods import METHOD_NAMES, describe_default
-from ..core.training import FINE_TUNE_LR, LR, TrainConfig, Trainer
+from ..core.training import FINE_TUNE_LR, LR, TrainConfig
 from . import layers as L
 from . import workers
 from .annotate_tab import AnnotatePanel
@@ -79,7 +79,8 @@ class TrainPanel(QWidget):
         self.stop_btn.changed.connect(self.stop)
         self.load_btn.clicked.connect(lambda: self._pick_folder(self.load_model))
         self.save_btn.clicked.connect(lambda: self._pick_folder(self.save_model))
-        self.trainer: Trainer | None = None
+        self.job: workers.TrainJob | None = None
+        self.process: workers.TrainingProcess | None = None
         self.worker = None
         self._pbar = None
         self.first_preview_seconds: float | None = None
@@ -118,7 +119,7 @@ class TrainPanel(QWidget):
                              f"({self.session.origin}{', ' + str(self.session.folder) if self.session.folder else ''})")
 
     # -- training ------------------------------------------------------------------------------
-    def _config(self, fine_tune: bool) -> TrainConfig:
+    def _config(self) -> TrainConfig:
         budget = PRESETS[self.preset.value]
         return TrainConfig(
             iterations=int(self.iterations.value) if budget is None else None,
@@ -154,21 +155,21 @@ class TrainPanel(QWidget):
                 )
             model = self.session.model
             resume = model is not None and self.session.origin == "trained"
-            fine_tune = model is not None and self.session.origin == "loaded"
             folder = self.session.folder if resume else Path(tempfile.mkdtemp(prefix="sparseseg-model-"))
             ignore = self.annotate.ignore_mask(lab.shape)
-            self.trainer = Trainer([img], [lab], self._config(fine_tune), out=folder, init=model, resume=resume,
-                                   names=[f"image '{image.name}'"], ignore=None if ignore is None else [ignore])
+            z = int(self.viewer.dims.current_step[0]) if lab.ndim == 3 else 0
+            self.job = workers.TrainJob(
+                [img], [lab], self._config(), out=folder, init=None if model is None else self.session.folder,
+                resume=resume, names=[f"image '{image.name}'"], ignore=None if ignore is None else [ignore],
+                preview_image=img, preview_every=float(self.preview_every.value), z=z)
+            self.job.check()
         except SparseSegError as err:
             L.notify_error(str(err))
             return
         self.session.folder = folder
-        z = int(self.viewer.dims.current_step[0]) if lab.ndim == 3 else 0
-        preview = img if self.preview_every.value > 0 else None
-        self.worker = create_worker(
-            workers.train_steps, self.trainer, preview_image=preview,
-            preview_every=float(self.preview_every.value), z=z,
-        )
+        # a child process: Stop within one step, a crash cannot take the viewer down, memory is given back
+        self.process = workers.TrainingProcess(self.job)
+        self.worker = create_worker(self.process.events)
         self.worker.yielded.connect(self._on_event)
         self.worker.errored.connect(self._on_error)
         self.worker.finished.connect(self._on_finished)
@@ -181,13 +182,13 @@ class TrainPanel(QWidget):
         self.worker.start()
 
     def stop(self) -> None:
-        if self.trainer is not None:
-            self.trainer.stop()  # takes effect after the current step; the worker then saves
+        if self.process is not None:
+            self.process.stop()  # takes effect after the current step; the child then saves
 
     def _on_event(self, ev) -> None:
         if isinstance(ev, workers.Preview):
-            if self.first_preview_seconds is None and self.trainer is not None:
-                self.first_preview_seconds = self.trainer.seconds
+            if self.first_preview_seconds is None:
+                self.first_preview_seconds = ev.seconds
             self._show_preview(ev)
             return
         if ev.done:
@@ -216,19 +217,24 @@ class TrainPanel(QWidget):
 
     def _on_error(self, err) -> None:
         msg = str(err) if isinstance(err, SparseSegError) else f"Training failed: {err}"
-        L.notify_error(msg + " The last good checkpoint is kept.")
+        L.notify_error(msg if "checkpoint" in msg else msg + " The last good checkpoint is kept.")
 
     def _on_finished(self) -> None:
         self.plot.flush()
         if self._pbar is not None:
             self._pbar.close()
             self._pbar = None
-        if self.trainer is not None:
-            self.session.model, self.session.origin = self.trainer.model, "trained"
-        self.worker = None
+        trained = self.process is not None and self.process.last is not None
+        if trained:
+            try:
+                self.session.model, self.session.origin = self.process.model(), "trained"
+            except SparseSegError as err:  # the child died before its first checkpoint
+                L.notify_error(str(err))
+                trained = False
+        self.worker = self.process = None
         self.start_btn.enabled, self.stop_btn.enabled = True, False
         self._describe()
-        if self.trainer is not None:
+        if trained:
             self.model_changed.emit()
 
 

@@ -1,9 +1,9 @@
 """The SparseSeg dock widget: Annotate -> Train -> Segment, in three tabs.
 
 The widget translates layers into engine calls and shows what comes back; all method logic lives
-in ``napari_sparseseg.core``. Long work runs in napari thread workers (``workers``), so the viewer
-stays responsive; every error a user can cause ends in a notification (``layers.notify_error``),
-never a traceback.
+in ``napari_sparseseg.core``. Long work runs in napari thread workers (``workers``), training in a
+child process that a worker watches, so the viewer stays responsive; every error a user can cause
+ends in a notification (``layers.notify_error``), never a traceback.
 """
 
 from __future__ import annotations
