@@ -203,8 +203,9 @@ def cmd_segment_blockwise(args, files: list[Path]) -> int:
             for bar in bars.values():
                 bar.close()
         secs = sum(res.seconds.values())
+        steps = ", ".join(f"{k} {v:.1f} s" for k, v in res.seconds.items())
         print(f"{path} -> {dst}: {res.objects} objects in {secs:.2f} s ({res.method}, blockwise: {res.blocks} blocks, "
-              f"{np.prod(res.shape) / max(secs, 1e-9):.3g} voxels/s)")
+              f"{np.prod(res.shape) / max(secs, 1e-9):.3g} voxels/s; {steps})")
     return 0
 
 

@@ -104,7 +104,11 @@ def _make_array(path: Path, shape, chunks, dtype, **kwargs):
     import zarr
 
     if path.exists():
-        return zarr.open_array(str(path), mode="r+")
+        arr = zarr.open_array(str(path), mode="r+")
+        if arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype):
+            raise SparseSegError(f"{path}: exists with shape {arr.shape} and type {arr.dtype}, expected "
+                                 f"{tuple(shape)} {np.dtype(dtype)}; delete it or write elsewhere")
+        return arr
     return zarr.create_array(str(path), shape=tuple(shape), chunks=tuple(chunks), dtype=dtype, fill_value=0, **kwargs)
 
 
@@ -144,6 +148,9 @@ def segment_blockwise(
     from .checkpoint import read_config
     from .segment import DENSE_FRACTION, foreground_threshold, resolve, resolve_background
 
+    if int(zarr.__version__.split(".")[0]) < 3:
+        raise SparseSegError(f"blockwise segmentation needs zarr >= 3 (installed: {zarr.__version__}); "
+                             "pip install -U 'zarr>=3'")
     model, image, out = str(model), Path(image), Path(out)
     config = read_config(model)
     ndim, channels = int(config["network"]["ndim"]), int(config["network"]["in_channels"])
