@@ -40,7 +40,7 @@ def make_stack(path: Path, size_gib: float, seed: int = 0) -> tuple[int, ...]:
     shape = (z, yx, yx)
     arr = zarr.create_array(str(path), shape=shape, chunks=(32, 128, 128), dtype="uint8", overwrite=True)
     rng = np.random.default_rng(seed)
-    pool = [synthetic_cells(GEN_BLOCK, radius=(6.0, 10.0), seed=seed + k)[0] for k in range(4)]
+    pool = [synthetic_cells(GEN_BLOCK, radius=(6.0, 10.0), seed=seed + k)[0] for k in range(2)]
     grid = [range(0, s, b) for s, b in zip(shape, GEN_BLOCK)]
     for a, b, c in ((a, b, c) for a in grid[0] for b in grid[1] for c in grid[2]):
         region = tuple(slice(o, min(o + g, s)) for o, g, s in zip((a, b, c), GEN_BLOCK, shape))
@@ -104,17 +104,21 @@ def main() -> None:
     tmp = Path(args.tmp or tempfile.mkdtemp(prefix="sparseseg-large-"))
     tmp.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    shape = make_stack(tmp / "stack.zarr", args.size_gib)
+    stack = tmp / f"stack-{args.size_gib:g}.zarr"
+    shape = make_stack(stack, args.size_gib)
     n = int(np.prod(shape))
     print(f"stack {shape} = {n / 1e6:.1f} M voxels ({n / 2**30:.3f} GiB uint8), written in {time.perf_counter() - t0:.1f} s")
-    model = args.model or tiny_model(tmp / "model", args.base_channels, args.depth)
+    model = args.model or tmp / "model"
+    if not (model / "config.json").exists():  # a model trained here before is reused
+        tiny_model(model, args.base_channels, args.depth)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
                                                        os.environ.get("PYTHONPATH", "")]))
     base = [sys.executable, "-m", "napari_sparseseg.cli", "segment", "--model", str(model), "--device", "cpu",
             "--quiet"]
     rows = []
     for w in args.workers:
-        cmd = base + ["--images", str(tmp / "stack.zarr"), "--out", str(tmp / f"seg-{w}.zarr"), "--workers", str(w)]
+        out = tmp / f"seg-{args.size_gib:g}-{w}.zarr"
+        cmd = base + ["--images", str(stack), "--out", str(out), "--workers", str(w)]
         if args.block_shape:
             cmd += ["--block-shape", *map(str, args.block_shape)]
         secs, peak, out = run(cmd, env)
@@ -123,7 +127,7 @@ def main() -> None:
         import tifffile
         import zarr
 
-        tifffile.imwrite(tmp / "stack.tif", zarr.open_array(str(tmp / "stack.zarr"))[:])
+        tifffile.imwrite(tmp / "stack.tif", zarr.open_array(str(stack))[:])
         secs, peak, out = run(base + ["--images", str(tmp / "stack.tif"), "--out", str(tmp / "whole")], env)
         rows.append(("whole image (in memory)", secs, peak, out.strip().splitlines()[-1]))
     print(f"\n| run | seconds | voxels/s | peak RSS (GiB) | peak RSS / stack size |")

@@ -56,11 +56,15 @@ _NETS: dict = {}
 
 @dataclass
 class ModelPredictor:
-    """The predictor of a model folder (any method): loads the network once per worker process."""
+    """The predictor of a model folder (any method): loads the network once per worker process.
+
+    A block (with its halo) is predicted in one pass by default: blocks are already sized for
+    memory, and tiling them again (``tile_shape``) would predict every tile's halo once more."""
 
     model: str
     device: str = "cpu"
     precision: str = "auto"
+    tile_shape: tuple[int, ...] | None = None
 
     def __post_init__(self):
         from .checkpoint import read_config
@@ -77,8 +81,8 @@ class ModelPredictor:
             dev = resolve_device(self.device)
             _NETS[key] = (load(self.model).net.to(dev).eval(), dev)
         net, dev = _NETS[key]
-        return predict_normalized(net, x, dev, resolve_precision(self.precision, dev), offset=offset,
-                                  full_shape=full_shape)
+        return predict_normalized(net, x, dev, resolve_precision(self.precision, dev), self.tile_shape or x.shape[1:],
+                                  offset=offset, full_shape=full_shape)
 
 
 @dataclass(frozen=True)
