@@ -321,5 +321,8 @@ def test_cli_blockwise_errors(tiny, tmp_path, capsys):
         tifffile.imwrite(two / n, img)
     assert "--out x.tif: names one output but --images matched 2 files" in _err(
         capsys, base + ["--images", str(two / "*.tif"), "--out", "x.tif", "--block-shape", "12", "32", "32"])
+    zarr.create_array(str(tmp_path / "old.zarr"), shape=(5, 5, 5), chunks=(5, 5, 5), dtype="uint32")
+    assert f"{tmp_path / 'old.zarr'}: exists with shape (5, 5, 5), the labels of {zin} have shape (24, 64, 64)" in _err(
+        capsys, base + ["--images", zin, "--out", str(tmp_path / "old.zarr")])
     assert "a labels image belongs to the image it labels" in _err(
         capsys, base + ["--images", zin, "--out", str(root / "ome.zarr" / "labels" / "x")])

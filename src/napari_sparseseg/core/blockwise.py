@@ -76,21 +76,20 @@ def _zoom(model_path: str, config: dict, volume: Volume, bounds, diameter: float
     from .prediction import resolve_zoom
 
     if diameter is not None:
-        return scale.zoom_for(diameter, volume_ndim(volume))
+        return scale.zoom_for(diameter, len(volume.shape))
     cfg = config.get("scale")
     if not (isinstance(cfg, dict) and cfg.get("mixed") and cfg.get("size_model")):
         return scale.model_zoom(config)
     # a model for mixed object sizes estimates the zoom: once, on the centre of the stack
     from .checkpoint import load
 
-    window = (32, 512, 512)[-volume_ndim(volume):]
+    window = (32, 512, 512)[-len(volume.shape):]
     region = tuple(slice(max(0, s // 2 - w // 2), min(s, s // 2 + w // 2)) for s, w in zip(volume.shape, window))
+    from .device import resolve_device
+
     x = io.normalize(volume.read(region), bounds=bounds)
-    return resolve_zoom(load(model_path), x, None, device)
-
-
-def volume_ndim(volume: Volume) -> int:
-    return len(volume.shape)
+    dev = resolve_device(device)
+    return resolve_zoom(load(model_path, device=dev), x, None, dev)
 
 
 def _fingerprint(model: str, settings: dict) -> dict:
@@ -168,6 +167,15 @@ def segment_blockwise(
     user_min, user_max = overrides.pop("min_size", None), overrides.pop("max_size", None)
     volume = B.open_volume(image, ndim, channels, level)
     block = B.check_block_shape(block_shape or BLOCK[ndim], ndim, f"{image}: block shape")
+    for existing in (out, out / "0"):  # a plain array, or an OME-Zarr labels image's level 0
+        if existing.exists() and out.suffix.lower() not in TIFF_SUFFIXES:
+            try:
+                shape = zarr.open_array(str(existing), mode="r").shape
+            except Exception:
+                continue
+            if shape != volume.shape:
+                raise SparseSegError(f"{existing}: exists with shape {shape}, the labels of {image} have shape "
+                                     f"{volume.shape}; delete it or write elsewhere")
     work = Path(work) if work is not None else default_work(out)
     settings = {"image": str(image.resolve()), "level": level, "model": str(Path(model).resolve()),
                 "block": list(block), "method": method, "background": background, "diameter": diameter,
