@@ -326,3 +326,34 @@ def test_cli_blockwise_errors(tiny, tmp_path, capsys):
         capsys, base + ["--images", zin, "--out", str(tmp_path / "old.zarr")])
     assert "a labels image belongs to the image it labels" in _err(
         capsys, base + ["--images", zin, "--out", str(root / "ome.zarr" / "labels" / "x")])
+
+
+def test_cli_ctrl_c_then_same_command_resumes(tiny, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, _ = tiny
+    out = tmp_path / "r.zarr"
+    cmd = [sys.executable, "-m", "napari_sparseseg", "segment", "--model", str(root / "model"), "--images",
+           str(root / "img.zarr"), "--out", str(out), "--block-shape", "12", "32", "32", "--workers", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = tmp_path / ".r.zarr.sparseseg-work" / "done" / "predict"
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 120
+    while not (done.is_dir() and len(list(done.iterdir())) >= 2) and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stdout
+    assert "run the same command again to resume" in stdout
+    kept = {p.name for p in done.iterdir()}
+    assert 2 <= len(kept) < 8
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "blockwise: 8 blocks" in res.stdout
+    assert zarr.open_array(str(out)).shape == SHAPE
+    assert not done.exists()  # finished: the work folder is gone (skipping is counted in test_resume_...)

@@ -176,7 +176,7 @@ def cmd_segment_blockwise(args, files: list[Path]) -> int:
 
     from tqdm import tqdm
 
-    from .core.blockwise import segment_blockwise
+    from .core.blockwise import default_work, segment_blockwise
 
     workers = (os.cpu_count() or 1) if args.workers is None else args.workers
     if workers < 0:
@@ -199,6 +199,10 @@ def cmd_segment_blockwise(args, files: list[Path]) -> int:
                 progress=progress, fg_threshold=args.fg_threshold, bias=args.bias, min_size=args.min_size,
                 max_size=args.max_size, background=args.background, agreement=args.agreement,
                 affinity_source=args.affinities)
+        except KeyboardInterrupt:
+            print(f"interrupted (Ctrl-C); finished blocks are kept in {default_work(dst)}: run the same command "
+                  "again to resume", file=sys.stderr)
+            return 130
         finally:
             for bar in bars.values():
                 bar.close()
