@@ -357,3 +357,20 @@ def test_cli_ctrl_c_then_same_command_resumes(tiny, tmp_path):
     assert "blockwise: 8 blocks" in res.stdout
     assert zarr.open_array(str(out)).shape == SHAPE
     assert not done.exists()  # finished: the work folder is gone (skipping is counted in test_resume_...)
+
+
+def test_open_volume_channel_axes(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 255, (4, 16, 16, 3)).astype(np.uint8)
+    first = np.moveaxis(rgb, -1, 0)[:2]
+    cases = [("rgb.zarr", rgb, 3, 3), ("cf.zarr", first, 2, 0), ("t.zarr", first[None, :1], 1, 0)]  # t=1 dropped
+    for name, arr, channels, axis in cases:
+        z = zarr.create_array(str(tmp_path / name), shape=arr.shape, chunks=arr.shape, dtype=arr.dtype)
+        z[:] = arr
+        vol = B.open_volume(tmp_path / name, 3, channels)
+        assert vol.shape == (4, 16, 16) and vol.channel_axis == axis
+        region = (slice(1, 3), slice(2, 9), slice(0, 5))
+        expect = np.moveaxis(rgb, -1, 0)[:channels][(slice(None),) + region]
+        assert np.array_equal(vol.read(region), expect.astype(np.float32)), name
+    msg = r"rgb.zarr: shape \(4, 16, 16, 3\) does not fit the model \(expected 3 spatial axes, with 2 channel"
+    with pytest.raises(SparseSegError, match=msg):
+        B.open_volume(tmp_path / "rgb.zarr", 3, 2)
