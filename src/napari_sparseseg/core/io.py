@@ -1,4 +1,8 @@
-"""Reading and writing images and label images: TIFF, PNG, NumPy ``.npy`` and zarr."""
+"""Reading and writing images and label images: TIFF, PNG, NumPy ``.npy`` and zarr.
+
+:func:`read` loads a whole image into memory (small data); :func:`open_lazy` opens a zarr,
+OME-Zarr or TIFF stack without reading its pixels, for blockwise processing (:mod:`.blockwise`).
+"""
 
 from __future__ import annotations
 
@@ -149,11 +153,71 @@ def to_channels_first(image: np.ndarray, ndim: int, name: str = "image", channel
     return out
 
 
-def normalize(image: np.ndarray, low: float = 1.0, high: float = 99.8) -> np.ndarray:
-    """Per-image, per-channel percentile normalisation of a (C, *spatial) array to about [0, 1]."""
+def percentile_bounds(image: np.ndarray, low: float = 1.0, high: float = 99.8) -> np.ndarray:
+    """Per-channel (low, high) percentiles of a (C, ...) array: (C, 2), what :func:`normalize` maps
+    to 0 and 1."""
     image = np.asarray(image, dtype=np.float32)
+    return np.array([np.percentile(image[c], (low, high)) for c in range(image.shape[0])], np.float64)
+
+
+def normalize(image: np.ndarray, low: float = 1.0, high: float = 99.8, bounds: np.ndarray | None = None) -> np.ndarray:
+    """Per-channel percentile normalisation of a (C, *spatial) array to about [0, 1].
+
+    ``bounds`` (C, 2) fixes the values mapped to 0 and 1 (e.g. percentiles of a whole stack, for a
+    block of it); by default they are this image's own ``low`` and ``high`` percentiles."""
+    image = np.asarray(image, dtype=np.float32)
+    bounds = percentile_bounds(image, low, high) if bounds is None else np.asarray(bounds, np.float64)
     out = np.empty_like(image)
     for c in range(image.shape[0]):
-        lo, hi = np.percentile(image[c], (low, high))
+        lo, hi = bounds[c]
         out[c] = (image[c] - lo) / max(hi - lo, 1e-6)
     return out
+
+
+def _multiscales(attrs: dict) -> list | None:
+    """The OME-Zarr ``multiscales`` metadata (NGFF 0.4: top level; 0.5: under ``ome``), if any."""
+    ms = attrs.get("multiscales") or (attrs.get("ome") or {}).get("multiscales")
+    return ms if isinstance(ms, list) and ms else None
+
+
+def open_lazy(path: str | os.PathLike, level: int = 0):
+    """Open an image stack without reading its pixels: a zarr array (indexing reads only the chunks
+    it touches). Accepts a zarr array, a zarr group holding one array, an OME-Zarr image (multiscale
+    ``level``, 0 = full resolution) and a TIFF file (through tifffile's zarr store)."""
+    import zarr
+
+    path = Path(path)
+    if not path.exists():
+        raise SparseSegError(f"{path}: file not found")
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            node = zarr.open(tifffile.imread(path, aszarr=True), mode="r")
+        else:
+            node = zarr.open(str(path), mode="r")
+    except Exception as err:
+        raise SparseSegError(f"{path}: could not be opened as zarr or TIFF ({err})") from err
+    if isinstance(node, zarr.Array):
+        if level:
+            raise SparseSegError(f"{path}: is a single-resolution array; level {level} does not exist (use 0)")
+        return node
+    ms = _multiscales(dict(node.attrs))
+    if ms is not None:
+        datasets = ms[0].get("datasets", [])
+        if not 0 <= level < len(datasets):
+            raise SparseSegError(f"{path}: OME-Zarr image has {len(datasets)} resolution level(s) (0 to "
+                                 f"{len(datasets) - 1}), got level {level}")
+        return node[datasets[level]["path"]]
+    arrays = sorted(node.array_keys())
+    if len(arrays) != 1:
+        if arrays and all(a.isdigit() for a in arrays):  # a pyramid without OME metadata (e.g. TIFF levels)
+            if not 0 <= level < len(arrays):
+                raise SparseSegError(f"{path}: has {len(arrays)} resolution level(s), got level {level}")
+            return node[str(level)]
+        raise SparseSegError(
+            f"{path}: zarr group holds arrays {arrays}; expected exactly one array, an OME-Zarr image "
+            f"or a path to one array ({path}/<name>)")
+    if level:
+        raise SparseSegError(f"{path}: is a single-resolution array; level {level} does not exist (use 0)")
+    return node[arrays[0]]

@@ -52,6 +52,55 @@ def _run(net, x: np.ndarray, device, origin=None, dtype=None) -> np.ndarray:
     return out[(slice(None),) + tuple(slice(0, s) for s in spatial)].float().cpu().numpy()
 
 
+#: default tile and halo of tiled prediction, per dimensionality (the halo hides the tiles' borders)
+TILE = {2: (512, 512), 3: (48, 192, 192)}
+HALO = {2: (32, 32), 3: (8, 32, 32)}
+
+
+def predict_normalized(
+    net,
+    xs: np.ndarray,
+    device,
+    dtype=None,
+    tile_shape: tuple[int, ...] | None = None,
+    halo: tuple[int, ...] | None = None,
+    offset: tuple[int, ...] | None = None,
+    full_shape: tuple[int, ...] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """The network's raw output (channels, *S) for a normalised (C, *S) array at the model's scale,
+    tile by tile. ``offset`` and ``full_shape`` place ``xs`` inside a larger image (a block of a
+    stack): coordinate channels then count from that image's centre, as for the whole image."""
+    ndim = xs.ndim - 1
+    spatial = tuple(xs.shape[1:])
+    offset = tuple(offset) if offset is not None else (0,) * ndim
+    full_shape = tuple(full_shape) if full_shape is not None else spatial
+    tile = tile_shape or TILE[ndim]
+    halo = halo or HALO[ndim]
+    out = None
+    blocks = list(_tiles(spatial, tile, halo))
+    for i, (inner, outer) in enumerate(blocks):
+        origin = [o.start + off - s // 2 for o, off, s in zip(outer, offset, full_shape)]
+        pred = _run(net, xs[(slice(None),) + outer], device, origin, dtype)
+        if out is None:
+            out = np.zeros((pred.shape[0],) + spatial, np.float32)
+        local = tuple(slice(a.start - o.start, a.stop - o.start) for a, o in zip(inner, outer))
+        out[(slice(None),) + inner] = pred[(slice(None),) + local]
+        if progress is not None:
+            progress(i + 1, len(blocks))
+    return out
+
+
+def split_channels(out: np.ndarray, config: dict) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(embeddings, foreground probability or None, affinity probabilities or None) from a raw
+    network output (channels, *S) of a network with this ``config``."""
+    d = config["out_channels"]
+    has_fg, k = int(bool(config.get("foreground"))), int(config.get("affinities", 0))
+    fg = expit(out[d]) if has_fg else None
+    aff = expit(out[d + has_fg : d + has_fg + k]) if k else None
+    return out[:d], fg, aff
+
+
 @dataclass
 class Prediction:
     """What the network says about one image, at the model's scale: ``embeddings`` (D, *S'),
@@ -108,23 +157,9 @@ def predict_scaled(
     xs = rescale(x, zoom, 1)
     net = model.ema if (use_ema and model.ema is not None) else model.net
     net = net.to(dev).eval()
-    dtype = resolve_precision(precision, dev)
-    tile = tile_shape or ((512, 512) if ndim == 2 else (48, 192, 192))
-    halo = halo or ((32, 32) if ndim == 2 else (8, 32, 32))
-    d = net.config["out_channels"]
-    has_fg, k = int(bool(net.config.get("foreground"))), int(net.config.get("affinities", 0))
-    out = np.zeros((d + has_fg + k,) + xs.shape[1:], np.float32)
-    blocks = list(_tiles(xs.shape[1:], tile, halo))
-    for i, (inner, outer) in enumerate(blocks):
-        origin = [o.start - s // 2 for o, s in zip(outer, xs.shape[1:])]
-        pred = _run(net, xs[(slice(None),) + outer], dev, origin, dtype)
-        local = tuple(slice(a.start - o.start, a.stop - o.start) for a, o in zip(inner, outer))
-        out[(slice(None),) + inner] = pred[(slice(None),) + local]
-        if progress is not None:
-            progress(i + 1, len(blocks))
-    fg = expit(out[d]) if has_fg else None
-    aff = expit(out[d + has_fg :]) if k else None
-    return Prediction(out[:d], fg, float(zoom), spatial, aff)
+    out = predict_normalized(net, xs, dev, resolve_precision(precision, dev), tile_shape, halo, progress=progress)
+    emb, fg, aff = split_channels(out, net.config)
+    return Prediction(emb, fg, float(zoom), spatial, aff)
 
 
 def to_image_shape(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

@@ -1,0 +1,142 @@
+"""Blockwise segmentation of a synthetic stack on disk: throughput and peak memory.
+
+    python benchmarks/large.py [--size-gib 0.01] [--workers 1 2] [--model MODEL] [--whole]
+
+Writes a synthetic uint8 stack (cells, generated block by block, never whole in memory) as zarr,
+runs ``sparseseg segment`` on it in a subprocess per worker count and samples the resident memory
+of the whole process tree (CLI, dask scheduler/nanny and worker processes) every 0.2 s with psutil.
+``--whole`` also runs the whole-image path on the same stack written as TIFF (everything in
+memory), for comparison. Without ``--model`` a 3D model of the default architecture is trained for
+a few steps (its weights do not matter for speed or memory). Sizes: 0.25, 1, 4 GiB and so on; the
+default is small enough for a quick run on a laptop CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+GEN_BLOCK = (32, 256, 256)
+
+
+def make_stack(path: Path, size_gib: float, seed: int = 0) -> tuple[int, ...]:
+    """A uint8 stack of about ``size_gib`` GiB (z, y, x with y = x), written block by block: each
+    block one of a few synthetic cell blocks, randomly flipped (generating cells is slow)."""
+    import zarr
+
+    from napari_sparseseg.core.samples import synthetic_cells
+
+    voxels = size_gib * 2**30
+    yx = int(min(2048, max(128, round((voxels / 64) ** 0.5 / 64) * 64)))
+    z = max(16, int(round(voxels / yx / yx)))
+    shape = (z, yx, yx)
+    arr = zarr.create_array(str(path), shape=shape, chunks=(32, 128, 128), dtype="uint8", overwrite=True)
+    rng = np.random.default_rng(seed)
+    pool = [synthetic_cells(GEN_BLOCK, radius=(6.0, 10.0), seed=seed + k)[0] for k in range(2)]
+    grid = [range(0, s, b) for s, b in zip(shape, GEN_BLOCK)]
+    for a, b, c in ((a, b, c) for a in grid[0] for b in grid[1] for c in grid[2]):
+        region = tuple(slice(o, min(o + g, s)) for o, g, s in zip((a, b, c), GEN_BLOCK, shape))
+        img = pool[int(rng.integers(len(pool)))]
+        img = img[tuple(slice(None, None, -1) if rng.random() < 0.5 else slice(None) for _ in range(3))]
+        arr[region] = img[tuple(slice(0, r.stop - r.start) for r in region)]
+    return shape
+
+
+def tiny_model(folder: Path, base_channels: int | None = None, depth: int = 4) -> Path:
+    """A 3D model (CRAC; the default architecture unless ``base_channels``/``depth`` say otherwise),
+    trained for 2 steps on a small synthetic stack."""
+    from napari_sparseseg import TrainConfig, Trainer
+    from napari_sparseseg.core.samples import synthetic_cells
+    from napari_sparseseg.core.sparsify import sparsify
+
+    img, lab = synthetic_cells((32, 96, 96), radius=(6.0, 10.0), seed=0)
+    trainer = Trainer([img], [sparsify(lab, 0.5, np.random.default_rng(0))],
+                      TrainConfig(iterations=2, diameter=16, base_channels=base_channels, depth=depth), out=folder)
+    for _ in trainer.run():
+        pass
+    return folder
+
+
+def run(cmd: list[str], env: dict) -> tuple[float, float, str]:
+    """(seconds, peak RSS of the process tree in bytes, output) of ``cmd``."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    root = psutil.Process(proc.pid)
+    peak = 0
+    while proc.poll() is None:
+        total = 0
+        try:
+            for p in [root, *root.children(recursive=True)]:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+        except psutil.Error:
+            pass
+        peak = max(peak, total)
+        time.sleep(0.2)
+    out = proc.stdout.read()
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{out}")
+    return time.perf_counter() - t0, peak, out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size-gib", type=float, default=0.01, help="stack size in GiB (uint8 voxels)")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--block-shape", type=int, nargs=3, default=None, help="default: sparseseg's (64 256 256)")
+    p.add_argument("--model", type=Path, default=None)
+    p.add_argument("--base-channels", type=int, default=None, help="of the trained model (default: 8)")
+    p.add_argument("--depth", type=int, default=4, help="of the trained model")
+    p.add_argument("--whole", action="store_true", help="also run the whole-image path (TIFF input)")
+    p.add_argument("--tmp", type=Path, default=None, help="folder for the stack and outputs (default: a temp dir)")
+    args = p.parse_args()
+
+    tmp = Path(args.tmp or tempfile.mkdtemp(prefix="sparseseg-large-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    stack = tmp / f"stack-{args.size_gib:g}.zarr"
+    shape = make_stack(stack, args.size_gib)
+    n = int(np.prod(shape))
+    print(f"stack {shape} = {n / 1e6:.1f} M voxels ({n / 2**30:.3f} GiB uint8), written in {time.perf_counter() - t0:.1f} s")
+    model = args.model or tmp / "model"
+    if not (model / "config.json").exists():  # a model trained here before is reused
+        tiny_model(model, args.base_channels, args.depth)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    base = [sys.executable, "-m", "napari_sparseseg.cli", "segment", "--model", str(model), "--device", "cpu",
+            "--quiet"]
+    rows = []
+    for w in args.workers:
+        out = tmp / f"seg-{args.size_gib:g}-{w}.zarr"
+        cmd = base + ["--images", str(stack), "--out", str(out), "--workers", str(w)]
+        if args.block_shape:
+            cmd += ["--block-shape", *map(str, args.block_shape)]
+        secs, peak, out = run(cmd, env)
+        rows.append((f"blockwise, {w} worker(s)", secs, peak, out.strip().splitlines()[-1]))
+    if args.whole:
+        import tifffile
+        import zarr
+
+        tifffile.imwrite(tmp / "stack.tif", zarr.open_array(str(stack))[:])
+        secs, peak, out = run(base + ["--images", str(tmp / "stack.tif"), "--out", str(tmp / "whole")], env)
+        rows.append(("whole image (in memory)", secs, peak, out.strip().splitlines()[-1]))
+    print(f"\n| run | seconds | voxels/s | peak RSS (GiB) | peak RSS / stack size |")
+    print("|---|---|---|---|---|")
+    for name, secs, peak, _ in rows:
+        print(f"| {name} | {secs:.1f} | {n / secs:.3g} | {peak / 2**30:.2f} | {peak / n:.1f} |")
+    for name, *_, last in rows:
+        print(f"{name}: {last}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,381 @@
+"""Blockwise segmentation of stacks larger than memory (zarr, OME-Zarr, TIFF).
+
+:func:`segment_blockwise` reads the stack lazily, normalises it with percentiles of the whole
+stack, predicts block by block with a halo into a float16 zarr store, clusters each block with a
+halo by the same clustering the whole-image path runs (:func:`.segment.cluster`), stitches the
+blocks' fragments into globally consistent ids (:mod:`.stitching`, python-elf's multicut) and
+writes the labels block by block (zarr, an OME-Zarr ``labels/<name>`` group, or TIFF). The steps
+are in :mod:`.blocks`.
+
+Blocks run as tasks of a dask.distributed cluster: a LocalCluster of ``workers`` processes, an
+existing scheduler (``scheduler="tcp://host:8786"``, e.g. one dask-jobqueue started on SLURM), or
+in this process (``workers=0``). Tasks exchange only paths, so the work folder and the output must
+be on storage every worker sees. Finished blocks are recorded in the work folder; running the same
+command again after a stop or crash skips them. The work folder is removed after a successful run.
+
+Scale: the zoom that brings the objects to the model's size is computed once for the whole stack
+(from ``diameter``, else the model's, else the model's size estimate on the stack's centre); all
+blocks run on the zoomed grid, resampled exactly as the whole-image path zooms (:mod:`.resample`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from . import blocks as B
+from .blocks import Job, ModelPredictor, ProgressFn, Volume
+from .errors import SparseSegError
+
+#: default block (model-scale pixels) per dimensionality: ~4 M voxels per task, a few hundred MB
+#: of prediction channels in a worker's memory
+BLOCK = {2: (1024, 1024), 3: (64, 256, 256)}
+#: clustering methods that run blockwise: graph methods on local pixel neighbourhoods
+BLOCKWISE_METHODS = ("auto", "mws", "multicut")
+#: what the CLI's --out may end with to be a single file (else a folder for <stem>.zarr)
+TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+@dataclass
+class BlockwiseResult:
+    """What a blockwise run did: output path, objects, zoom, clustering, blocks, seconds per step."""
+
+    out: Path
+    objects: int
+    zoom: float
+    method: str
+    blocks: int
+    shape: tuple[int, ...]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def zarr_root(path: Path) -> Path | None:
+    """The outermost ``*.zarr`` folder ``path`` is or lies in, if any."""
+    for p in [*reversed(path.parents), path]:
+        if p.suffix == ".zarr":
+            return p
+    return None
+
+
+def default_work(out: Path) -> Path:
+    """The work folder: beside the output (beside the whole zarr when the output lies inside one)."""
+    root = zarr_root(out) or out
+    return root.with_name(f".{root.name}.sparseseg-work" if root != out else f".{out.name}.sparseseg-work")
+
+
+def _zoom(model_path: str, config: dict, volume: Volume, bounds, diameter: float | None, device: str) -> float:
+    from . import io, scale
+    from .prediction import resolve_zoom
+
+    if diameter is not None:
+        return scale.zoom_for(diameter, len(volume.shape))
+    cfg = config.get("scale")
+    if not (isinstance(cfg, dict) and cfg.get("mixed") and cfg.get("size_model")):
+        return scale.model_zoom(config)
+    # a model for mixed object sizes estimates the zoom: once, on the centre of the stack
+    from .checkpoint import load
+
+    window = (32, 512, 512)[-len(volume.shape):]
+    region = tuple(slice(max(0, s // 2 - w // 2), min(s, s // 2 + w // 2)) for s, w in zip(volume.shape, window))
+    from .device import resolve_device
+
+    x = io.normalize(volume.read(region), bounds=bounds)
+    dev = resolve_device(device)
+    return resolve_zoom(load(model_path, device=dev), x, None, dev)
+
+
+def _fingerprint(model: str, settings: dict) -> dict:
+    from .checkpoint import read_config
+
+    files = read_config(model).get("files", {})
+    return {**settings, "model_files": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()}
+
+
+def _make_array(path: Path, shape, chunks, dtype, **kwargs):
+    import zarr
+
+    if path.exists():
+        arr = zarr.open_array(str(path), mode="r+")
+        if arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype):
+            raise SparseSegError(f"{path}: exists with shape {arr.shape} and type {arr.dtype}, expected "
+                                 f"{tuple(shape)} {np.dtype(dtype)}; delete it or write elsewhere")
+        return arr
+    return zarr.create_array(str(path), shape=tuple(shape), chunks=tuple(chunks), dtype=dtype, fill_value=0, **kwargs)
+
+
+def segment_blockwise(
+    model: str | Path,
+    image: str | Path,
+    out: str | Path,
+    *,
+    level: int = 0,
+    block_shape: tuple[int, ...] | None = None,
+    workers: int = 0,
+    scheduler: str | None = None,
+    method: str = "auto",
+    device: str = "cpu",
+    precision: str = "auto",
+    diameter: float | None = None,
+    predictor: Any = None,
+    work: str | Path | None = None,
+    keep_work: bool = False,
+    progress: ProgressFn | None = None,
+    fg_threshold: float | None = None,
+    **overrides,
+) -> BlockwiseResult:
+    """Segment the stack ``image`` (zarr / OME-Zarr at ``level`` / TIFF) block by block with the
+    model folder ``model`` into ``out`` (a zarr array; an OME-Zarr labels image when ``out`` is
+    ``<image>.zarr/labels/<name>``; a TIFF when it ends with .tif).
+
+    ``block_shape``: block of the model-scale grid (default :data:`BLOCK`). ``workers``: processes
+    of a LocalCluster (0: this process); ``scheduler``: address of a running dask scheduler instead.
+    ``method``: one of :data:`BLOCKWISE_METHODS`. ``predictor``: replaces the model's network (any
+    :class:`.blocks.Predictor`). ``overrides``: bias, min_size, max_size (image pixels), background
+    ("auto", "foreground", "none"), affinity_source, as for :func:`.segment.cluster`.
+    ``progress(step, done, total)`` is called after each block of each step.
+    """
+    import zarr
+
+    from .checkpoint import read_config
+    from .segment import DENSE_FRACTION, foreground_threshold, resolve, resolve_background
+
+    if int(zarr.__version__.split(".")[0]) < 3:
+        raise SparseSegError(f"blockwise segmentation needs zarr >= 3 (installed: {zarr.__version__}); "
+                             "pip install -U 'zarr>=3'")
+    model, image, out = str(model), Path(image), Path(out)
+    config = read_config(model)
+    ndim, channels = int(config["network"]["ndim"]), int(config["network"]["in_channels"])
+    if method not in BLOCKWISE_METHODS:
+        raise SparseSegError(f"clustering {method!r}: blockwise segmentation supports "
+                             f"{', '.join(BLOCKWISE_METHODS)} (graph methods that work on local neighbourhoods)")
+    background = resolve_background(config, overrides.pop("background", None))
+    if background == "largest":
+        raise SparseSegError("background 'largest': blockwise segmentation cannot tell the largest segment of a "
+                             "whole stack block by block; use a model with a foreground head (background "
+                             "'foreground') or background 'none'")
+    if overrides.pop("agreement", None):
+        raise SparseSegError("agreement filtering is not available blockwise (it needs the EMA network's "
+                             "prediction of every block as well); leave --agreement unset")
+    user_min, user_max = overrides.pop("min_size", None), overrides.pop("max_size", None)
+    volume = B.open_volume(image, ndim, channels, level)
+    block = B.check_block_shape(block_shape or BLOCK[ndim], ndim, f"{image}: block shape")
+    for existing in (out, out / "0"):  # a plain array, or an OME-Zarr labels image's level 0
+        if existing.exists() and out.suffix.lower() not in TIFF_SUFFIXES:
+            try:
+                shape = zarr.open_array(str(existing), mode="r").shape
+            except Exception:
+                continue
+            if shape != volume.shape:
+                raise SparseSegError(f"{existing}: exists with shape {shape}, the labels of {image} have shape "
+                                     f"{volume.shape}; delete it or write elsewhere")
+    work = Path(work) if work is not None else default_work(out)
+    settings = {"image": str(image.resolve()), "level": level, "model": str(Path(model).resolve()),
+                "block": list(block), "method": method, "background": background, "diameter": diameter,
+                "fg_threshold": fg_threshold, "overrides": overrides, "min_size": user_min, "max_size": user_max,
+                "out": str(out.resolve())}
+    settings = _fingerprint(model, settings)
+    record = work / "job.json"
+    if record.exists():
+        saved = json.loads(record.read_text())
+        if saved["settings"] != json.loads(json.dumps(settings)):
+            raise SparseSegError(f"{work}: holds an unfinished run with other settings (input, model, block shape or "
+                                 f"clustering); run it again with those, or delete {work} to start over")
+        bounds, zoom = np.asarray(saved["bounds"]), float(saved["zoom"])
+    else:
+        bounds = B.sample_bounds(volume, **{k: config["normalization"][k] for k in ("low", "high")})
+        zoom = _zoom(model, config, volume, bounds, diameter, device)
+        work.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"settings": settings, "bounds": bounds.tolist(), "zoom": zoom}))
+    scaled = B.scaled_shape(volume.shape, zoom)
+    block = tuple(min(b, s) for b, s in zip(block, scaled))
+    predictor = predictor or ModelPredictor(model, device, precision)
+    thr = fg_threshold if fg_threshold is not None else foreground_threshold(config)
+    offsets = config.get("offsets") or []
+    halo = tuple(max([abs(o[a]) for o in offsets] + [1]) for a in range(ndim))
+    cluster_overrides = dict(overrides, background=background, min_size=0, agreement=0)
+    _, opts = resolve(config, "mws", zoom, background=background, min_size=user_min, max_size=user_max)
+    job = Job(volume, str(work), predictor, bounds.tolist(), zoom, block, config, method, cluster_overrides, thr,
+              halo, int(opts["min_size"]), opts.get("max_size"))
+    cfg = predictor.config
+    n_channels = cfg["out_channels"] + int(bool(cfg.get("foreground"))) + int(cfg.get("affinities", 0))
+    _make_array(work / "prediction.zarr", (n_channels, *scaled), (n_channels, *block), "float16")
+    _make_array(work / "fragments.zarr", scaled, block, "uint32")
+    seconds: dict[str, float] = {}
+    ids = list(range(job.n_blocks()))
+    client = _client(workers, scheduler)
+    try:
+        t = time.perf_counter()
+        stats = execute(partial(B.predict_block, job), ids, client, "predict", progress)
+        seconds["predict"] = time.perf_counter() - t
+        if method == "auto":  # decided once for the stack, as the whole-image path decides per image
+            if background == "none":
+                method = "multicut"
+            elif background == "foreground" and thr is not None:
+                frac = sum(s["foreground"] for s in stats) / max(1, sum(s["voxels"] for s in stats))
+                method = "multicut" if frac >= DENSE_FRACTION else "mws"
+            else:
+                method = "mws"
+        job.method = method
+        t = time.perf_counter()
+        counts = [s["fragments"] for s in execute(partial(B.cluster_block, job), ids, client, "cluster", progress)]
+        seconds["cluster"] = time.perf_counter() - t
+        (work / "counts.json").write_text(json.dumps(counts))
+        t = time.perf_counter()
+        if progress is not None:
+            progress("stitch", 0, 1)
+        lookup = B.relabel(job, counts)
+        if progress is not None:
+            progress("stitch", 1, 1)
+        seconds["stitch"] = time.perf_counter() - t
+        n_objects = int(lookup.max()) if lookup.size else 0
+        dtype = "uint32" if n_objects < 2**32 - 1 else "uint64"
+        tiff = out.suffix.lower() in TIFF_SUFFIXES
+        target = work / "labels.zarr" if tiff else out
+        arr_path = _create_output(target, volume, block, dtype, image, level)
+        t = time.perf_counter()
+        out_ids = list(range(int(np.prod(B.grid(volume.shape, block)))))
+        execute(partial(B.write_block, job, str(arr_path)), out_ids, client, "write", progress)
+        if tiff:
+            _to_tiff(zarr.open_array(str(arr_path), mode="r"), out)
+        seconds["write"] = time.perf_counter() - t
+    finally:
+        if client is not None:
+            _close(client, scheduler)
+    if not keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    return BlockwiseResult(out, n_objects, zoom, method, len(ids), volume.shape, seconds)
+
+
+# -- execution ------------------------------------------------------------------------------------
+def _client(workers: int, scheduler: str | None):
+    """A dask.distributed client: on ``scheduler`` (an address) if given, else on a LocalCluster
+    of ``workers`` single-threaded processes; None for ``workers == 0`` (run in this process)."""
+    if scheduler:
+        from distributed import Client
+
+        try:
+            return Client(scheduler, timeout="30s")
+        except OSError as err:
+            raise SparseSegError(f"scheduler {scheduler!r}: could not connect ({err})") from err
+    if workers == 0:
+        return None
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    return Client(cluster)
+
+
+def execute(fn: Callable, ids: list[int], client, stage: str, progress: ProgressFn | None = None) -> list:
+    """``fn(i)`` for every block id, on the cluster's workers (or here without ``client``); results in
+    the order of ``ids``. The first failing block stops the run (finished blocks stay recorded)."""
+    total = len(ids)
+    results: dict[int, Any] = {}
+    if progress is not None:
+        progress(stage, 0, total)
+    if client is None:
+        for n, i in enumerate(ids, 1):
+            results[i] = fn(i)
+            if progress is not None:
+                progress(stage, n, total)
+        return [results[i] for i in ids]
+    from distributed import as_completed
+
+    futures = client.map(fn, ids, pure=False)
+    key = {f.key: i for f, i in zip(futures, ids)}
+    try:
+        for n, fut in enumerate(as_completed(futures), 1):
+            results[key[fut.key]] = fut.result()
+            if progress is not None:
+                progress(stage, n, total)
+    finally:
+        client.cancel([f for f in futures if not f.done()])
+    return [results[i] for i in ids]
+
+
+def _close(client, scheduler: str | None) -> None:
+    """Close the client, and the LocalCluster if we started it (never a scheduler we were given)."""
+    cluster = None if scheduler else client.cluster
+    client.close()
+    if cluster is not None:
+        cluster.close()
+
+
+def _ome_axes(image: Path, level: int, ndim: int) -> tuple[list, list] | None:
+    """The spatial axes and scale of the OME-Zarr image ``image`` at ``level``, or None."""
+    import zarr
+
+    from .io import _multiscales
+
+    try:
+        ms = _multiscales(dict(zarr.open_group(str(image), mode="r").attrs))
+    except Exception:
+        return None
+    if not ms:
+        return None
+    axes = ms[0].get("axes") or [{"name": n, "type": "space"} for n in "zyx"[-ndim:]]
+    axes = [a if isinstance(a, dict) else {"name": a} for a in axes]
+    scale = [1.0] * len(axes)
+    for t in ms[0]["datasets"][level].get("coordinateTransformations", []):
+        if t.get("type") == "scale":
+            scale = list(t["scale"])
+    keep = [i for i, a in enumerate(axes) if a.get("type", "space") == "space" or a.get("name") in "zyx"][-ndim:]
+    return [axes[i] for i in keep], [scale[i] for i in keep]
+
+
+def _create_output(out: Path, volume: Volume, block, dtype: str, image: Path, level: int) -> Path:
+    """Create the output array; inside ``<image>.zarr/labels/<name>`` an OME-Zarr labels image
+    (NGFF 0.4 or 0.5, as the image) listed in the labels group. Returns the array's path."""
+    import zarr
+
+    chunks = tuple(min(b, s) for b, s in zip(block, volume.shape))
+    if out.parent.name != "labels" or zarr_root(out) is None or zarr_root(out) == out:
+        _make_array(out, volume.shape, chunks, dtype)
+        return out
+    root = zarr_root(out)
+    if root.resolve() != image.resolve():
+        raise SparseSegError(f"--out {out}: a labels image belongs to the image it labels; the input is {image}")
+    axes = _ome_axes(image, level, len(volume.shape))
+    if axes is None:
+        raise SparseSegError(f"--out {out}: {image} is not an OME-Zarr image, so it has no labels group")
+    fmt = zarr.open_group(str(image), mode="r").metadata.zarr_format
+    labels = zarr.open_group(str(out.parent), mode="a", zarr_format=fmt)
+    group = zarr.open_group(str(out), mode="a", zarr_format=fmt)
+    multiscales = [{"version": "0.4" if fmt == 2 else "0.5", "name": out.name, "axes": axes[0],
+                    "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": axes[1]}]}]}]
+    meta = {"multiscales": multiscales, "image-label": {"version": multiscales[0]["version"],
+                                                        "source": {"image": "../../"}}}
+    names = set((labels.attrs.get("labels") or (labels.attrs.get("ome") or {}).get("labels") or [])) | {out.name}
+    if fmt == 2:
+        group.attrs.update(meta)
+        labels.attrs["labels"] = sorted(names)
+    else:
+        group.attrs["ome"] = {"version": "0.5", **{k: v for k, v in meta.items()}}
+        for m in group.attrs["ome"]["multiscales"]:
+            m.pop("version", None)
+        labels.attrs["ome"] = {"version": "0.5", "labels": sorted(names)}
+    # NGFF 0.4 (zarr v2) wants "/" between chunk indices
+    extra = {"chunk_key_encoding": {"name": "v2", "separator": "/"}} if fmt == 2 else {}
+    _make_array(out / "0", volume.shape, chunks, dtype, zarr_format=fmt, **extra)
+    return out / "0"
+
+
+def _to_tiff(arr, out: Path) -> None:
+    """Stream a label array into a compressed TIFF, one plane in memory at a time."""
+    import os
+
+    import tifffile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    planes = (np.asarray(arr[i]) for i in range(arr.shape[0])) if arr.ndim == 3 else iter([np.asarray(arr[:])])
+    tifffile.imwrite(tmp, data=planes, shape=arr.shape, dtype=arr.dtype, compression="zlib",
+                     photometric="minisblack", bigtiff=arr.nbytes > 2**31)
+    os.replace(tmp, out)
