@@ -17,6 +17,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -208,7 +209,11 @@ def export_bioimageio(
         tifffile.imwrite(tmp / "sample_input.tif", x)
         tifffile.imwrite(tmp / "sample_output.tif", y)
         xn = torch.from_numpy(normalize(x[0], norm["low"], norm["high"])[None])
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # torch 2.13 deprecates tracing, but TorchScript is the format bioimage.io tools run;
+            # the shape checks it freezes are GroupNorm's (the traced net runs on every size, tested)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             traced = torch.jit.trace(net, xn, check_trace=False)
         traced.save(str(tmp / TORCHSCRIPT))
         package_cfg = {k: val for k, val in cfg.items() if k != "files"}
@@ -275,3 +280,18 @@ def export_bioimageio(
         spec.save_bioimageio_package(descr, output_path=partial)
         os.replace(partial, out_zip)
     return out_zip
+
+
+def check_package(path: str | os.PathLike) -> tuple[str, list[str]]:
+    """Run bioimageio.core's test of a package (format, both weight formats reproducing the test
+    output, several input sizes): its status (``"passed"`` when all passed) and the failed checks."""
+    try:
+        from bioimageio.core import test_model
+    except ImportError as err:
+        raise SparseSegError(
+            "checking a package needs bioimageio.core, which is not installed; install the extra: "
+            "pip install 'napari-sparseseg[bioimageio]'"
+        ) from err
+    summary = test_model(str(path))
+    failures = [f"{d.name}: {'; '.join(str(e.msg) for e in d.errors)}" for d in summary.details if d.status != "passed"]
+    return str(summary.status), failures
