@@ -159,6 +159,8 @@ def test_errors_name_the_file_and_what_was_expected(spoco, spoco_zip, tmp_path, 
     assert "model folder" in err and "nothere: not found" in err
     assert "expected a file name ending in .zip" in _err(
         capsys, ["export", "--model", str(spoco), "--out", str(tmp_path / "x.tar")])
+    err = _err(capsys, ["export", "--model", str(spoco), "--out", str(tmp_path / "x.zip"), "--license", "NOPE"])
+    assert "--license 'NOPE': not an SPDX licence identifier" in err and not list(tmp_path.glob("*.zip"))
     # a bioimage.io package of another tool
     foreign = tmp_path / "foreign.zip"
     with zipfile.ZipFile(foreign, "w") as zf:

@@ -26,7 +26,8 @@ VERSION = 1
 CONFIG = "config.json"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file (hex), as model configs record it."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -116,7 +117,7 @@ def save(folder: str | os.PathLike, model: Model) -> Path:
     config = dict(model.config)
     config["format"] = FORMAT
     config["version"] = VERSION
-    config["files"] = {role: {"name": name, "sha256": _sha256(folder / name)} for role, name in files.items()}
+    config["files"] = {role: {"name": name, "sha256": file_sha256(folder / name)} for role, name in files.items()}
     _atomic_write_bytes(folder / CONFIG, json.dumps(config, indent=2).encode())
     # only now that config.json points to the new files may the previous checkpoint's files go
     for name in previous - set(files.values()):
@@ -160,7 +161,7 @@ def _checked(folder: Path, config: dict, role: str) -> Path | None:
     path = folder / entry["name"]
     if not path.exists():
         raise SparseSegError(f"model folder {folder}: {entry['name']} is missing")
-    if _sha256(path) != entry["sha256"]:
+    if file_sha256(path) != entry["sha256"]:
         raise SparseSegError(
             f"model folder {folder}: {entry['name']} does not match the checksum in {CONFIG} "
             "(the file was changed or damaged); refusing to load it"

@@ -34,7 +34,7 @@ from .package import EMA, PACKAGE_CONFIG, TORCHSCRIPT, WEIGHTS
 from .samples import synthetic_cells
 
 #: the package's test image, per spatial axis before rounding up to the network's divisor
-TEST_SHAPE = {2: (64, 64), 3: (16, 48, 48)}
+TEST_SHAPE = {2: (64, 64), 3: (16, 32, 32)}
 SPOCO_CITE = ("Wolny, Yu, Pape, Kreshuk: Sparse Object-level Supervision for Instance Segmentation "
               "with Pixel Embeddings. CVPR 2022", "https://arxiv.org/abs/2103.14572")
 CRAC_CITE = ("Liu, Huang, Xiong, Zhou, Zhang, Chen, Zha, Wu: Learning Cross-Representation Affinity "
@@ -177,109 +177,128 @@ def export_bioimageio(
     description: str | None = None,
 ) -> Path:
     """Write the model in ``model_folder`` (or a package this function wrote) as a bioimage.io
-    model package ``out_zip``; returns its path. ``authors`` default to the login name."""
-    spec, v = _bioimageio()
-    model = checkpoint.load(model_folder)
+    model package ``out_zip``; returns its path. ``authors`` default to the login name,
+    ``license`` is the weights' SPDX identifier."""
     out_zip = Path(out_zip)
     if out_zip.suffix.lower() != ".zip":
         raise SparseSegError(f"--out {out_zip}: expected a file name ending in .zip")
-    cfg = model.config
-    method = str(cfg.get("method", "spoco"))
-    ndim, net = model.ndim, model.net.cpu().eval()
-    axes_ids = ["z", "y", "x"][-ndim:]
-    name = _safe_name(name or f"sparseseg {method} {ndim}D {Path(model_folder).stem}")
+    model = checkpoint.load(model_folder)
+    spec, v = _bioimageio()
+    method = str(model.config.get("method", "spoco"))
+    name = _safe_name(name or f"sparseseg {method} {model.ndim}D {Path(model_folder).stem}")
     authors = [a.strip() for a in (authors or [getpass.getuser() or "unknown"]) if a.strip()]
-    zoom = scales.model_zoom(cfg)
-    names = channel_names(net.config)
-    norm = cfg["normalization"]
-
     with tempfile.TemporaryDirectory(prefix="sparseseg-export-") as tmp:
         tmp = Path(tmp)
-        state = {k: t.detach().cpu().contiguous() for k, t in net.state_dict().items()}
-        torch.save(state, tmp / WEIGHTS)
-        files = {"weights": WEIGHTS}
-        if model.ema is not None:
-            save_file({k: t.detach().cpu().contiguous() for k, t in model.ema.state_dict().items()}, str(tmp / EMA))
-            files["ema"] = EMA
-        x = test_input(model)
-        y = network_output(net, x, norm)
-        np.save(tmp / "test_input.npy", x)
-        np.save(tmp / "test_output.npy", y)
-        # sample tensors (TIFF) for people and viewers; the .npy test tensors are what tests read
-        tifffile.imwrite(tmp / "sample_input.tif", x)
-        tifffile.imwrite(tmp / "sample_output.tif", y)
-        xn = torch.from_numpy(normalize(x[0], norm["low"], norm["high"])[None])
-        with torch.no_grad(), warnings.catch_warnings():
-            # torch 2.13 deprecates tracing, but TorchScript is the format bioimage.io tools run;
-            # the shape checks it freezes are GroupNorm's (the traced net runs on every size, tested)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            traced = torch.jit.trace(net, xn, check_trace=False)
-        traced.save(str(tmp / TORCHSCRIPT))
-        package_cfg = {k: val for k, val in cfg.items() if k != "files"}
-        package_cfg["files"] = {role: {"name": n, "sha256": checkpoint._sha256(tmp / n)} for role, n in files.items()}
-        (tmp / PACKAGE_CONFIG).write_text(json.dumps(package_cfg, indent=2))
-        (tmp / "README.md").write_text(_readme(model, name, zoom, names))
-
-        space_in = [v.SpaceInputAxis(id=v.AxisId(a), size=v.ParameterizedSize(min=2 * d, step=d))
-                    for a, d in zip(axes_ids, net.divisor)]
-        space_out = [v.SpaceOutputAxis(id=v.AxisId(a), size=v.SizeReference(tensor_id=v.TensorId("raw"),
-                                                                          axis_id=v.AxisId(a)))
-                     for a in axes_ids]
-        inp = v.InputTensorDescr(
-            id=v.TensorId("raw"),
-            description=f"image, {model.in_channels} channel(s), objects about "
-                        f"{scales.TARGET_DIAMETER[ndim]:.0f} px across",
-            axes=[v.BatchAxis(), v.ChannelAxis(channel_names=[f"channel{i}" for i in range(model.in_channels)]),
-                  *space_in],
-            test_tensor=v.FileDescr(source=tmp / "test_input.npy"),
-            sample_tensor=v.FileDescr(source=tmp / "sample_input.tif"),
-            data=v.IntervalOrRatioDataDescr(type="float32"),
-            preprocessing=[v.ScaleRangeDescr(kwargs=v.ScaleRangeKwargs(
-                axes=[v.AxisId(a) for a in axes_ids], min_percentile=float(norm["low"]),
-                max_percentile=float(norm["high"])))],
-        )
-        out = v.OutputTensorDescr(
-            id=v.TensorId("embeddings"),
-            description="embeddings, then foreground/affinity logits; instances: sparseseg segment (README)",
-            axes=[v.BatchAxis(), v.ChannelAxis(channel_names=names), *space_out],
-            test_tensor=v.FileDescr(source=tmp / "test_output.npy"),
-            sample_tensor=v.FileDescr(source=tmp / "sample_output.tif"),
-            data=v.IntervalOrRatioDataDescr(type="float32"),
-        )
-        arch_cls = type(net).__name__
-        arch = v.ArchitectureFromLibraryDescr(import_from="napari_sparseseg.core.network", callable=arch_cls,
-                                              kwargs=dict(net.config))
-        torch_version = v.Version(torch.__version__.split("+")[0])
-        weights = v.WeightsDescr(
-            pytorch_state_dict=v.PytorchStateDictWeightsDescr(
-                source=tmp / WEIGHTS, architecture=arch, pytorch_version=torch_version,
-                comment="state dict of the network; needs napari-sparseseg installed"),
-            torchscript=v.TorchscriptWeightsDescr(
-                source=tmp / TORCHSCRIPT, pytorch_version=torch_version, parent="pytorch_state_dict",
-                comment="traced from the state-dict network (CPU code path)"),
-        )
-        cite = SPOCO_CITE if method == "spoco" else CRAC_CITE
-        descr = v.ModelDescr(
-            name=name,
-            description=description or (f"{ndim}D instance segmentation ({method.upper()} from sparse object masks, "
-                                        "napari-sparseseg): embeddings and affinities; instances via sparseseg segment"),
-            authors=[v.Author(name=a) for a in authors],
-            cite=[v.CiteEntry(text=cite[0], url=cite[1])],
-            license=license,
-            documentation=v.FileDescr(source=tmp / "README.md"),
-            tags=["instance-segmentation", "napari-sparseseg", method, f"{ndim}d", "pytorch", "sparse-annotation"],
-            inputs=[inp],
-            outputs=[out],
-            weights=weights,
-            attachments=[v.FileDescr(source=tmp / PACKAGE_CONFIG)] + (
-                [v.FileDescr(source=tmp / EMA)] if "ema" in files else []),
-        )
+        files = _write_files(model, tmp, name)
+        try:
+            descr = _description(v, model, tmp, files, name, authors, license, description)
+        except ValueError as err:  # pydantic's ValidationError, e.g. an unknown licence
+            raise SparseSegError(_invalid(model_folder, license, err)) from err
         out_zip.parent.mkdir(parents=True, exist_ok=True)
         partial = out_zip.with_name(f".{out_zip.name}.tmp.zip")
-        spec.save_bioimageio_package(descr, output_path=partial)
-        os.replace(partial, out_zip)
+        try:
+            spec.save_bioimageio_package(descr, output_path=partial)
+            os.replace(partial, out_zip)
+        finally:
+            partial.unlink(missing_ok=True)
     return out_zip
+
+
+def _invalid(model_folder, license: str, err: ValueError) -> str:
+    """A one-line message for a description bioimageio.spec refused."""
+    errors = err.errors() if hasattr(err, "errors") else []
+    fields = sorted({str(e["loc"][0]) for e in errors if e.get("loc")})
+    if "license" in fields:
+        return f"--license {license!r}: not an SPDX licence identifier (e.g. CC-BY-4.0, MIT, BSD-3-Clause)"
+    first = errors[0]["msg"][:200] if errors else str(err)[:200]
+    return f"export of {model_folder}: bioimageio.spec refused the description ({', '.join(fields)}: {first})"
+
+
+def _write_files(model: checkpoint.Model, tmp: Path, name: str) -> dict[str, str]:
+    """Write the package's files into ``tmp``; returns the weight files napari-sparseseg reads, by role."""
+    net, norm = model.net.cpu().eval(), model.config["normalization"]
+    torch.save({k: t.detach().cpu().contiguous() for k, t in net.state_dict().items()}, tmp / WEIGHTS)
+    files = {"weights": WEIGHTS}
+    if model.ema is not None:
+        save_file({k: t.detach().cpu().contiguous() for k, t in model.ema.state_dict().items()}, str(tmp / EMA))
+        files["ema"] = EMA
+    x = test_input(model)
+    y = network_output(net, x, norm)
+    np.save(tmp / "test_input.npy", x)
+    np.save(tmp / "test_output.npy", y)
+    # sample tensors (TIFF) for people and viewers; the .npy test tensors are what tests read
+    tifffile.imwrite(tmp / "sample_input.tif", x)
+    tifffile.imwrite(tmp / "sample_output.tif", y)
+    xn = torch.from_numpy(normalize(x[0], norm["low"], norm["high"])[None])
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch 2.13 deprecates tracing, but TorchScript is the format bioimage.io tools run;
+        # the shape checks it freezes are GroupNorm's (the traced net runs on every size, tested)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.jit.trace(net, xn, check_trace=False).save(str(tmp / TORCHSCRIPT))
+    package_cfg = {k: val for k, val in model.config.items() if k != "files"}
+    package_cfg["files"] = {role: {"name": n, "sha256": checkpoint.file_sha256(tmp / n)} for role, n in files.items()}
+    (tmp / PACKAGE_CONFIG).write_text(json.dumps(package_cfg, indent=2))
+    (tmp / "README.md").write_text(_readme(model, name, scales.model_zoom(model.config), channel_names(net.config)))
+    return files
+
+
+def _description(v, model: checkpoint.Model, tmp: Path, files: dict[str, str], name: str, authors: list[str],
+                 license: str, description: str | None):
+    """The bioimage.io ``ModelDescr`` of the files in ``tmp`` (``v``: bioimageio.spec.model.v0_5)."""
+    ndim, net, norm = model.ndim, model.net, model.config["normalization"]
+    method = str(model.config.get("method", "spoco"))
+    axes_ids = ["z", "y", "x"][-ndim:]
+    space_in = [v.SpaceInputAxis(id=v.AxisId(a), size=v.ParameterizedSize(min=2 * d, step=d))
+                for a, d in zip(axes_ids, net.divisor)]
+    space_out = [v.SpaceOutputAxis(id=v.AxisId(a), size=v.SizeReference(tensor_id=v.TensorId("raw"), axis_id=v.AxisId(a)))
+                 for a in axes_ids]
+    inp = v.InputTensorDescr(
+        id=v.TensorId("raw"),
+        description=f"image, {model.in_channels} channel(s), objects about {scales.TARGET_DIAMETER[ndim]:.0f} px across",
+        axes=[v.BatchAxis(), v.ChannelAxis(channel_names=[f"channel{i}" for i in range(model.in_channels)]), *space_in],
+        test_tensor=v.FileDescr(source=tmp / "test_input.npy"),
+        sample_tensor=v.FileDescr(source=tmp / "sample_input.tif"),
+        data=v.IntervalOrRatioDataDescr(type="float32"),
+        preprocessing=[v.ScaleRangeDescr(kwargs=v.ScaleRangeKwargs(
+            axes=[v.AxisId(a) for a in axes_ids], min_percentile=float(norm["low"]),
+            max_percentile=float(norm["high"])))],
+    )
+    out = v.OutputTensorDescr(
+        id=v.TensorId("embeddings"),
+        description="embeddings, then foreground/affinity logits; instances: sparseseg segment (README)",
+        axes=[v.BatchAxis(), v.ChannelAxis(channel_names=channel_names(net.config)), *space_out],
+        test_tensor=v.FileDescr(source=tmp / "test_output.npy"),
+        sample_tensor=v.FileDescr(source=tmp / "sample_output.tif"),
+        data=v.IntervalOrRatioDataDescr(type="float32"),
+    )
+    # the architecture is the network class itself: it records its constructor arguments
+    arch = v.ArchitectureFromLibraryDescr(import_from="napari_sparseseg.core.network", callable=type(net).__name__,
+                                          kwargs=dict(net.config))
+    torch_version = v.Version(torch.__version__.split("+")[0])
+    weights = v.WeightsDescr(
+        pytorch_state_dict=v.PytorchStateDictWeightsDescr(
+            source=tmp / WEIGHTS, architecture=arch, pytorch_version=torch_version,
+            comment="state dict of the network; needs napari-sparseseg installed"),
+        torchscript=v.TorchscriptWeightsDescr(
+            source=tmp / TORCHSCRIPT, pytorch_version=torch_version, parent="pytorch_state_dict",
+            comment="traced from the state-dict network (CPU code path)"),
+    )
+    cite = SPOCO_CITE if method == "spoco" else CRAC_CITE
+    return v.ModelDescr(
+        name=name,
+        description=description or (f"{ndim}D instance segmentation ({method.upper()} from sparse object masks, "
+                                    "napari-sparseseg): embeddings and affinities; instances via sparseseg segment"),
+        authors=[v.Author(name=a) for a in authors],
+        cite=[v.CiteEntry(text=cite[0], url=cite[1])],
+        license=license,
+        documentation=v.FileDescr(source=tmp / "README.md"),
+        tags=["instance-segmentation", "napari-sparseseg", method, f"{ndim}d", "pytorch", "sparse-annotation"],
+        inputs=[inp],
+        outputs=[out],
+        weights=weights,
+        attachments=[v.FileDescr(source=tmp / PACKAGE_CONFIG)] + ([v.FileDescr(source=tmp / EMA)] if "ema" in files else []),
+    )
 
 
 def check_package(path: str | os.PathLike) -> tuple[str, list[str]]:
