@@ -147,6 +147,12 @@ def test_cli_export_then_segment_and_finetune_from_package(data, spoco, tmp_path
                  "--out", str(tuned), "--from", str(pkg), *TINY]) == 0
     cfg = json.loads((tuned / "config.json").read_text())
     assert cfg["parent"] == str(pkg) and cfg["method"] == "spoco"
+    # a package exports again (from the zip) to the same network
+    assert main(["export", "--model", str(pkg), "--out", str(tmp_path / "again.zip")]) == 0
+    again = checkpoint.load(tmp_path / "again.zip")
+    with torch.no_grad():
+        x = torch.rand(1, 1, 32, 32)
+        assert torch.equal(again.net(x), checkpoint.load(spoco).net(x))
 
 
 def _err(capsys, argv):

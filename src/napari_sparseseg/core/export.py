@@ -32,6 +32,7 @@ from .errors import SparseSegError
 from .io import normalize
 from .package import EMA, PACKAGE_CONFIG, TORCHSCRIPT, WEIGHTS
 from .samples import synthetic_cells
+from .segment import foreground_fraction, foreground_threshold
 
 #: the package's test image, per spatial axis before rounding up to the network's divisor
 TEST_SHAPE = {2: (64, 64), 3: (16, 32, 32)}
@@ -114,8 +115,11 @@ def _readme(model: checkpoint.Model, name: str, zoom: float, channels: list[str]
         + (" (for CRAC, their cosine similarity across an offset is the explicit affinity)" if method == "crac" else ""),
     ]
     if net.get("foreground"):
-        lines.append("- `foreground_logit`: logit of 'inside an object' (positive-unlabeled; a pixel is an object "
-                     + (f"where sigmoid(logit) >= c/2, c = {fg_c:.4f})" if fg_c else "where sigmoid(logit) >= c/2)"))
+        thr = foreground_threshold(cfg)
+        lines.append("- `foreground_logit`: logit of 'inside an object' (positive-unlabeled); `sparseseg segment` keeps "
+                     "a segment whose mean sigmoid(logit) is at least "
+                     + (f"{thr:.4f} ({foreground_fraction(cfg):g} c, c = {fg_c:.4f}, the head's mean on annotated pixels)"
+                        if thr is not None else "a fraction of c, the head's mean on annotated pixels"))
     if net.get("affinities"):
         lines.append("- `affinity_logit0` ..: logits of 'same object' for each pixel and its partner at the offsets "
                      f"{offsets} (in the order of the axes, z first in 3D)")
@@ -123,7 +127,7 @@ def _readme(model: checkpoint.Model, name: str, zoom: float, channels: list[str]
         "",
         "## Input",
         "",
-        f"{model.in_channels} channel(s), any size that is a multiple of {list(model.net.divisor)} per spatial axis. "
+        f"{model.in_channels} channel(s); each spatial size a multiple of {list(model.net.divisor)}, at least twice that. "
         f"Preprocessing: per-image, per-channel percentile normalisation ({cfg['normalization']['low']} -> 0, "
         f"{cfg['normalization']['high']} -> 1), described as `scale_range`.",
         "",
