@@ -187,6 +187,32 @@ def test_save_and_load_model_roundtrip(qtbot, widget, tmp_path, errors):
     assert "not found" in errors[-1]
 
 
+def test_load_bioimageio_package_button_then_segment(qtbot, widget, tmp_path, errors, monkeypatch):
+    pytest.importorskip("bioimageio.spec")
+    from qtpy.QtWidgets import QFileDialog
+
+    from napari_sparseseg.core.export import export_bioimageio
+
+    viewer, w = widget
+    _train(qtbot, w, iterations=3, preview_every=0)
+    w.train.save_model(tmp_path / "m")
+    pkg = export_bioimageio(tmp_path / "m", tmp_path / "m.zip", authors=["Test"])
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, **k: (str(pkg), "bioimage.io package (*.zip)"))
+    w.train.load_zip_btn.click()
+    assert not errors and w.session.origin == "loaded" and w.session.model.path == pkg
+    assert "3 iterations" in w.train.status.value
+    w.segment.run()
+    qtbot.waitUntil(lambda: "cells 2D segmentation" in viewer.layers and w.segment.worker is None, timeout=TIMEOUT)
+    assert not errors and viewer.layers["cells 2D segmentation"].data.max() > 0
+    foreign = tmp_path / "foreign.zip"
+    import zipfile
+
+    with zipfile.ZipFile(foreign, "w") as zf:
+        zf.writestr("rdf.yaml", "type: model\n")
+    w.train.load_model(foreign)
+    assert "foreign.zip" in errors[-1] and "sparseseg export" in errors[-1]
+
+
 def test_3d_stack_trains_previews_a_slab_and_segments(qtbot, make_napari_viewer, errors):
     viewer = make_napari_viewer()
     viewer.open_sample("napari-sparseseg", "cells_3d")

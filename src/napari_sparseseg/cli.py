@@ -1,4 +1,4 @@
-"""The ``sparseseg`` command: sparsify, train, segment, evaluate, demo.
+"""The ``sparseseg`` command: sparsify, train, segment, evaluate, export, demo.
 
 Every subcommand drives the same engine as the napari widgets (``napari_sparseseg.core``).
 User errors print one line (``sparseseg: error: ...``) and exit with status 2.
@@ -255,6 +255,24 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+# -- export --------------------------------------------------------------------------------------
+def cmd_export(args) -> int:
+    from .core.export import check_package, export_bioimageio
+
+    t0 = time.perf_counter()
+    out = export_bioimageio(args.model, args.out, name=args.name, authors=args.authors, license=args.license)
+    model = checkpoint.load(out)
+    print(f"{args.model} -> {out}: bioimage.io model package, {model.config.get('method', 'spoco').upper()} "
+          f"{model.ndim}D, {out.stat().st_size / 1e6:.2f} MB, in {time.perf_counter() - t0:.1f} s")
+    if args.check:
+        status, failures = check_package(out)
+        print(f"bioimageio.core test: {status}")
+        for line in failures:
+            print(f"  {line}")
+        return 0 if status == "passed" else 1
+    return 0
+
+
 # -- demo ----------------------------------------------------------------------------------------
 def cmd_demo(args) -> int:
     from .core.samples import synthetic_dataset
@@ -384,6 +402,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--gt", required=True)
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=cmd_evaluate)
+
+    x = sub.add_parser("export", help="write a model as a bioimage.io model package (.zip; needs the "
+                                      "[bioimageio] extra)")
+    x.add_argument("--model", required=True, help="model folder (or a package written by export)")
+    x.add_argument("--out", required=True, help="package file to write, e.g. model.zip")
+    x.add_argument("--name", default=None, help="model name (default: sparseseg <method> <n>D <folder name>)")
+    x.add_argument("--authors", nargs="+", default=None, metavar="NAME",
+                   help="author names, e.g. --authors 'Jane Doe' 'John Roe' (default: your login name)")
+    x.add_argument("--license", default="CC-BY-4.0", help="SPDX licence of the weights (default CC-BY-4.0)")
+    x.add_argument("--check", action="store_true",
+                   help="run bioimageio.core's test of the package (both weight formats) and report it")
+    x.set_defaults(func=cmd_export)
 
     d = sub.add_parser("demo", help="sample data -> sparse labels -> train -> segment -> score")
     d.add_argument("--out", default="sparseseg-demo")

@@ -126,7 +126,7 @@ class SegmentPanel(QWidget):
             L.notify_error("Select an image to segment.")
             return
         if model is None:
-            L.notify_error("There is no model yet: train one (Train tab) or load a saved model folder.")
+            L.notify_error("There is no model yet: train one or load a model folder or bioimage.io package (Train tab).")
             return
         img = L.image_array(image)
         try:

@@ -58,6 +58,8 @@ class TrainPanel(QWidget):
         self.start_btn = PushButton(text="Train")
         self.stop_btn = PushButton(text="Stop", enabled=False)
         self.load_btn = QPushButton("Load model…")
+        self.load_zip_btn = QPushButton("Load bioimage.io package…")
+        self.load_zip_btn.setToolTip("a .zip written by 'sparseseg export'")
         self.save_btn = QPushButton("Save model…")
         self.status = Label(value="No model yet.")
         self.status.native.setWordWrap(True)
@@ -73,11 +75,13 @@ class TrainPanel(QWidget):
         lay.addWidget(advanced)
         lay.addWidget(L.form((None, self.start_btn), (None, self.stop_btn)))
         lay.addWidget(self.plot)
-        lay.addWidget(L.form((None, self.status), (None, self.load_btn), (None, self.save_btn)))
+        lay.addWidget(L.form((None, self.status), (None, self.load_btn), (None, self.load_zip_btn),
+                             (None, self.save_btn)))
         lay.addStretch()
         self.start_btn.changed.connect(self.start)
         self.stop_btn.changed.connect(self.stop)
         self.load_btn.clicked.connect(lambda: self._pick_folder(self.load_model))
+        self.load_zip_btn.clicked.connect(self._pick_package)
         self.save_btn.clicked.connect(lambda: self._pick_folder(self.save_model))
         self.job: workers.TrainJob | None = None
         self.process: workers.TrainingProcess | None = None
@@ -91,7 +95,13 @@ class TrainPanel(QWidget):
         if folder:
             action(folder)
 
+    def _pick_package(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "bioimage.io model package", "", "bioimage.io package (*.zip)")
+        if path:
+            self.load_model(path)
+
     def load_model(self, folder) -> None:
+        """Load a model folder or a bioimage.io package written by ``sparseseg export``."""
         try:
             model = checkpoint.load(folder)
         except SparseSegError as err:

@@ -26,7 +26,8 @@ VERSION = 1
 CONFIG = "config.json"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file (hex), as model configs record it."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -116,7 +117,7 @@ def save(folder: str | os.PathLike, model: Model) -> Path:
     config = dict(model.config)
     config["format"] = FORMAT
     config["version"] = VERSION
-    config["files"] = {role: {"name": name, "sha256": _sha256(folder / name)} for role, name in files.items()}
+    config["files"] = {role: {"name": name, "sha256": file_sha256(folder / name)} for role, name in files.items()}
     _atomic_write_bytes(folder / CONFIG, json.dumps(config, indent=2).encode())
     # only now that config.json points to the new files may the previous checkpoint's files go
     for name in previous - set(files.values()):
@@ -128,21 +129,27 @@ def save(folder: str | os.PathLike, model: Model) -> Path:
 
 
 def read_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """The checked ``config.json`` of a model folder."""
     folder = Path(folder)
     cfg_path = folder / CONFIG
     if not folder.exists():
         raise SparseSegError(f"model folder {folder}: not found")
     if not cfg_path.exists():
         raise SparseSegError(f"model folder {folder}: has no {CONFIG}; expected a folder written by 'sparseseg train'")
+    return parse_config(cfg_path.read_bytes(), f"model folder {folder}", CONFIG)
+
+
+def parse_config(data: bytes, where: str, name: str) -> dict[str, Any]:
+    """Parse and check a model config (``name`` inside ``where``, for messages): ours, not newer."""
     try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as err:
-        raise SparseSegError(f"model folder {folder}: {CONFIG} is not valid JSON ({err})") from err
-    if config.get("format") != FORMAT:
-        raise SparseSegError(f"model folder {folder}: {CONFIG} is not a napari-sparseseg model")
+        config = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SparseSegError(f"{where}: {name} is not valid JSON ({err})") from err
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise SparseSegError(f"{where}: {name} is not a napari-sparseseg model")
     if int(config.get("version", 0)) > VERSION:
         raise SparseSegError(
-            f"model folder {folder}: written by a newer napari-sparseseg (format {config['version']}); please upgrade"
+            f"{where}: written by a newer napari-sparseseg (format {config['version']}); please upgrade"
         )
     return config
 
@@ -154,7 +161,7 @@ def _checked(folder: Path, config: dict, role: str) -> Path | None:
     path = folder / entry["name"]
     if not path.exists():
         raise SparseSegError(f"model folder {folder}: {entry['name']} is missing")
-    if _sha256(path) != entry["sha256"]:
+    if file_sha256(path) != entry["sha256"]:
         raise SparseSegError(
             f"model folder {folder}: {entry['name']} does not match the checksum in {CONFIG} "
             "(the file was changed or damaged); refusing to load it"
@@ -163,36 +170,53 @@ def _checked(folder: Path, config: dict, role: str) -> Path | None:
 
 
 def load(folder: str | os.PathLike, device: str | torch.device = "cpu", with_optimizer: bool = False) -> Model:
-    """Load a model folder without executing any code from it."""
+    """Load a model folder, or a bioimage.io package written by ``sparseseg export`` (a .zip file;
+    see :mod:`.package`), without executing any code from it."""
     folder = Path(folder)
+    if folder.is_file():
+        from .package import PACKAGE_CONFIG, read_package
+
+        config, states = read_package(folder)
+        return _build(folder, config, states, device, None, f"model package {folder}", PACKAGE_CONFIG)
     config = read_config(folder)
-    try:
-        net = build_network(config["network"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise SparseSegError(f"model folder {folder}: invalid network description in {CONFIG} ({err})") from err
     weights = _checked(folder, config, "weights")
     if weights is None:
         raise SparseSegError(f"model folder {folder}: {CONFIG} names no weights file")
-
-    def restore(target, path):
-        try:
-            target.load_state_dict(load_file(str(path)))
-        except Exception as err:
-            raise SparseSegError(f"model folder {folder}: {path.name} does not fit the network ({err})") from err
-        return target.to(device).eval()
-
-    net = restore(net, weights)
-    ema = None
+    states = {"weights": (weights.name, load_file(str(weights)))}
     ema_path = _checked(folder, config, "ema")
     if ema_path is not None:
-        ema = restore(build_network(config["network"]), ema_path)
-        for p in ema.parameters():
-            p.requires_grad_(False)
+        states["ema"] = (ema_path.name, load_file(str(ema_path)))
     opt_state = None
     opt_path = _checked(folder, config, "optimizer") if with_optimizer else None
     if opt_path is not None:
         opt_state = torch.load(opt_path, map_location="cpu", weights_only=True)
-    return Model(net=net, config=config, ema=ema, optimizer_state=opt_state, path=folder)
+    return _build(folder, config, states, device, opt_state, f"model folder {folder}", CONFIG)
+
+
+def _build(source: Path, config: dict, states: dict[str, tuple[str, dict]], device, opt_state: dict | None,
+           where: str, cfg_name: str) -> Model:
+    """The model of ``config`` (``cfg_name`` in ``where``, for messages) with the state dicts
+    ``states`` (role -> (file name, tensors))."""
+
+    def restore(role):
+        name, state = states[role]
+        try:
+            target = build_network(config["network"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise SparseSegError(f"{where}: invalid network description in {cfg_name} ({err})") from err
+        try:
+            target.load_state_dict(state)
+        except Exception as err:
+            raise SparseSegError(f"{where}: {name} does not fit the network ({err})") from err
+        return target.to(device).eval()
+
+    net = restore("weights")
+    ema = None
+    if "ema" in states:
+        ema = restore("ema")
+        for p in ema.parameters():
+            p.requires_grad_(False)
+    return Model(net=net, config=config, ema=ema, optimizer_state=opt_state, path=source)
 
 
 def check_compatible(config: dict, ndim: int, channels: int, what: str) -> None:
