@@ -175,7 +175,10 @@ def test_errors_name_the_file_and_what_was_expected(spoco, spoco_zip, tmp_path, 
     with pytest.raises(SparseSegError, match=r"foreign.zip: a bioimage.io package from another tool without "
                                              r"sparseseg_config.json; expected .*'sparseseg export'"):
         checkpoint.load(foreign)
-    err = _err(capsys, ["segment", "--model", str(foreign), "--images", str(tmp_path), "--out", str(tmp_path / "s")])
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    tifffile.imwrite(imgs / "a.tif", np.zeros((32, 32), np.uint8))
+    err = _err(capsys, ["segment", "--model", str(foreign), "--images", str(imgs), "--out", str(tmp_path / "s")])
     assert "foreign.zip" in err and "sparseseg_config.json" in err
     plain = tmp_path / "notes.txt"
     plain.write_text("hello")
