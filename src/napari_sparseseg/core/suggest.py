@@ -1,0 +1,117 @@
+"""Where to label next: an uncertainty map and the predicted objects where it is highest.
+
+The uncertainty of a pixel is the disagreement of two estimates of its affinities (the probability
+that it and its partner at each offset belong to one object), each a model already has:
+
+- a model with an EMA network g (SPOCO): f's affinities against g's, and f's foreground
+  probability against g's (the disagreement of f and g SPOCO's consistency term trains down);
+- a model without g (CRAC): the affinity head's (implicit) affinities against the cosine
+  similarities of the embeddings (explicit), the two representations CRAC trains to agree.
+
+Where they disagree the network has not learnt what the labels say; one more painted object
+there teaches it most. :func:`suggest` ranks the predicted segments by their mean uncertainty,
+skipping those the annotation already covers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from .checkpoint import Model
+from .clustering import cosine_affinities
+from .errors import SparseSegError
+from .prediction import predict_scaled, to_image_shape
+from .segment import Embedded, cluster
+
+#: a segment counts as annotated when this fraction of it is painted already
+ANNOTATED_FRACTION = 0.2
+
+
+@dataclass
+class Suggestion:
+    """One place to paint next: a predicted segment (``label`` in the segmentation), its mean
+    uncertainty ``score``, ``centroid`` and bounding box (``start``, ``stop``) in pixels, ``size``."""
+
+    label: int
+    score: float
+    centroid: tuple[float, ...]
+    start: tuple[int, ...]
+    stop: tuple[int, ...]
+    size: int
+
+
+def _disagreement(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.abs(a.astype(np.float32) - b.astype(np.float32)).mean(axis=0)
+
+
+def uncertainty(model: Model, image: np.ndarray, *, device: str = "auto", name: str = "image",
+                diameter: float | None = None, embedded: Embedded | None = None) -> tuple[np.ndarray, Embedded]:
+    """Per-pixel uncertainty in [0, 1] at the image's resolution, and the predictions it came from
+    (pass them to :func:`suggest` or :func:`.segment.cluster`; ``embedded`` reuses earlier ones)."""
+    if embedded is None:
+        f = predict_scaled(model, image, device=device, name=name, diameter=diameter)
+        g = None
+        if model.ema is not None:
+            g = predict_scaled(model, image, device=device, name=name, use_ema=True, zoom=f.zoom)
+        embedded = Embedded(f, g)
+    f, g = embedded.f, embedded.g
+    if g is None and model.ema is not None:
+        g = predict_scaled(model, image, device=device, name=name, use_ema=True, zoom=f.zoom)
+        embedded = Embedded(f, g)
+    if g is not None and f.affinities is not None and g.affinities is not None:
+        u = _disagreement(f.affinities, g.affinities)
+        if f.foreground is not None and g.foreground is not None:
+            u = 0.5 * (u + np.abs(f.foreground - g.foreground))
+    elif g is not None:
+        u = _disagreement(f.embeddings, g.embeddings) / 2.0  # unit-norm embeddings: |a - b| <= 2
+    elif f.affinities is not None and model.config.get("offsets"):
+        u = _disagreement(f.affinities, cosine_affinities(f.embeddings, model.config["offsets"]))
+    else:
+        raise SparseSegError(f"model {model.path}: neither an EMA network nor an affinity head to measure "
+                             "uncertainty with")
+    u = to_image_shape(np.clip(u, 0.0, 1.0)[None], f.shape)[0]
+    return u.astype(np.float32), embedded
+
+
+def suggest(uncertainty_map: np.ndarray, segmentation: np.ndarray, annotation: np.ndarray | None = None,
+            n: int = 5) -> list[Suggestion]:
+    """The ``n`` predicted segments with the highest mean uncertainty that the ``annotation``
+    (labels, 0 = unpainted; same shape) does not already cover, most uncertain first."""
+    u, seg = np.asarray(uncertainty_map, np.float32), np.asarray(segmentation)
+    if u.shape != seg.shape:
+        raise SparseSegError(f"uncertainty: shape {u.shape} does not match the segmentation's {seg.shape}")
+    if annotation is not None and np.shape(annotation) != seg.shape:
+        raise SparseSegError(f"annotation: shape {np.shape(annotation)} does not match the image's {seg.shape}")
+    ids = np.unique(seg)
+    ids = ids[ids > 0]
+    if ids.size == 0:
+        return []
+    index = ids.tolist()
+    sizes = ndimage.sum_labels(np.ones_like(u), seg, index)
+    scores = ndimage.mean(u, seg, index)
+    painted = (ndimage.sum_labels((np.asarray(annotation) > 0).astype(np.float32), seg, index) / sizes
+               if annotation is not None else np.zeros(len(index)))
+    centroids = ndimage.center_of_mass(np.ones_like(u), seg, index)
+    boxes = ndimage.find_objects(seg.astype(np.int64))
+    out = []
+    for k in np.argsort(-np.asarray(scores), kind="stable"):
+        if painted[k] >= ANNOTATED_FRACTION:
+            continue
+        box = boxes[index[k] - 1]
+        out.append(Suggestion(int(index[k]), float(scores[k]), tuple(float(c) for c in centroids[k]),
+                              tuple(s.start for s in box), tuple(s.stop for s in box), int(sizes[k])))
+        if len(out) == n:
+            break
+    return out
+
+
+def suggest_for_image(model: Model, image: np.ndarray, annotation: np.ndarray | None = None, n: int = 5, *,
+                      device: str = "auto", name: str = "image", diameter: float | None = None, **cluster_options):
+    """Predict, segment (the model's defaults unless ``cluster_options``) and suggest: returns the
+    uncertainty map, the segmentation and the suggestions."""
+    u, embedded = uncertainty(model, image, device=device, name=name, diameter=diameter)
+    seg = cluster(model, embedded, **cluster_options)
+    return u, seg, suggest(u, seg, annotation, n)

@@ -1,0 +1,98 @@
+"""'Where to label next': the uncertainty of each method and the ranking of predicted objects."""
+
+import numpy as np
+import pytest
+import torch
+
+from napari_sparseseg import SparseSegError, TrainConfig, Trainer
+from napari_sparseseg.core.checkpoint import Model
+from napari_sparseseg.core.clustering import cosine_affinities
+from napari_sparseseg.core.prediction import Prediction
+from napari_sparseseg.core.segment import Embedded
+from napari_sparseseg.core.suggest import suggest, suggest_for_image, uncertainty
+
+OFFSETS = [[-1, 0], [0, -1], [-3, 0], [0, -3]]
+
+
+def _segmentation():
+    seg = np.zeros((20, 30), np.int32)
+    seg[2:8, 2:8], seg[2:8, 12:18], seg[12:18, 2:8], seg[12:18, 12:28] = 1, 2, 3, 4
+    return seg
+
+
+def test_suggest_ranks_unannotated_segments_by_mean_uncertainty():
+    seg = _segmentation()
+    u = np.zeros(seg.shape, np.float32)
+    u[seg == 1], u[seg == 2], u[seg == 3], u[seg == 4] = 0.9, 0.5, 0.7, 0.1
+    u[0, 0] = 1.0  # background pixels never make a suggestion
+    annotation = np.zeros_like(seg)
+    annotation[3:7, 3:7] = 5  # segment 1 (the most uncertain) is painted already
+    got = suggest(u, seg, annotation, n=2)
+    assert [s.label for s in got] == [3, 2]
+    assert got[0].score == pytest.approx(0.7) and got[0].size == 36
+    assert got[0].centroid == pytest.approx((14.5, 4.5)) and got[0].start == (12, 2) and got[0].stop == (18, 8)
+    assert [s.label for s in suggest(u, seg, None, n=10)] == [1, 3, 2, 4]
+    assert suggest(u, np.zeros_like(seg)) == []
+
+
+def test_suggest_checks_shapes():
+    seg = _segmentation()
+    with pytest.raises(SparseSegError, match=r"uncertainty: shape \(20, 29\) does not match"):
+        suggest(np.zeros((20, 29)), seg)
+    with pytest.raises(SparseSegError, match=r"annotation: shape \(2, 2\) does not match the image's \(20, 30\)"):
+        suggest(np.zeros(seg.shape), seg, np.zeros((2, 2)))
+
+
+def _crac_prediction(aff):
+    emb = np.random.default_rng(0).normal(size=(4, 20, 30)).astype(np.float32)
+    return emb, Prediction(emb, None, 1.0, (20, 30), aff(emb))
+
+
+def test_crac_uncertainty_is_the_disagreement_of_implicit_and_explicit_affinities():
+    model = Model(net=None, config={"offsets": OFFSETS})
+    emb, agree = _crac_prediction(lambda e: cosine_affinities(e, OFFSETS))
+    u, _ = uncertainty(model, None, embedded=Embedded(agree))
+    assert u.shape == (20, 30) and np.allclose(u, 0.0)
+    _, opposite = _crac_prediction(lambda e: 1.0 - cosine_affinities(e, OFFSETS))
+    u, _ = uncertainty(model, None, embedded=Embedded(opposite))
+    expected = np.abs(1.0 - 2.0 * cosine_affinities(emb, OFFSETS)).mean(axis=0)
+    assert np.allclose(u, expected, atol=1e-6) and u.max() > 0.5
+
+
+def test_a_model_with_nothing_to_compare_is_refused():
+    emb = np.zeros((4, 20, 30), np.float32)
+    with pytest.raises(SparseSegError, match="neither an EMA network nor an affinity head"):
+        uncertainty(Model(net=None, config={}), None, embedded=Embedded(Prediction(emb, None, 1.0, (20, 30))))
+
+
+@pytest.fixture(scope="module")
+def spoco_model(cells2d, tmp_path_factory):
+    img, gt = cells2d[0]
+    sparse = np.where(np.isin(gt, np.unique(gt)[1:4]), gt, 0)
+    cfg = TrainConfig(method="spoco", iterations=6, batch_size=1, patch_shape=(64, 64), base_channels=8, depth=3,
+                      checkpoint_every=1e9, seed=0)
+    trainer = Trainer([img], [sparse], cfg, out=tmp_path_factory.mktemp("m"))
+    for _ in trainer.run():
+        pass
+    return trainer.model, img, sparse
+
+
+def test_spoco_uncertainty_is_zero_when_f_and_g_agree_and_grows_as_they_part(spoco_model):
+    model, img, sparse = spoco_model
+    model.ema.load_state_dict(model.net.state_dict())
+    u, embedded = uncertainty(model, img, device="cpu")
+    assert embedded.g is not None and u.shape == img.shape and np.allclose(u, 0.0, atol=1e-6)
+    with torch.no_grad():
+        for p in model.ema.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    u, _ = uncertainty(model, img, device="cpu")
+    assert 0.0 < u.mean() <= 1.0
+
+
+def test_suggest_for_image_returns_map_segmentation_and_unpainted_objects(spoco_model):
+    model, img, sparse = spoco_model
+    u, seg, got = suggest_for_image(model, img, sparse, n=3, device="cpu")
+    assert u.shape == seg.shape == img.shape and len(got) <= 3
+    for s in got:
+        assert np.mean(sparse[seg == s.label] > 0) < 0.2
+    assert [s.score for s in got] == sorted((s.score for s in got), reverse=True)
