@@ -334,6 +334,31 @@ def test_crac_trains_and_segments_from_the_widget(qtbot, widget, errors):
     assert "segmented with 'mws' or 'multicut' only" in errors[-1]
 
 
+
+def test_where_to_label_next_adds_uncertainty_and_numbered_points(qtbot, widget, errors):
+    viewer, w = widget
+    w.suggest.run()
+    assert errors and "needs a model" in errors[-1]
+    _train(qtbot, w, iterations=4, preview_every=0)
+    annotations = w.annotate.labels.value
+    painted = np.asarray(annotations.data).copy()
+    w.suggest.n.value = 3
+    w.suggest.run()
+    qtbot.waitUntil(lambda: w.suggest.worker is None, timeout=TIMEOUT)
+    image = w.annotate.image.value
+    u = viewer.layers[f"{image.name} uncertainty"]
+    points = viewer.layers[f"{image.name} label next"]
+    assert u.data.shape == L.spatial_shape(image) and 0.0 <= u.data.min() and u.data.max() <= 1.0
+    assert 1 <= len(points.data) <= 3 and list(points.features["rank"]) == list(range(1, len(points.data) + 1))
+    assert len(w.suggest.suggestions) == len(points.data) and "Paint these predicted objects next" in w.suggest.status.value
+    np.testing.assert_array_equal(annotations.data, painted)  # the user's labels are never written to
+    # asking again updates the same layers instead of adding new ones
+    n_layers = len(viewer.layers)
+    w.suggest.run()
+    qtbot.waitUntil(lambda: w.suggest.worker is None, timeout=TIMEOUT)
+    assert len(viewer.layers) == n_layers
+
+
 @pytest.mark.skipif(sys.version_info >= (3, 12), reason="None is immortal from Python 3.12 on")
 def test_qt_binding_keeps_its_references_to_none(qapp):
     """PySide6 6.12.0 under Python 3.11 drops a reference to None on every call that returns void

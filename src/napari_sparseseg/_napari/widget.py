@@ -18,6 +18,7 @@ from qtpy.QtWidgets import QTabWidget, QVBoxLayout, QWidget
 from .annotate_tab import AnnotatePanel
 from .segment_tab import SegmentPanel
 from .session import Session
+from .suggest_panel import SuggestPanel
 from .train_tab import PREVIEW_LAYER, PRESETS, TrainPanel
 
 __all__ = ["PREVIEW_LAYER", "PRESETS", "SparseSegWidget"]
@@ -33,6 +34,8 @@ class SparseSegWidget(QWidget):
         self.annotate = AnnotatePanel(napari_viewer)
         self.train = TrainPanel(napari_viewer, self.annotate, self.session)
         self.segment = SegmentPanel(napari_viewer, self.session)
+        self.suggest = SuggestPanel(napari_viewer, self.annotate, self.session)
+        self.annotate.layout().insertWidget(1, self.suggest)  # below the annotation choices
         self.train.model_changed.connect(self.segment.show_auto_values)
         tabs = QTabWidget()
         tabs.addTab(self.annotate, "1 Annotate")
