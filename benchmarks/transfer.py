@@ -1,0 +1,138 @@
+"""Does fine-tuning a model from another dataset pay off? Fine-tuned vs trained from scratch.
+
+    python benchmarks/transfer.py                            # two 2D pairs, 1/5/10 %, seeds 0 1
+    python benchmarks/transfer.py --pairs ovule:gala --source-budget 600 --budget 300   # 3D
+
+Per pair SOURCE:TARGET and seed, exactly as a user runs the command line:
+1. *source*: ``sparseseg train`` on every object of the source's training part (``sparsify
+   --fraction 1``) for ``--source-budget`` seconds; scored on the target's test part as is
+   (source only).
+2. for each target fraction p (SPOCO@p, ``sparsify --fraction p --seed S``; at least one object per
+   image): *scratch* trains on those labels for ``--budget`` seconds; *fine-tuned* trains the same
+   labels, same budget, ``--from`` the source model (the default fine-tuning rule). Both are scored
+   on the target's test part.
+
+Datasets are the suite's (benchmarks/suite_data.py) plus ``gala2d``: the FIB-SEM gala volumes as 2D
+slices (every 5th slice; train / test volumes), so a 2D EM model can transfer to it.
+Prints one table (mean and sd over seeds) and writes ``<work>/transfer.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from suite import mean_of, score, sparseseg  # noqa: E402
+from suite_data import DATASETS, LOWER_IS_BETTER, SHARED, prepare  # noqa: E402
+
+from napari_sparseseg.core import io  # noqa: E402
+
+PRIMARY = {**{k: d.primary for k, d in DATASETS.items()}, "gala2d": "voi"}
+
+
+def prepare_any(name: str, work: Path) -> Path:
+    if name != "gala2d":
+        return prepare(name, work)
+    root = work / name
+    if not (root / ".ready").exists():
+        for part in ("train", "test"):
+            raw = tifffile.imread(SHARED / "fibsem_gala" / f"{part}_raw.tif")
+            gt = tifffile.imread(SHARED / "fibsem_gala" / f"{part}_gt.tif")
+            for z in range(0, raw.shape[0], 5):
+                for sub, arr in (("images", raw[z]), ("gt", gt[z].astype(np.uint32))):
+                    (root / f"{part}_{sub}").mkdir(parents=True, exist_ok=True)
+                    tifffile.imwrite(root / f"{part}_{sub}" / f"z{z:02d}.tif", arr)
+        (root / ".ready").touch()
+    return root
+
+
+def _test(model: Path, root: Path, out: Path, threads: int, log: Path) -> dict:
+    sparseseg(["segment", "--model", str(model), "--images", str(root / "test_images"), "--out", str(out)], threads, log)
+    names = sorted(p.name for p in (root / "test_images").iterdir())
+    return mean_of([score(io.read_labels(out / f"{Path(n).stem}.tif"), io.read_labels(root / "test_gt" / n))
+                    for n in names])
+
+
+def _labeled(folder: Path) -> int:
+    return int(sum(len(np.unique(io.read_labels(p))) - 1 for p in sorted(folder.iterdir())))
+
+
+def run_job(pair: str, seed: int, args) -> dict:
+    source, target = pair.split(":")
+    src, tgt = prepare_any(source, args.work / "data"), prepare_any(target, args.work / "data")
+    out = args.work / "runs" / f"{source}-to-{target}-s{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "log.txt"
+    model_src = out / "source"
+    if not (model_src / "config.json").exists():
+        sparseseg(["sparsify", "--labels", str(src / "train_gt"), "--fraction", "1", "--seed", str(seed),
+                   "--out", str(out / "source-labels")], 1, log)
+        sparseseg(["train", "--images", str(src / "train_images"), "--labels", str(out / "source-labels"),
+                   "--out", str(model_src), "--time-limit", str(args.source_budget), "--seed", str(seed), "--quiet"],
+                  args.threads, log)
+    result = {"pair": pair, "seed": seed, "source_only": _test(model_src, tgt, out / "seg-source", args.threads, log)}
+    for p in args.fractions:
+        labels = out / f"labels-{p}"
+        sparseseg(["sparsify", "--labels", str(tgt / "train_gt"), "--fraction", str(p), "--seed", str(seed),
+                   "--out", str(labels)], 1, log)
+        row = {"objects": _labeled(labels)}
+        for arm, extra in (("scratch", []), ("finetuned", ["--from", str(model_src)])):
+            model = out / f"{arm}-{p}"
+            if not (model / "config.json").exists():
+                sparseseg(["train", "--images", str(tgt / "train_images"), "--labels", str(labels), "--out", str(model),
+                           "--time-limit", str(args.budget), "--seed", str(seed), "--quiet", *extra], args.threads, log)
+            row[arm] = _test(model, tgt, out / f"seg-{arm}-{p}", args.threads, log)
+        result[str(p)] = row
+        key = PRIMARY[target]
+        print(f"{pair} seed {seed} @{p}: scratch {row['scratch'][key]:.3f}, fine-tuned {row['finetuned'][key]:.3f}",
+              flush=True)
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pairs", nargs="+", default=["vnc_cells:gala2d", "vnc_mito:nuclei2d"])
+    p.add_argument("--fractions", nargs="+", type=float, default=[0.01, 0.05, 0.1])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--source-budget", type=float, default=240.0, help="seconds to train the source model")
+    p.add_argument("--budget", type=float, default=90.0, help="seconds per target run, scratch and fine-tuned alike")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--work", type=Path, default=Path("/tmp/sparseseg-transfer"))
+    args = p.parse_args()
+    if not SHARED.exists():
+        sys.exit(f"the benchmark data is not there: {SHARED} (set SPARSESEG_DATA)")
+    for pair in args.pairs:
+        if pair.count(":") != 1 or any(n not in PRIMARY for n in pair.split(":")):
+            p.error(f"--pairs {pair!r}: expected SOURCE:TARGET from {', '.join(PRIMARY)}")
+    jobs = [(pair, s) for pair in args.pairs for s in args.seeds]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        results = list(pool.map(lambda j: run_job(*j, args), jobs))
+    args.work.mkdir(parents=True, exist_ok=True)
+    (args.work / "transfer.json").write_text(json.dumps(results, indent=1))
+    print(f"\ntransfer: target metric, mean (sd) over seeds; {args.budget:.0f} s per target run, "
+          f"source trained {args.source_budget:.0f} s on all its objects")
+    print(f"{'pair':<22}{'metric':<7}{'labels':>7}{'objects':>9}{'source only':>15}{'scratch':>15}{'fine-tuned':>15}")
+    for pair in args.pairs:
+        rs = [r for r in results if r["pair"] == pair]
+        key = PRIMARY[pair.split(":")[1]]
+        lower = key in LOWER_IS_BETTER
+        so = [r["source_only"][key] for r in rs]
+        for f in args.fractions:
+            sc = [r[str(f)]["scratch"][key] for r in rs]
+            ft = [r[str(f)]["finetuned"][key] for r in rs]
+            better = sum((b < a) if lower else (b > a) for a, b in zip(sc, ft))
+            print(f"{pair:<22}{key:<7}{f:>7.2f}{np.mean([r[str(f)]['objects'] for r in rs]):>9.0f}"
+                  f"{np.mean(so):>9.3f} ({np.std(so):.2f}){np.mean(sc):>9.3f} ({np.std(sc):.2f})"
+                  f"{np.mean(ft):>9.3f} ({np.std(ft):.2f})   fine-tuned better in {better}/{len(rs)}")
+
+
+if __name__ == "__main__":
+    main()
