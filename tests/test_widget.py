@@ -359,6 +359,30 @@ def test_where_to_label_next_adds_uncertainty_and_numbered_points(qtbot, widget,
     assert len(viewer.layers) == n_layers
 
 
+
+def test_segment_only_inside_a_box_for_a_quick_look(qtbot, widget, errors):
+    viewer, w = widget
+    _train(qtbot, w, iterations=3, preview_every=0)
+    image = viewer.layers["cells 2D"]
+    boxes = viewer.add_shapes(name="look here")
+    w.segment.region.reset_choices()
+    w.segment.region.value = boxes
+    w.segment.run()
+    assert "holds no shape" in errors[-1] and "look here" in errors[-1]
+    boxes.add_rectangles(np.array([[10.2, 20.0], [70.0, 90.5]]))
+    w.segment.run()
+    qtbot.waitUntil(lambda: "cells 2D segmentation (box)" in viewer.layers and w.segment.worker is None, timeout=TIMEOUT)
+    box = viewer.layers["cells 2D segmentation (box)"]
+    assert box.data.shape == (71 - 10, 92 - 20)  # the rectangle's pixels, borders included
+    np.testing.assert_allclose(box.translate, np.asarray(image.translate) + np.array([10, 20]) * image.scale)
+    assert "in the box 10:71 x 20:92" in w.segment.status.value
+    assert "cells 2D segmentation" not in viewer.layers  # nothing else was segmented
+    w.segment.region.value = None  # the whole image again, into its own layer
+    qtbot.waitUntil(lambda: "cells 2D segmentation" in viewer.layers and w.segment.worker is None, timeout=TIMEOUT)
+    assert viewer.layers["cells 2D segmentation"].data.shape == L.spatial_shape(image)
+    assert len(errors) == 1
+
+
 @pytest.mark.skipif(sys.version_info >= (3, 12), reason="None is immortal from Python 3.12 on")
 def test_qt_binding_keeps_its_references_to_none(qapp):
     """PySide6 6.12.0 under Python 3.11 drops a reference to None on every call that returns void

@@ -25,6 +25,32 @@ def image_array(layer) -> np.ndarray:
     return np.asarray(data)
 
 
+def box_region(shapes, image, slab: int = 8) -> tuple[slice, ...]:
+    """The bounding box of the shapes in ``shapes`` in ``image``'s pixel grid (spatial axes); a
+    box drawn on one slice of a stack covers ``slab`` slices on each side of it."""
+    from ..core.errors import SparseSegError
+
+    shape = spatial_shape(image)
+    if len(shapes.data) == 0:
+        raise SparseSegError(f"Shapes layer '{shapes.name}' holds no shape: draw a rectangle around the region "
+                             "to segment, or choose no region")
+    pts = np.concatenate([np.asarray(d, float) for d in shapes.data])
+    pts = np.stack([image.world_to_data(shapes.data_to_world(p)) for p in pts])[:, -len(shape):]
+    lo, hi = np.floor(pts.min(0)).astype(int), np.ceil(pts.max(0)).astype(int) + 1
+    if len(shape) == 3 and hi[0] - lo[0] <= 1:
+        lo[0], hi[0] = lo[0] - slab, hi[0] + slab
+    lo, hi = np.maximum(lo, 0), np.minimum(hi, shape)
+    if np.any(hi - lo < 2):
+        raise SparseSegError(f"the shapes of '{shapes.name}' lie outside image '{image.name}' (shape {shape})")
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
+def image_region(layer, region: tuple[slice, ...] | None) -> np.ndarray:
+    """The layer's pixels (all of them, or only ``region``; a lazy layer reads just that)."""
+    data = layer.data[0] if layer.multiscale else layer.data
+    return np.asarray(data if region is None else data[region])
+
+
 def spatial_shape(layer) -> tuple[int, ...]:
     """The layer's spatial shape, read from its metadata (no data is loaded)."""
     data = layer.data[0] if layer.multiscale else layer.data

@@ -27,6 +27,9 @@ class SegmentPanel(QWidget):
         super().__init__()
         self.viewer, self.session = viewer, session
         self.image = ComboBox(choices=L.layer_choices(viewer, napari.layers.Image))
+        self.region = ComboBox(choices=L.layer_choices(viewer, napari.layers.Shapes), nullable=True,
+                               tooltip="optional: segment only inside the bounding box of this Shapes layer's "
+                                       "shapes (a quick look at a large stack); empty: the whole image")
         self.method = ComboBox(choices=list(CLUSTERINGS), value="auto",
                                tooltip="auto: multicut on superpixels where the image is mostly foreground (dense "
                                        "tissue), mutex watershed (mws) for objects on a background")
@@ -56,7 +59,7 @@ class SegmentPanel(QWidget):
         self.status = Label(value="")
         self.status.native.setWordWrap(True)
         lay = QVBoxLayout(self)
-        lay.addWidget(L.form(("image", self.image), ("object diameter", self.diameter), ("clustering", self.method),
+        lay.addWidget(L.form(("image", self.image), ("only inside", self.region), ("object diameter", self.diameter), ("clustering", self.method),
                              ("bias", self.bias),
                             ("min size", self.min_size), ("max size", self.max_size),
                             ("background", self.background), ("fg threshold", self.fg_threshold),
@@ -68,6 +71,7 @@ class SegmentPanel(QWidget):
                      self.method, self.affinities):
             knob.changed.connect(self.recluster)
         self.diameter.changed.connect(self._diameter_changed)
+        self.region.changed.connect(self._diameter_changed)  # another region: predict again
         # the sentinels (-1: auto, 0: no limit) are the spin boxes' minimum, where Qt shows a text instead
         self.max_size.native.setSpecialValueText("no limit")
         self.method.changed.connect(self.show_auto_values)
@@ -111,10 +115,11 @@ class SegmentPanel(QWidget):
                     else None,
                     affinity_source=None if self.affinities.value == "auto" else self.affinities.value)
 
-    def _key(self, image):
+    def _key(self, image, region=None):
         m = self.session.model
+        box = None if region is None else tuple((r.start, r.stop) for r in region)
         return (id(image), id(m), m.config.get("training", {}).get("iteration") if m else None,
-                float(self.diameter.value))
+                float(self.diameter.value), box)
 
     @property
     def diameter_value(self) -> float | None:
@@ -128,11 +133,11 @@ class SegmentPanel(QWidget):
         if model is None:
             L.notify_error("There is no model yet: train one or load a model folder or bioimage.io package (Train tab).")
             return
-        img = L.image_array(image)
         try:
             ndim = len(L.spatial_shape(image))
             chans = 3 if getattr(image, "rgb", False) else 1
             checkpoint.check_compatible(model.config, ndim, chans, f"image '{image.name}'")
+            region = None if self.region.value is None else L.box_region(self.region.value, image)
         except SparseSegError as err:
             L.notify_error(str(err))
             return
@@ -140,18 +145,19 @@ class SegmentPanel(QWidget):
         need_g = self._needs_g(method, model, overrides)
         if need_g is None:
             return
-        key = self._key(image)
+        key = self._key(image, region)
         if self._cache is not None and self._cache["key"] == key and (self._cache["embedded"].g is not None or not need_g):
             self.recluster()
             return
         diameter = self.diameter_value
+        img = L.image_region(image, region)
 
         def work():
             embedded = workers.embed(model, img, need_g, device="auto", diameter=diameter)
             return embedded, workers.cluster(model, embedded, method, **overrides)
 
         self.status.value = "Predicting…"
-        self._start(work, lambda res: self._done(image, key, *res))
+        self._start(work, lambda res: self._done(image, key, region, *res))
 
     @staticmethod
     def _needs_g(method, model, overrides) -> bool | None:
@@ -171,7 +177,7 @@ class SegmentPanel(QWidget):
     def recluster(self, *_) -> None:
         """Re-run clustering only, on the cached embeddings (no network call)."""
         image = self.image.value
-        if self._cache is None or image is None or self._cache["key"] != self._key(image):
+        if self._cache is None or image is None or self._cache["key"] != self._key(image, self._cache["region"]):
             return
         model, method, overrides = self.session.model, self.method.value, self._overrides()
         embedded = self._cache["embedded"]
@@ -202,8 +208,8 @@ class SegmentPanel(QWidget):
         if pending is not None:
             self._start(*pending)
 
-    def _done(self, image, key, embedded, seg) -> None:
-        self._cache = {"key": key, "embedded": embedded}
+    def _done(self, image, key, region, embedded, seg) -> None:
+        self._cache = {"key": key, "embedded": embedded, "region": region}
         self._show(image, seg)
         if self.pca.value:
             from elf.segmentation.embeddings import embedding_pca
@@ -215,18 +221,29 @@ class SegmentPanel(QWidget):
             if name in self.viewer.layers:
                 self.viewer.layers[name].data = rgb
             else:
-                self.viewer.add_image(rgb, name=name, rgb=True, visible=False)
+                scale, translate = self._placement(image, rgb.ndim - 1)
+                self.viewer.add_image(rgb, name=name, rgb=True, visible=False, scale=scale, translate=translate)
+
+    def _placement(self, image, ndim: int):
+        """Scale and translate that put a result for the cached region (or the whole image) over the image."""
+        region = self._cache["region"] if self._cache is not None else None
+        scale = np.asarray(image.scale[-ndim:])
+        start = np.zeros(ndim) if region is None else np.array([r.start for r in region], float)
+        return scale, np.asarray(image.translate[-ndim:]) + start * scale
 
     def _show(self, image, seg) -> None:
         # a layer this widget created is reused; a user's layer is never written to
-        layer = self.outputs.get(image.name)
+        region = self._cache["region"] if self._cache is not None else None
+        name = f"{image.name} segmentation" + ("" if region is None else " (box)")
+        scale, translate = self._placement(image, seg.ndim)
+        layer = self.outputs.get(name)
         if layer is not None and layer in self.viewer.layers:
-            layer.data = seg
+            layer.data, layer.translate = seg, translate
         else:
-            layer = self.viewer.add_labels(seg, name=f"{image.name} segmentation",
-                                           scale=image.scale[-seg.ndim:])
-            self.outputs[image.name] = layer
-        self.status.value = f"{int(seg.max())} objects" + self._clustering_note()
+            layer = self.viewer.add_labels(seg, name=name, scale=scale, translate=translate)
+            self.outputs[name] = layer
+        where = "" if region is None else " in the box " + " x ".join(f"{r.start}:{r.stop}" for r in region)
+        self.status.value = f"{int(seg.max())} objects{where}" + self._clustering_note()
 
     def _clustering_note(self) -> str:
         """What "auto" chose for the shown image, e.g. " (auto: multicut, dense tissue)"."""

@@ -44,7 +44,8 @@ class SparseSegWidget(QWidget):
         self.tabs = tabs
         lay = QVBoxLayout(self)
         lay.addWidget(tabs)
-        combos = (self.annotate.image, self.annotate.labels, self.annotate.ignore, self.segment.image)
+        combos = (self.annotate.image, self.annotate.labels, self.annotate.ignore, self.segment.image,
+                  self.segment.region)
         for ev in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed,
                    napari_viewer.layers.events.reordered):
             for combo in combos:
