@@ -70,3 +70,31 @@ def test_a_crashed_child_is_reported_and_its_last_checkpoint_kept(cells2d, tmp_p
             if ev.iteration >= 2:
                 os.kill(proc.pid, signal.SIGKILL)
     assert load_model(tmp_path / "m").config["training"]["iteration"] >= 2
+
+
+SCRIPT = """
+import numpy as np
+from napari_sparseseg import TrainConfig
+from napari_sparseseg.core.samples import synthetic_cells
+from napari_sparseseg.core.training_process import TrainingProcess, TrainJob
+
+print("top level ran", flush=True)  # a user's script without an `if __name__ == "__main__":` guard
+img, gt = synthetic_cells((64, 64), seed=0)
+sparse = np.where(np.isin(gt, np.unique(gt)[1:4]), gt, 0)
+cfg = TrainConfig(method="spoco", iterations=1, batch_size=1, patch_shape=(64, 64), base_channels=4, depth=2,
+                  checkpoint_every=1e9)
+events = list(TrainingProcess(TrainJob([img], [sparse], cfg, out=OUT)).events())
+print("events", len(events), flush=True)
+"""
+
+
+def test_a_script_without_a_main_guard_is_not_run_again_by_the_child(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "user_script.py"
+    script.write_text(f"OUT = {str(tmp_path / 'm')!r}\n" + SCRIPT)
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("top level ran") == 1, run.stdout + run.stderr[-2000:]
+    assert "events 2" in run.stdout

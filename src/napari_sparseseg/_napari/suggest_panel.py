@@ -82,15 +82,16 @@ class SuggestPanel(QWidget):
 
     def _show(self, image, u, seg, suggestions) -> None:
         self.suggestions = suggestions
-        scale = image.scale[-u.ndim:]
+        scale, translate = image.scale[-u.ndim:], image.translate[-u.ndim:]
         self._layer(f"{image.name} uncertainty", u, lambda d: self.viewer.add_image(
             d, name=f"{image.name} uncertainty", colormap="magma", blending="additive", opacity=0.6,
-            contrast_limits=(0.0, max(float(d.max()), 1e-3)), scale=scale))
+            contrast_limits=(0.0, max(float(d.max()), 1e-3)), scale=scale, translate=translate))
         points = np.array([s.centroid for s in suggestions], float).reshape(-1, u.ndim)
         ranks = {"rank": np.arange(1, len(points) + 1)}
         name = f"{image.name} label next"
         layer = self._layer(name, points, lambda d: self.viewer.add_points(
             d, name=name, features=ranks, size=12, face_color="transparent", border_color="yellow", scale=scale,
+            translate=translate,
             text={"string": "{rank}", "color": "yellow", "anchor": "upper_left"}))
         layer.features = ranks
         if self.annotate.labels.value is not None:

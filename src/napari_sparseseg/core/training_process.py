@@ -13,8 +13,10 @@ from __future__ import annotations
 import multiprocessing as mp
 import queue
 import signal
+import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,6 +141,29 @@ def _child(job: TrainJob, events, stop) -> None:
         events.put(_Failure(type(err).__name__, str(err), isinstance(err, SparseSegError)))
 
 
+@contextmanager
+def _main_left_alone():
+    """Start a spawned child without it importing the parent's ``__main__``.
+
+    A spawned child imports the parent's main script (or ``-m`` module) first, running its top
+    level again: a user's script without an ``if __name__ == "__main__":`` guard would open a
+    second viewer or fail. The child's target lives in this package and needs nothing from
+    ``__main__``, so multiprocessing is not told about it while the child starts.
+    """
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__spec__ = None
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)
+
+
 class TrainingProcess:
     """Runs a :class:`TrainJob` in a child process; :meth:`events` yields what
     :func:`train_steps` yields in the child, and raises what training raised there."""
@@ -166,7 +191,8 @@ class TrainingProcess:
 
     def events(self) -> Iterator[TrainEvent | Preview]:
         """Start the child and yield its events until the final one."""
-        self._process.start()
+        with _main_left_alone():
+            self._process.start()
         try:
             while True:
                 try:
