@@ -9,7 +9,7 @@ from napari_sparseseg.core.checkpoint import Model
 from napari_sparseseg.core.clustering import cosine_affinities
 from napari_sparseseg.core.prediction import Prediction
 from napari_sparseseg.core.segment import Embedded
-from napari_sparseseg.core.suggest import suggest, suggest_for_image, uncertainty
+from napari_sparseseg.core.suggest import pair_inside, suggest, suggest_for_image, uncertainty
 
 OFFSETS = [[-1, 0], [0, -1], [-3, 0], [0, -3]]
 
@@ -55,8 +55,19 @@ def test_crac_uncertainty_is_the_disagreement_of_implicit_and_explicit_affinitie
     assert u.shape == (20, 30) and np.allclose(u, 0.0)
     _, opposite = _crac_prediction(lambda e: 1.0 - cosine_affinities(e, OFFSETS))
     u, _ = uncertainty(model, None, embedded=Embedded(opposite))
-    expected = np.abs(1.0 - 2.0 * cosine_affinities(emb, OFFSETS)).mean(axis=0)
+    inside = pair_inside(OFFSETS, (20, 30))
+    expected = (np.abs(1.0 - 2.0 * cosine_affinities(emb, OFFSETS)) * inside).sum(0) / np.maximum(inside.sum(0), 1)
     assert np.allclose(u, expected, atol=1e-6) and u.max() > 0.5
+
+
+def test_pairs_leaving_the_image_do_not_count():
+    """The explicit map calls edges that leave the image 1 by convention; whatever the head says
+    there is no disagreement (it made every suggestion an object on the image border)."""
+    model = Model(net=None, config={"offsets": OFFSETS})
+    emb, pred = _crac_prediction(lambda e: np.where(pair_inside(OFFSETS, (20, 30)), cosine_affinities(e, OFFSETS), 0.0))
+    u, _ = uncertainty(model, None, embedded=Embedded(pred))
+    assert np.allclose(u, 0.0)
+    assert pair_inside([[0, -3]], (2, 5)).tolist() == [[[False, False, False, True, True]] * 2]
 
 
 def test_a_model_with_nothing_to_compare_is_refused():

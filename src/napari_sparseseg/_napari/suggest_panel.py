@@ -26,6 +26,7 @@ class SuggestPanel(QWidget):
                                          "(uncertainty layer) and the objects to paint next (points)")
         self.status = Label(value="")
         self.status.native.setWordWrap(True)
+        self.status.native.setMinimumHeight(110)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
         lay.addWidget(L.form(("suggestions", self.n), (None, self.button), (None, self.status)))
@@ -84,8 +85,8 @@ class SuggestPanel(QWidget):
         self.suggestions = suggestions
         scale, translate = image.scale[-u.ndim:], image.translate[-u.ndim:]
         self._layer(f"{image.name} uncertainty", u, lambda d: self.viewer.add_image(
-            d, name=f"{image.name} uncertainty", colormap="magma", blending="additive", opacity=0.6,
-            contrast_limits=(0.0, max(float(d.max()), 1e-3)), scale=scale, translate=translate))
+            d, name=f"{image.name} uncertainty", colormap="magma", blending="additive", opacity=0.5,
+            contrast_limits=(0.0, max(float(np.percentile(d, 99.5)), 1e-3)), scale=scale, translate=translate))
         points = np.array([s.centroid for s in suggestions], float).reshape(-1, u.ndim)
         ranks = {"rank": np.arange(1, len(points) + 1)}
         name = f"{image.name} label next"

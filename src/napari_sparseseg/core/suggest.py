@@ -43,8 +43,22 @@ class Suggestion:
     size: int
 
 
-def _disagreement(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.abs(a.astype(np.float32) - b.astype(np.float32)).mean(axis=0)
+def pair_inside(offsets: list[list[int]], shape: tuple[int, ...]) -> np.ndarray:
+    """(K, *shape) mask: the pixel's partner at each offset lies inside the image."""
+    valid = np.zeros((len(offsets),) + tuple(shape), bool)
+    for c, off in enumerate(offsets):
+        valid[(c,) + tuple(slice(max(0, -o), s - max(0, o)) for o, s in zip(off, shape))] = True
+    return valid
+
+
+def _disagreement(a: np.ndarray, b: np.ndarray, offsets: list[list[int]] | None = None) -> np.ndarray:
+    """Mean |a - b| over channels; for affinities (``offsets``) only over the pairs inside the image,
+    where the two estimates mean something (edges leaving the image are a convention, not a guess)."""
+    diff = np.abs(a.astype(np.float32) - b.astype(np.float32))
+    if offsets is None or len(offsets) != a.shape[0]:
+        return diff.mean(axis=0)
+    valid = pair_inside(offsets, a.shape[1:])
+    return (diff * valid).sum(axis=0) / np.maximum(valid.sum(axis=0), 1)
 
 
 def uncertainty(model: Model, image: np.ndarray, *, device: str = "auto", name: str = "image",
@@ -58,17 +72,18 @@ def uncertainty(model: Model, image: np.ndarray, *, device: str = "auto", name: 
             g = predict_scaled(model, image, device=device, name=name, use_ema=True, zoom=f.zoom)
         embedded = Embedded(f, g)
     f, g = embedded.f, embedded.g
+    offsets = model.config.get("offsets")
     if g is None and model.ema is not None:
         g = predict_scaled(model, image, device=device, name=name, use_ema=True, zoom=f.zoom)
         embedded = Embedded(f, g)
     if g is not None and f.affinities is not None and g.affinities is not None:
-        u = _disagreement(f.affinities, g.affinities)
+        u = _disagreement(f.affinities, g.affinities, offsets)
         if f.foreground is not None and g.foreground is not None:
             u = 0.5 * (u + np.abs(f.foreground - g.foreground))
     elif g is not None:
         u = _disagreement(f.embeddings, g.embeddings) / 2.0  # unit-norm embeddings: |a - b| <= 2
-    elif f.affinities is not None and model.config.get("offsets"):
-        u = _disagreement(f.affinities, cosine_affinities(f.embeddings, model.config["offsets"]))
+    elif f.affinities is not None and offsets:
+        u = _disagreement(f.affinities, cosine_affinities(f.embeddings, offsets), offsets)
     else:
         raise SparseSegError(f"model {model.path}: neither an EMA network nor an affinity head to measure "
                              "uncertainty with")
