@@ -7,9 +7,9 @@ Per dataset and seed, with the suite's data and protocol (benchmarks/suite.py):
 1. ``sparseseg sparsify --fraction 0.1 --seed S`` on the training part, ``sparseseg train`` for
    ``--base`` seconds: the base model, scored on the test part.
 2. Two annotators each paint ``--add`` more complete objects on the training images:
-   *suggested*: walking down ``core.suggest`` (the predicted segments with the highest uncertainty,
-   over all training images), the annotator paints the true object under each suggested segment
-   (the one it overlaps most) that is not painted yet;
+   *suggested*: walking down ``core.suggest``'s list of each training image (every image's first
+   suggestion, the most uncertain first, then every image's second, ...), the annotator paints the
+   true object under each suggested segment (the one it overlaps most) that is not painted yet;
    *random*: ``--add`` objects drawn at random from the unpainted true objects.
 3. Each continues the base model (``train --resume``) for ``--more`` seconds on its labels and is
    scored on the test part. The gain of an arm is its score minus the base score.
@@ -48,10 +48,10 @@ def suggested_objects(model_dir: Path, images, sparse, gts, k: int) -> list[tupl
     ranked = []
     for i, (img, lab) in enumerate(zip(images, sparse)):
         _, seg, sug = suggest_for_image(model, img, lab, n=4 * k, device="cpu")
-        ranked += [(s.score, i, s.label, seg) for s in sug]
-    ranked.sort(key=lambda r: -r[0])
+        ranked += [(rank, -s.score, i, s.label, seg) for rank, s in enumerate(sug)]
+    ranked.sort(key=lambda r: r[:2])  # every image's first suggestion, then every image's second, ...
     chosen: list[tuple[int, int]] = []
-    for _, i, label, seg in ranked:
+    for _, _, i, label, seg in ranked:
         under = gts[i][(seg == label) & (sparse[i] == 0)]
         ids, counts = np.unique(under[under > 0], return_counts=True)
         if ids.size == 0:

@@ -9,7 +9,7 @@ from napari_sparseseg.core.checkpoint import Model
 from napari_sparseseg.core.clustering import cosine_affinities
 from napari_sparseseg.core.prediction import Prediction
 from napari_sparseseg.core.segment import Embedded
-from napari_sparseseg.core.suggest import pair_inside, suggest, suggest_for_image, uncertainty
+from napari_sparseseg.core.suggest import _overlap, pair_inside, suggest, suggest_for_image, uncertainty
 
 OFFSETS = [[-1, 0], [0, -1], [-3, 0], [0, -3]]
 
@@ -33,6 +33,22 @@ def test_suggest_ranks_unannotated_segments_by_mean_uncertainty():
     assert got[0].centroid == pytest.approx((14.5, 4.5)) and got[0].start == (12, 2) and got[0].stop == (18, 8)
     assert [s.label for s in suggest(u, seg, None, n=10)] == [1, 3, 2, 4]
     assert suggest(u, np.zeros_like(seg)) == []
+
+
+def test_suggest_leaves_out_fragments_and_spreads_out():
+    seg = _segmentation()
+    seg[9, 20] = 5  # a one-pixel fragment, the most uncertain segment of all
+    seg[2:8, 20:26] = 6  # beside nothing: a box of its own
+    u = np.zeros(seg.shape, np.float32)
+    u[seg == 5], u[seg == 1], u[seg == 4], u[seg == 6], u[seg == 2], u[seg == 3] = 1.0, 0.9, 0.8, 0.6, 0.5, 0.4
+    seg[8, 2:28], seg[2:8, 9:11] = 7, 7  # a thin segment whose box covers segments 1, 2 and 6
+    u[seg == 7] = 0.85
+    got = [s.label for s in suggest(u, seg, None, n=6)]
+    assert 5 not in got  # smaller than a quarter of the median segment
+    assert got == [1, 4, 6, 2, 3, 7]  # 7 (0.85) overlaps 1's box: listed after the spread-out ones
+    annotation = np.zeros_like(seg)
+    annotation[12:18, 2:8] = 1  # a painted object of 36 px: fragments are now judged against it
+    assert [s.label for s in suggest(u, seg, annotation, n=3)] == [1, 4, 6]
 
 
 def test_suggest_checks_shapes():
@@ -106,4 +122,6 @@ def test_suggest_for_image_returns_map_segmentation_and_unpainted_objects(spoco_
     assert u.shape == seg.shape == img.shape and len(got) <= 3
     for s in got:
         assert np.mean(sparse[seg == s.label] > 0) < 0.2
-    assert [s.score for s in got] == sorted((s.score for s in got), reverse=True)
+    spread = [s for i, s in enumerate(got) if not any(_overlap(s, t) for t in got[:i])]
+    assert got[:len(spread)] == spread  # crowded ones come last
+    assert [s.score for s in spread] == sorted((s.score for s in spread), reverse=True)
