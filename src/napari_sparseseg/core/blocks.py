@@ -260,17 +260,24 @@ def predict_block(job: Job, i: int) -> dict:
     x = zoom_read(job.volume, outer, job.zoom)
     x = io.normalize(x, bounds=np.asarray(job.bounds))
     raw = np.asarray(job.predictor(x, tuple(r.start for r in outer), full), np.float32)
+    del x
     from .prediction import split_channels
 
-    emb, fg, aff = split_channels(raw, job.predictor.config)
-    grid_ = coordinates(job.predictor.config, outer, full)
-    if grid_ is not None:
-        emb = emb.copy()
-        emb[: job.ndim] -= grid_
+    # crop the halo away first (a view) and fill one float16 array: no float32 copy of the block
+    emb, fg, aff = split_channels(raw[(slice(None),) + local(inner, outer)], job.predictor.config)
     parts = [emb] + ([fg[None]] if fg is not None else []) + ([aff] if aff is not None else [])
-    out = np.concatenate(parts)[(slice(None),) + local(inner, outer)]
-    zarr.open_array(str(job.path("prediction.zarr")), mode="r+")[(slice(None),) + inner] = out.astype(np.float16)
-    n_fg = 0 if fg is None or job.fg_threshold is None else int(np.count_nonzero(out[emb.shape[0]] >= job.fg_threshold))
+    out = np.empty((sum(len(p) for p in parts),) + emb.shape[1:], np.float16)
+    c = 0
+    for part in parts:
+        out[c:c + len(part)] = part
+        c += len(part)
+    grid_ = coordinates(job.predictor.config, inner, full)
+    if grid_ is not None:  # stored without coordinates (float16 could not hold large ones)
+        for a in range(job.ndim):
+            out[a] = emb[a] - grid_[a]
+    del raw, emb, parts, aff
+    zarr.open_array(str(job.path("prediction.zarr")), mode="r+")[(slice(None),) + inner] = out
+    n_fg = 0 if fg is None or job.fg_threshold is None else int(np.count_nonzero(fg >= job.fg_threshold))
     info = {"voxels": int(np.prod(out.shape[1:])), "foreground": n_fg}
     _mark(job, "predict", i, info)
     return info
