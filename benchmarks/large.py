@@ -4,7 +4,8 @@
 
 Writes a synthetic uint8 stack (cells, generated block by block, never whole in memory) as zarr,
 runs ``sparseseg segment`` on it in a subprocess per worker count and samples the resident memory
-of the whole process tree (CLI, dask scheduler/nanny and worker processes) every 0.2 s with psutil.
+of the whole process tree (CLI, dask scheduler/nanny and worker processes) every 0.2 s with psutil
+(RSS summed, PSS summed and the largest process).
 ``--whole`` also runs the whole-image path on the same stack written as TIFF (everything in
 memory), for comparison. Without ``--model`` a 3D model of the default architecture is trained for
 a few steps (its weights do not matter for speed or memory). Sizes: 0.25, 1, 4 GiB and so on; the
@@ -65,28 +66,33 @@ def tiny_model(folder: Path, base_channels: int | None = None, depth: int = 4) -
     return folder
 
 
-def run(cmd: list[str], env: dict) -> tuple[float, float, str]:
-    """(seconds, peak RSS of the process tree in bytes, output) of ``cmd``."""
+def run(cmd: list[str], env: dict) -> tuple[float, dict, str]:
+    """(seconds, peaks, output) of ``cmd``; peaks of the process tree in bytes: ``rss`` (resident
+    set sizes summed: shared pages such as torch's libraries count once per process), ``pss``
+    (proportional set sizes summed: every page counted once, what the tree occupies) and
+    ``largest`` (the RSS of its largest process)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     root = psutil.Process(proc.pid)
-    peak = 0
+    peaks = {"rss": 0, "pss": 0, "largest": 0}
     while proc.poll() is None:
-        total = 0
+        rss = pss = largest = 0
         try:
             for p in [root, *root.children(recursive=True)]:
                 try:
-                    total += p.memory_info().rss
+                    info = p.memory_full_info()
                 except psutil.Error:
-                    pass
+                    continue
+                rss, pss, largest = rss + info.rss, pss + getattr(info, "pss", info.rss), max(largest, info.rss)
         except psutil.Error:
             pass
-        peak = max(peak, total)
+        for k, v in (("rss", rss), ("pss", pss), ("largest", largest)):
+            peaks[k] = max(peaks[k], v)
         time.sleep(0.2)
     out = proc.stdout.read()
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{out}")
-    return time.perf_counter() - t0, peak, out
+    return time.perf_counter() - t0, peaks, out
 
 
 def main() -> None:
@@ -130,10 +136,11 @@ def main() -> None:
         tifffile.imwrite(tmp / "stack.tif", zarr.open_array(str(stack))[:])
         secs, peak, out = run(base + ["--images", str(tmp / "stack.tif"), "--out", str(tmp / "whole")], env)
         rows.append(("whole image (in memory)", secs, peak, out.strip().splitlines()[-1]))
-    print(f"\n| run | seconds | voxels/s | peak RSS (GiB) | peak RSS / stack size |")
-    print("|---|---|---|---|---|")
+    print("\n| run | seconds | voxels/s | peak RSS (GiB) | peak PSS (GiB) | largest process (GiB) |")
+    print("|---|---|---|---|---|---|")
     for name, secs, peak, _ in rows:
-        print(f"| {name} | {secs:.1f} | {n / secs:.3g} | {peak / 2**30:.2f} | {peak / n:.1f} |")
+        print(f"| {name} | {secs:.1f} | {n / secs:.3g} | {peak['rss'] / 2**30:.2f} | {peak['pss'] / 2**30:.2f} "
+              f"| {peak['largest'] / 2**30:.2f} |")
     for name, *_, last in rows:
         print(f"{name}: {last}")
 
