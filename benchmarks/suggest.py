@@ -30,7 +30,7 @@ import numpy as np
 import tifffile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from suite import mean_of, score, sparseseg  # noqa: E402
+from suite import add_run_options, sparseseg, score_test_part  # noqa: E402
 from suite_data import DATASETS, LOWER_IS_BETTER, SHARED, prepare  # noqa: E402
 
 from napari_sparseseg.core import io  # noqa: E402
@@ -80,13 +80,6 @@ def paint(sparse, gts, objects, folder: Path, names) -> None:
         tifffile.imwrite(folder / f"{Path(name).stem}.tif", lab.astype(np.uint32))
 
 
-def evaluate_model(model: Path, root: Path, out: Path, threads: int, log: Path) -> dict:
-    sparseseg(["segment", "--model", str(model), "--images", str(root / "test_images"), "--out", str(out)], threads, log)
-    names = [p.name for p in _files(root / "test_images")]
-    return mean_of([score(io.read_labels(out / f"{Path(n).stem}.tif"), io.read_labels(root / "test_gt" / n))
-                    for n in names])
-
-
 def run_job(name: str, seed: int, args) -> dict:
     root = prepare(name, args.work / "data")
     out = args.work / "runs" / f"{name}-s{seed}"
@@ -98,7 +91,7 @@ def run_job(name: str, seed: int, args) -> dict:
     if not (base / "config.json").exists():
         sparseseg(["train", "--images", str(root / "train_images"), "--labels", str(out / "sparse"), "--out", str(base),
                    "--time-limit", str(args.base), "--seed", str(seed), "--quiet"], args.threads, log)
-    result = {"dataset": name, "seed": seed, "base": evaluate_model(base, root, out / "seg-base", args.threads, log)}
+    result = {"dataset": name, "seed": seed, "base": score_test_part(base, root, out / "seg-base", args.threads, log)}
     names = [p.name for p in _files(root / "train_images")]
     images = [io.read(root / "train_images" / n) for n in names]
     gts = [io.read_labels(root / "train_gt" / n) for n in names]
@@ -113,7 +106,7 @@ def run_job(name: str, seed: int, args) -> dict:
             sparseseg(["train", "--images", str(root / "train_images"), "--labels", str(out / f"sparse-{arm}"),
                        "--out", str(model), "--resume", "--time-limit", str(args.more), "--seed", str(seed), "--quiet"],
                       args.threads, log)
-        result[arm] = evaluate_model(model, root, out / f"seg-{arm}", args.threads, log)
+        result[arm] = score_test_part(model, root, out / f"seg-{arm}", args.threads, log)
         result[f"{arm}_objects"] = len(objects)
     print(f"{name} seed {seed}: " + ", ".join(f"{k} {result[k][DATASETS[name].primary]:.3f}"
                                                for k in ("base", "suggested", "random")), flush=True)
@@ -123,13 +116,10 @@ def run_job(name: str, seed: int, args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", nargs="+", default=["nuclei2d", "vnc_mito", "vnc_cells"], choices=list(DATASETS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--base", type=float, default=180.0, help="training seconds of the base model")
     p.add_argument("--more", type=float, default=120.0, help="seconds each arm continues training")
     p.add_argument("--add", type=int, default=5, help="objects each annotator paints")
-    p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--work", type=Path, default=Path("/tmp/sparseseg-suggest"))
+    add_run_options(p, "/tmp/sparseseg-suggest")
     args = p.parse_args()
     if not SHARED.exists():
         sys.exit(f"the benchmark data is not there: {SHARED} (set SPARSESEG_DATA)")

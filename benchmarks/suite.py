@@ -62,6 +62,23 @@ def mean_of(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
+def score_test_part(model: Path, root: Path, out: Path, threads: int, log: Path) -> dict[str, float]:
+    """``sparseseg segment`` of ``root/test_images`` with ``model`` into ``out``; the mean scores
+    against ``root/test_gt`` (the layout of :func:`suite_data.prepare`)."""
+    sparseseg(["segment", "--model", str(model), "--images", str(root / "test_images"), "--out", str(out)], threads, log)
+    names = sorted(p.name for p in (root / "test_images").iterdir() if not p.name.startswith("."))
+    return mean_of([score(io.read_labels(out / f"{Path(n).stem}.tif"), io.read_labels(root / "test_gt" / n))
+                    for n in names])
+
+
+def add_run_options(p: argparse.ArgumentParser, work: str) -> None:
+    """The options every benchmark script shares: seeds, jobs side by side, threads, work folder."""
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--jobs", type=int, default=2, help="runs side by side")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per run")
+    p.add_argument("--work", type=Path, default=Path(work))
+
+
 def run_job(name: str, seed: int, args, root: Path) -> dict:
     """Sparsify, train, segment and score one (dataset, seed); the floor on the same split."""
     ds = DATASETS[name]

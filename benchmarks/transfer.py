@@ -29,7 +29,7 @@ import numpy as np
 import tifffile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from suite import mean_of, score, sparseseg  # noqa: E402
+from suite import add_run_options, sparseseg, score_test_part  # noqa: E402
 from suite_data import DATASETS, LOWER_IS_BETTER, SHARED, prepare  # noqa: E402
 
 from napari_sparseseg.core import io  # noqa: E402
@@ -53,13 +53,6 @@ def prepare_any(name: str, work: Path) -> Path:
     return root
 
 
-def _test(model: Path, root: Path, out: Path, threads: int, log: Path) -> dict:
-    sparseseg(["segment", "--model", str(model), "--images", str(root / "test_images"), "--out", str(out)], threads, log)
-    names = sorted(p.name for p in (root / "test_images").iterdir())
-    return mean_of([score(io.read_labels(out / f"{Path(n).stem}.tif"), io.read_labels(root / "test_gt" / n))
-                    for n in names])
-
-
 def _labeled(folder: Path) -> int:
     return int(sum(len(np.unique(io.read_labels(p))) - 1 for p in sorted(folder.iterdir())))
 
@@ -77,7 +70,7 @@ def run_job(pair: str, seed: int, args) -> dict:
         sparseseg(["train", "--images", str(src / "train_images"), "--labels", str(out / "source-labels"),
                    "--out", str(model_src), "--time-limit", str(args.source_budget), "--seed", str(seed), "--quiet"],
                   args.threads, log)
-    result = {"pair": pair, "seed": seed, "source_only": _test(model_src, tgt, out / "seg-source", args.threads, log)}
+    result = {"pair": pair, "seed": seed, "source_only": score_test_part(model_src, tgt, out / "seg-source", args.threads, log)}
     for p in args.fractions:
         labels = out / f"labels-{p}"
         sparseseg(["sparsify", "--labels", str(tgt / "train_gt"), "--fraction", str(p), "--seed", str(seed),
@@ -88,7 +81,7 @@ def run_job(pair: str, seed: int, args) -> dict:
             if not (model / "config.json").exists():
                 sparseseg(["train", "--images", str(tgt / "train_images"), "--labels", str(labels), "--out", str(model),
                            "--time-limit", str(args.budget), "--seed", str(seed), "--quiet", *extra], args.threads, log)
-            row[arm] = _test(model, tgt, out / f"seg-{arm}-{p}", args.threads, log)
+            row[arm] = score_test_part(model, tgt, out / f"seg-{arm}-{p}", args.threads, log)
         result[str(p)] = row
         key = PRIMARY[target]
         print(f"{pair} seed {seed} @{p}: scratch {row['scratch'][key]:.3f}, fine-tuned {row['finetuned'][key]:.3f}",
@@ -100,12 +93,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", nargs="+", default=["vnc_cells:gala2d", "vnc_mito:nuclei2d"])
     p.add_argument("--fractions", nargs="+", type=float, default=[0.01, 0.05, 0.1])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--source-budget", type=float, default=240.0, help="seconds to train the source model")
     p.add_argument("--budget", type=float, default=90.0, help="seconds per target run, scratch and fine-tuned alike")
-    p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--work", type=Path, default=Path("/tmp/sparseseg-transfer"))
+    add_run_options(p, "/tmp/sparseseg-transfer")
     args = p.parse_args()
     if not SHARED.exists():
         sys.exit(f"the benchmark data is not there: {SHARED} (set SPARSESEG_DATA)")
