@@ -20,18 +20,16 @@ Prints the gains (mean and sd over seeds) and writes every number to ``<work>/su
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import tifffile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from suite import add_run_options, sparseseg, score_test_part  # noqa: E402
-from suite_data import DATASETS, LOWER_IS_BETTER, SHARED, prepare  # noqa: E402
+from suite import add_run_options, run_all, sparseseg, score_test_part  # noqa: E402
+from suite_data import DATASETS, LOWER_IS_BETTER, prepare  # noqa: E402
 
 from napari_sparseseg.core import io  # noqa: E402
 from napari_sparseseg.core.checkpoint import load  # noqa: E402
@@ -121,13 +119,8 @@ def main() -> None:
     p.add_argument("--add", type=int, default=5, help="objects each annotator paints")
     add_run_options(p, "/tmp/sparseseg-suggest")
     args = p.parse_args()
-    if not SHARED.exists():
-        sys.exit(f"the benchmark data is not there: {SHARED} (set SPARSESEG_DATA)")
     jobs = [(d, s) for d in args.datasets for s in args.seeds]
-    with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda j: run_job(*j, args), jobs))
-    args.work.mkdir(parents=True, exist_ok=True)
-    (args.work / "suggest.json").write_text(json.dumps(results, indent=1))
+    results = run_all(run_job, jobs, args, "suggest.json")
     print(f"\ngain over the base model after painting {args.add} more objects and {args.more:.0f} s more training "
           "(mean (sd) over seeds; for VOI a negative gain is better)")
     print(f"{'dataset':<10}{'metric':<7}{'base':>14}{'suggested':>16}{'random':>16}{'suggested better':>18}")

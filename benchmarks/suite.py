@@ -79,6 +79,18 @@ def add_run_options(p: argparse.ArgumentParser, work: str) -> None:
     p.add_argument("--work", type=Path, default=Path(work))
 
 
+def run_all(run_job, jobs: list[tuple], args, json_name: str) -> list[dict]:
+    """``run_job(*job, args)`` for every job, ``args.jobs`` side by side, once the benchmark data is
+    found; the results in job order, also written to ``<args.work>/<json_name>``."""
+    if not SHARED.exists():
+        sys.exit(f"the benchmark data is not there: {SHARED} (set SPARSESEG_DATA)")
+    with ThreadPoolExecutor(args.jobs) as pool:
+        results = list(pool.map(lambda j: run_job(*j, args), jobs))
+    args.work.mkdir(parents=True, exist_ok=True)
+    (args.work / json_name).write_text(json.dumps(results, indent=1))
+    return results
+
+
 def run_job(name: str, seed: int, args, root: Path) -> dict:
     """Sparsify, train, segment and score one (dataset, seed); the floor on the same split."""
     ds = DATASETS[name]

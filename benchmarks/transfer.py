@@ -20,16 +20,14 @@ Prints one table (mean and sd over seeds) and writes ``<work>/transfer.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import tifffile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from suite import add_run_options, sparseseg, score_test_part  # noqa: E402
+from suite import add_run_options, run_all, sparseseg, score_test_part  # noqa: E402
 from suite_data import DATASETS, LOWER_IS_BETTER, SHARED, prepare  # noqa: E402
 
 from napari_sparseseg.core import io  # noqa: E402
@@ -97,16 +95,11 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=90.0, help="seconds per target run, scratch and fine-tuned alike")
     add_run_options(p, "/tmp/sparseseg-transfer")
     args = p.parse_args()
-    if not SHARED.exists():
-        sys.exit(f"the benchmark data is not there: {SHARED} (set SPARSESEG_DATA)")
     for pair in args.pairs:
         if pair.count(":") != 1 or any(n not in PRIMARY for n in pair.split(":")):
             p.error(f"--pairs {pair!r}: expected SOURCE:TARGET from {', '.join(PRIMARY)}")
     jobs = [(pair, s) for pair in args.pairs for s in args.seeds]
-    with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda j: run_job(*j, args), jobs))
-    args.work.mkdir(parents=True, exist_ok=True)
-    (args.work / "transfer.json").write_text(json.dumps(results, indent=1))
+    results = run_all(run_job, jobs, args, "transfer.json")
     print(f"\ntransfer: target metric, mean (sd) over seeds; {args.budget:.0f} s per target run, "
           f"source trained {args.source_budget:.0f} s on all its objects")
     print(f"{'pair':<22}{'metric':<7}{'labels':>7}{'objects':>9}{'source only':>15}{'scratch':>15}{'fine-tuned':>15}")
