@@ -99,7 +99,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size-gib", type=float, default=0.01, help="stack size in GiB (uint8 voxels)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--block-shape", type=int, nargs=3, default=None, help="default: sparseseg's (64 256 256)")
+    p.add_argument("--block-shape", type=int, nargs=3, default=None, help="default: sparseseg's (48 128 128)")
     p.add_argument("--model", type=Path, default=None)
     p.add_argument("--base-channels", type=int, default=None, help="of the trained model (default: 8)")
     p.add_argument("--depth", type=int, default=4, help="of the trained model")

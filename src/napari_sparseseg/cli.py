@@ -388,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out then names a .zarr, a .tif or a labels group inside an OME-Zarr image (<image>.zarr/labels/<name>), "
         "or a folder for <stem>.zarr")
     b.add_argument("--block-shape", type=int, nargs="+", default=None, metavar="N",
-                   help="block in model-scale pixels, one size per spatial axis (default 64 256 256 in 3D)")
+                   help="block in model-scale pixels, one size per spatial axis (default 48 128 128 in 3D)")
     b.add_argument("--workers", type=int, default=None,
                    help="processes of a local dask cluster (default: the number of cores; 0: this process)")
     b.add_argument("--scheduler", default=None, metavar="ADDRESS",

@@ -35,9 +35,10 @@ from . import blocks as B
 from .blocks import Job, ModelPredictor, ProgressFn, Volume
 from .errors import SparseSegError
 
-#: default block (model-scale pixels) per dimensionality: ~4 M voxels per task, a few hundred MB
-#: of prediction channels in a worker's memory
-BLOCK = {2: (1024, 1024), 3: (64, 256, 256)}
+#: default block (model-scale pixels) per dimensionality. A worker's peak is its clustering of one
+#: block + halo (about 450 bytes per voxel with the multicut): 48 x 128 x 128 keeps two workers and
+#: the client under 3 GiB (docs/large-data.md), for ~6 % more time than 64 x 256 x 256
+BLOCK = {2: (1024, 1024), 3: (48, 128, 128)}
 #: clustering methods that run blockwise: graph methods on local pixel neighbourhoods
 BLOCKWISE_METHODS = ("auto", "mws", "multicut")
 #: what the CLI's --out may end with to be a single file (else a folder for <stem>.zarr)
