@@ -266,15 +266,10 @@ def predict_block(job: Job, i: int) -> dict:
     # crop the halo away first (a view) and fill one float16 array: no float32 copy of the block
     emb, fg, aff = split_channels(raw[(slice(None),) + local(inner, outer)], job.predictor.config)
     parts = [emb] + ([fg[None]] if fg is not None else []) + ([aff] if aff is not None else [])
-    out = np.empty((sum(len(p) for p in parts),) + emb.shape[1:], np.float16)
-    c = 0
-    for part in parts:
-        out[c:c + len(part)] = part
-        c += len(part)
+    out = np.concatenate(parts, dtype=np.float16)
     grid_ = coordinates(job.predictor.config, inner, full)
     if grid_ is not None:  # stored without coordinates (float16 could not hold large ones)
-        for a in range(job.ndim):
-            out[a] = emb[a] - grid_[a]
+        out[: job.ndim] = emb[: job.ndim] - grid_
     del raw, emb, parts, aff
     zarr.open_array(str(job.path("prediction.zarr")), mode="r+")[(slice(None),) + inner] = out
     n_fg = 0 if fg is None or job.fg_threshold is None else int(np.count_nonzero(fg >= job.fg_threshold))

@@ -82,11 +82,11 @@ def predict_normalized(
     for i, (inner, outer) in enumerate(blocks):
         origin = [o.start + off - s // 2 for o, off, s in zip(outer, offset, full_shape)]
         pred = _run(net, xs[(slice(None),) + outer], device, origin, dtype)
-        if len(blocks) == 1 and pred.shape[1:] == spatial:
-            out = pred  # one tile covers the image: no second copy of the output
-        elif out is None:
-            out = np.zeros((pred.shape[0],) + spatial, np.float32)
-        if out is not pred:
+        if len(blocks) == 1:
+            out = pred  # one tile covers the image: its output is the result, no second copy
+        else:
+            if out is None:
+                out = np.zeros((pred.shape[0],) + spatial, np.float32)
             local = tuple(slice(a.start - o.start, a.stop - o.start) for a, o in zip(inner, outer))
             out[(slice(None),) + inner] = pred[(slice(None),) + local]
         if progress is not None:
