@@ -1,13 +1,14 @@
 """Sample data for File > Open Sample: an image plus a Labels layer with a few objects painted.
 
-The images are synthetic (generated on the fly), so no licence restricts them.
+The cell images are synthetic (generated on the fly), so no licence restricts them; the histology
+image is a real one that ships with scikit-image (:func:`..core.samples.histology_nuclei`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..core.samples import synthetic_cells
+from ..core.samples import histology_nuclei, synthetic_cells
 from ..core.sparsify import sparsify
 
 
@@ -27,3 +28,14 @@ def cells_2d():
 def cells_3d():
     img, gt = synthetic_cells((32, 128, 128), radius=(7.0, 12.0), seed=5)
     return _layers(img, gt, 0.2, 0, "cells 3D")
+
+
+def histology():
+    img, sparse = histology_nuclei()
+    name = "histology nuclei"
+    return [
+        (img, {"name": name, "rgb": True,
+               "metadata": {"source": "scikit-image data.immunohistochemistry (CMMI; no known copyright restrictions)"}},
+         "image"),
+        (sparse, {"name": f"{name} annotations"}, "labels"),
+    ]
