@@ -214,3 +214,22 @@ def test_foreground_rule_decides_per_segment():
     assert seg.max() == 2 and (seg[25:35, 10:30] == 0).all()
     with pytest.raises(SparseSegError, match="background 'foreground' needs the foreground probability"):
         segment_embeddings(emb, "mws", background="foreground")
+
+
+def test_prediction_cache_serves_the_same_key_and_never_lacks_g():
+    from napari_sparseseg.core.prediction import Prediction
+    from napari_sparseseg.core.segment import Embedded, PredictionCache
+
+    pred = Prediction(np.zeros((2, 4, 4), np.float32), None, 1.0, (4, 4))
+    cache = PredictionCache()
+    assert cache.get("a") is None
+    f_only = Embedded(pred)
+    cache.put(("img", 1, 30.0), f_only, extra="box")
+    assert cache.get(("img", 1, 30.0)) is f_only and cache.extra == "box"
+    assert cache.get(("img", 1, 30.0), need_g=True) is None  # a choice that needs g is predicted again
+    assert cache.get(("img", 2, 30.0)) is None  # another model iteration / diameter / image
+    both = Embedded(pred, pred)
+    cache.put(("img", 1, 30.0), both)
+    assert cache.get(("img", 1, 30.0), need_g=True) is both and cache.get(("img", 1, 30.0)) is both
+    cache.clear()
+    assert cache.get(("img", 1, 30.0)) is None and cache.extra is None

@@ -12,6 +12,7 @@ import napari_sparseseg._napari.layers as L  # noqa: E402
 import napari_sparseseg._napari.widget as W  # noqa: E402
 import napari_sparseseg.core.segment as core_segment  # noqa: E402
 from napari_sparseseg import load_model  # noqa: E402
+from napari_sparseseg.core.samples import HISTOLOGY_POINTS  # noqa: E402
 
 TIMEOUT = 180_000
 
@@ -56,6 +57,14 @@ def test_sample_data_3d_opens(make_napari_viewer):
     viewer.open_sample("napari-sparseseg", "cells_3d")
     assert viewer.layers["cells 3D"].data.ndim == 3
     assert viewer.layers["cells 3D annotations"].data.max() > 0
+
+
+def test_sample_data_histology_opens_as_rgb_with_nuclei_painted(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-sparseseg", "histology")
+    image, labels = viewer.layers["histology nuclei"], viewer.layers["histology nuclei annotations"]
+    assert image.rgb and image.data.shape == (512, 512, 3)
+    assert labels.data.shape == (512, 512) and len(np.unique(labels.data)) - 1 == len(HISTOLOGY_POINTS)
 
 
 def test_training_in_worker_gives_model_preview_and_curve(qtbot, widget, errors):
@@ -108,7 +117,7 @@ def test_segment_adds_new_layer_and_reclusters_without_network(qtbot, widget, er
     seg_layer = viewer.layers["cells 2D segmentation"]
     assert calls == [False]  # f only: the model's foreground head finds background, no EMA network needed
     # the status says what "auto" clustering chose for this image, as the engine decides it
-    chosen = core_segment.resolved_clustering(w.session.model, w.segment._cache["embedded"], "auto")
+    chosen = core_segment.resolved_clustering(w.session.model, w.segment.cache.embedded, "auto")
     why = "dense tissue" if chosen == "multicut" else "objects on a background"
     assert w.segment.status.value == f"{int(seg_layer.data.max())} objects (auto: {chosen}, {why})"
     first = np.array(seg_layer.data, copy=True)
@@ -308,10 +317,10 @@ def test_ignore_mask_layer_and_object_diameter(qtbot, widget, errors):
     seg = w.segment
     assert seg.diameter.native.text() == "auto"
     seg.run()
-    qtbot.waitUntil(lambda: seg.worker is None and seg._cache is not None, timeout=TIMEOUT)
-    assert seg._cache["embedded"].zoom == pytest.approx(32 / 30)
+    qtbot.waitUntil(lambda: seg.worker is None and seg.cache.embedded is not None, timeout=TIMEOUT)
+    assert seg.cache.embedded.zoom == pytest.approx(32 / 30)
     seg.diameter.value = 16.0
-    qtbot.waitUntil(lambda: seg.worker is None and seg._cache["embedded"].zoom == pytest.approx(2.0), timeout=TIMEOUT)
+    qtbot.waitUntil(lambda: seg.worker is None and seg.cache.embedded.zoom == pytest.approx(2.0), timeout=TIMEOUT)
     assert not [e for e in errors if "ignore mask" not in e]
 
 

@@ -15,7 +15,7 @@ from ..core.errors import SparseSegError
 from ..core.prediction import to_image_shape
 from ..core.segment import (
     AFFINITY_SOURCES, AGREEMENT, BACKGROUNDS, BIAS, CLUSTERINGS, CRAC_AFFINITY_SOURCE, default_min_size, foreground_threshold, needs_g,
-    resolve, resolved_clustering,
+    PredictionCache, resolve, resolved_clustering,
 )
 from . import layers as L
 from . import workers
@@ -78,7 +78,7 @@ class SegmentPanel(QWidget):
         self.background.changed.connect(self.show_auto_values)
         self.show_auto_values()
         self.worker = None
-        self._cache: dict | None = None
+        self.cache = PredictionCache()  # the last prediction; knobs re-cluster it
         self.outputs: dict[str, napari.layers.Labels] = {}
         self._pending = None
 
@@ -146,7 +146,7 @@ class SegmentPanel(QWidget):
         if need_g is None:
             return
         key = self._key(image, region)
-        if self._cache is not None and self._cache["key"] == key and (self._cache["embedded"].g is not None or not need_g):
+        if self.cache.get(key, need_g) is not None:
             self.recluster()
             return
         diameter = self.diameter_value
@@ -171,16 +171,18 @@ class SegmentPanel(QWidget):
 
     def _diameter_changed(self, *_) -> None:
         # another object diameter is another zoom: what is shown is predicted again
-        if self._cache is not None:
+        if self.cache.embedded is not None:
             self.run()
 
     def recluster(self, *_) -> None:
         """Re-run clustering only, on the cached embeddings (no network call)."""
         image = self.image.value
-        if self._cache is None or image is None or self._cache["key"] != self._key(image, self._cache["region"]):
+        if image is None or self.cache.embedded is None:
+            return
+        embedded = self.cache.get(self._key(image, self.cache.extra))
+        if embedded is None:
             return
         model, method, overrides = self.session.model, self.method.value, self._overrides()
-        embedded = self._cache["embedded"]
         need_g = self._needs_g(method, model, overrides)
         if need_g is None:
             return
@@ -209,7 +211,7 @@ class SegmentPanel(QWidget):
             self._start(*pending)
 
     def _done(self, image, key, region, embedded, seg) -> None:
-        self._cache = {"key": key, "embedded": embedded, "region": region}
+        self.cache.put(key, embedded, extra=region)
         self._show(image, seg)
         if self.pca.value:
             from elf.segmentation.embeddings import embedding_pca
@@ -226,14 +228,14 @@ class SegmentPanel(QWidget):
 
     def _placement(self, image, ndim: int):
         """Scale and translate that put a result for the cached region (or the whole image) over the image."""
-        region = self._cache["region"] if self._cache is not None else None
+        region = self.cache.extra
         scale = np.asarray(image.scale[-ndim:])
         start = np.zeros(ndim) if region is None else np.array([r.start for r in region], float)
         return scale, np.asarray(image.translate[-ndim:]) + start * scale
 
     def _show(self, image, seg) -> None:
         # a layer this widget created is reused; a user's layer is never written to
-        region = self._cache["region"] if self._cache is not None else None
+        region = self.cache.extra
         name = f"{image.name} segmentation" + ("" if region is None else " (box)")
         scale, translate = self._placement(image, seg.ndim)
         layer = self.outputs.get(name)
@@ -247,10 +249,10 @@ class SegmentPanel(QWidget):
 
     def _clustering_note(self) -> str:
         """What "auto" chose for the shown image, e.g. " (auto: multicut, dense tissue)"."""
-        if self.method.value != "auto" or self._cache is None or self.session.model is None:
+        if self.method.value != "auto" or self.cache.embedded is None or self.session.model is None:
             return ""
         try:
-            chosen = resolved_clustering(self.session.model, self._cache["embedded"], "auto", **self._overrides())
+            chosen = resolved_clustering(self.session.model, self.cache.embedded, "auto", **self._overrides())
         except SparseSegError:
             return ""
         return f" (auto: {chosen}, {'dense tissue' if chosen == 'multicut' else 'objects on a background'})"

@@ -165,6 +165,33 @@ class Embedded:
         return self.f.zoom
 
 
+class PredictionCache:
+    """The network outputs of the last image segmented, so that a change of a clustering knob
+    re-clusters them without a network call (the napari Segment tab; a notebook loop).
+
+    ``key`` is whatever changes the prediction for the caller (image, model and its training
+    iteration, object diameter, region); anything hashable. A prediction made without the EMA
+    network's embeddings does not serve a choice that needs them (:func:`needs_g`)."""
+
+    def __init__(self):
+        self.key: Any = None
+        self.embedded: Embedded | None = None
+        self.extra: Any = None
+
+    def get(self, key, need_g: bool = False) -> Embedded | None:
+        """The cached outputs for ``key``, or None when there are none or they lack g."""
+        if self.embedded is None or self.key != key or (need_g and self.embedded.g is None):
+            return None
+        return self.embedded
+
+    def put(self, key, embedded: Embedded, extra: Any = None) -> None:
+        """Keep ``embedded`` for ``key`` (and the caller's ``extra``, e.g. where it was shown)."""
+        self.key, self.embedded, self.extra = key, embedded, extra
+
+    def clear(self) -> None:
+        self.key = self.embedded = self.extra = None
+
+
 def embed(model: Model, image: np.ndarray, need_g: bool = False, device: str = "auto", name: str = "image",
           diameter: float | None = None) -> Embedded:
     """Predict f (and g when ``need_g``) at the model's scale; ``diameter`` (pixels) sets the zoom."""
