@@ -91,6 +91,14 @@ def run_all(run_job, jobs: list[tuple], args, json_name: str) -> list[dict]:
     return results
 
 
+def voxel_args(ds, args) -> list[str]:
+    """``--voxel-size`` for a stack whose voxel size is known, as a user passes it (or the file
+    states it); segmentation then takes the model's. ``--ignore-voxel-size``: none (z not zoomed)."""
+    if ds.voxel is None or getattr(args, "ignore_voxel_size", False):
+        return []
+    return ["--voxel-size", *(str(v) for v in ds.voxel)]
+
+
 def run_job(name: str, seed: int, args, root: Path) -> dict:
     """Sparsify, train, segment and score one (dataset, seed); the floor on the same split."""
     ds = DATASETS[name]
@@ -111,7 +119,7 @@ def run_job(name: str, seed: int, args, root: Path) -> dict:
     if not (model / "config.json").exists():
         t_train = sparseseg(["train", "--images", str(root / "train_images"), "--labels", str(out / "sparse"),
                              "--out", str(model), "--time-limit", str(budget), "--seed", str(seed), "--quiet",
-                             *args.train_args], args.threads, log)
+                             *voxel_args(ds, args), *args.train_args], args.threads, log)
     t_seg = sparseseg(["segment", "--model", str(model), "--images", str(test_dir), "--out", str(out / "seg"),
                        *args.segment_args], args.threads, log)
     cfg = json.loads((model / "config.json").read_text())
@@ -181,6 +189,8 @@ def main() -> None:
     p.add_argument("--tag", default=None, help="name of this run (default: quick or full)")
     p.add_argument("--train-args", default="", help="extra options for sparseseg train, one string (ablations)")
     p.add_argument("--segment-args", default="", help="extra options for sparseseg segment, one string")
+    p.add_argument("--ignore-voxel-size", action="store_true",
+                   help="train 3D stacks without their voxel size (z not zoomed; the protocol before it was used)")
     args = p.parse_args()
     if not SHARED.exists():
         sys.exit(f"benchmark data not found at {SHARED}")

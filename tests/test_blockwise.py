@@ -225,11 +225,14 @@ def tiny(tmp_path_factory):
     return root, img
 
 
-@pytest.mark.parametrize("diameter, block, tol", [
-    (None, (64, 128, 128), 0.002), (12.0, (64, 128, 128), 0.002), (24.0, (64, 128, 128), 0.002),  # one block: exact
-    (None, (12, 32, 32), 0.05),  # small blocks: GroupNorm sees less of the image
+@pytest.mark.parametrize("diameter, block, tol, voxel", [
+    (None, (64, 128, 128), 0.002, None), (12.0, (64, 128, 128), 0.002, None),  # one block: exact
+    (24.0, (64, 128, 128), 0.002, None),
+    (None, (12, 32, 32), 0.05, None),  # small blocks: GroupNorm sees less of the image
+    (None, (64, 128, 128), 0.002, (2.0, 1.0, 1.0)),  # z enlarged 2x (linear)
+    (24.0, (64, 128, 128), 0.002, (0.5, 1.0, 1.0)),  # z shrunk to 1/3 (area)
 ])  # zoom 1, 4/3 (bilinear) and 2/3 (area)
-def test_blockwise_prediction_matches_whole_image(tiny, tmp_path, diameter, block, tol):
+def test_blockwise_prediction_matches_whole_image(tiny, tmp_path, diameter, block, tol, voxel):
     """The prediction store (coordinates added back, zoomed grid) holds what the whole-image path
     predicts: up to float16 when one block covers the stack; with small blocks the network's
     GroupNorm (statistics over what it sees) makes blocks differ slightly from the whole image."""
@@ -239,12 +242,15 @@ def test_blockwise_prediction_matches_whole_image(tiny, tmp_path, diameter, bloc
     root, img = tiny
     work = tmp_path / "work"
     res = segment_blockwise(root / "model", root / "img.zarr", tmp_path / "s.zarr", block_shape=block,
-                            diameter=diameter, work=work, keep_work=True)
+                            diameter=diameter, voxel_size=voxel, work=work, keep_work=True)
     model = load(root / "model")
-    whole = predict_scaled(model, img, device="cpu", diameter=diameter)
+    whole = predict_scaled(model, img, device="cpu", diameter=diameter, voxel_size=voxel)
     assert res.zoom == pytest.approx(whole.zoom)
+    if voxel is not None:
+        assert whole.z_zoom == pytest.approx(whole.zoom * voxel[0])
     job = B.Job(B.open_volume(root / "img.zarr", 3, 1), str(work), B.ModelPredictor(str(root / "model")), [], res.zoom,
-                tuple(min(b, s) for b, s in zip(block, whole.embeddings.shape[1:])), model.config)
+                tuple(min(b, s) for b, s in zip(block, whole.embeddings.shape[1:])), model.config,
+                z_zoom=whole.z_zoom)
     assert job.scaled == whole.embeddings.shape[1:]
     pred = B.read_prediction(job, tuple(slice(0, s) for s in job.scaled))
     scale = float(np.abs(whole.embeddings).max())

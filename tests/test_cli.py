@@ -275,3 +275,36 @@ def test_train_ignore_mask_and_diameter(data, tmp_path, capsys):
     assert main(["segment", "--model", str(out), "--images", str(data / "img" / "c0.tif"), "--out", str(seg_out),
                  "--diameter", "12"]) == 0
     assert tifffile.imread(seg_out / "c0.tif").shape == (96, 96)
+
+
+def test_voxel_size_from_the_command_line_and_from_tiff_metadata(tmp_path, capsys):
+    img, lab = synthetic_cells((10, 48, 48), radius=(5.0, 8.0), seed=4)
+    for d in ("img", "lab"):
+        (tmp_path / d).mkdir()
+    # the stack states its voxel size (ImageJ TIFF): 0.4 um deep, 0.2 um wide
+    tifffile.imwrite(tmp_path / "img" / "s.tif", img, imagej=True, resolution=(5.0, 5.0),
+                     metadata={"spacing": 0.4, "unit": "um", "axes": "ZYX"})
+    tifffile.imwrite(tmp_path / "lab" / "s.tif", lab)
+    base = ["train", "--images", str(tmp_path / "img" / "*.tif"), "--labels", str(tmp_path / "lab" / "*.tif"),
+            "--iterations", "1", "--method", "spoco", "--batch-size", "1", "--patch-shape", "8,32,32",
+            "--base-channels", "4", "--quiet", "--diameter", "16"]
+    assert main(base + ["--out", str(tmp_path / "m")]) == 0
+    assert "voxel 0.4 x 0.2 x 0.2, z zoom 2," in capsys.readouterr().out
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["scale"]["voxel_size"] == pytest.approx([0.4, 0.2, 0.2])
+    # --voxel-size overrides the file's
+    assert main(base + ["--out", str(tmp_path / "m2"), "--voxel-size", "0.2", "0.2", "0.2"]) == 0
+    assert "z zoom 1," in capsys.readouterr().out
+    assert "--voxel-size: expected three positive numbers (z y x), got [0.0, 0.2, 0.2]" in _err(
+        capsys, base + ["--out", str(tmp_path / "m3"), "--voxel-size", "0", "0.2", "0.2"])
+    # segmentation: labels of the stack's own shape, whether z was zoomed (file / model) or not
+    for extra in ([], ["--voxel-size", "0.2", "0.2", "0.2"]):
+        assert main(["segment", "--model", str(tmp_path / "m"), "--images", str(tmp_path / "img" / "*.tif"),
+                     "--out", str(tmp_path / "seg"), *extra]) == 0
+        assert tifffile.imread(tmp_path / "seg" / "s.tif").shape == (10, 48, 48)
+
+
+def test_voxel_size_for_2d_images_is_an_error(data, tmp_path, capsys):
+    assert "voxel_size (1.0, 1.0, 1.0): the images are 2D; a voxel size applies to 3D stacks only" in _err(
+        capsys, ["train", "--images", str(data / "img" / "*.tif"), "--labels", str(data / "sparse" / "*.tif"),
+                 "--out", str(tmp_path / "m"), "--iterations", "1", "--voxel-size", "1", "1", "1", *FAST])

@@ -77,3 +77,27 @@ def test_normalize_per_channel():
     x = np.stack([np.linspace(0, 10, 100), np.linspace(100, 300, 100)]).reshape(2, 10, 10)
     n = io.normalize(x, 0, 100)
     assert np.allclose(n.min(axis=(1, 2)), 0) and np.allclose(n.max(axis=(1, 2)), 1)
+
+
+def test_voxel_size_from_tiff_and_ome_zarr_metadata(tmp_path):
+    import zarr
+
+    a = np.zeros((4, 8, 8), np.uint8)
+    tifffile.imwrite(tmp_path / "ij.tif", a, imagej=True, resolution=(1 / 0.15, 1 / 0.15),
+                     metadata={"spacing": 0.235, "unit": "um", "axes": "ZYX"})
+    assert io.voxel_size(tmp_path / "ij.tif") == pytest.approx((0.235, 0.15, 0.15))
+    tifffile.imwrite(tmp_path / "s.ome.tif", a, ome=True,
+                     metadata={"axes": "ZYX", "PhysicalSizeZ": 0.3, "PhysicalSizeY": 0.1, "PhysicalSizeX": 0.12})
+    assert io.voxel_size(tmp_path / "s.ome.tif") == pytest.approx((0.3, 0.1, 0.12))
+    tifffile.imwrite(tmp_path / "plain.tif", a, photometric="minisblack")
+    assert io.voxel_size(tmp_path / "plain.tif") is None
+    # OME-Zarr: per-level scale (level 1 is 2x coarser in y/x), axes named
+    root = zarr.open_group(str(tmp_path / "img.zarr"), mode="w")
+    root.create_array("0", data=a)
+    root.create_array("1", data=a[:, ::2, ::2])
+    root.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": n, "type": "space"} for n in "zyx"],
+                                  "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [0.5, 0.2, 0.2]}]},
+                                               {"path": "1", "coordinateTransformations": [{"type": "scale", "scale": [0.5, 0.4, 0.4]}]}]}]
+    assert io.voxel_size(tmp_path / "img.zarr") == pytest.approx((0.5, 0.2, 0.2))
+    assert io.voxel_size(tmp_path / "img.zarr", level=1) == pytest.approx((0.5, 0.4, 0.4))
+    assert io.voxel_size(tmp_path / "nothing.zarr") is None

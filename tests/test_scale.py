@@ -89,3 +89,51 @@ def test_size_model_recovers_the_zoom_of_a_new_image():
     for radius, size in ((8, 192), (16, 256), (24, 384)):
         est = scale.estimate_zoom(net, cfg, _disks(radius, size=size, seed=5))
         assert est == pytest.approx(16 / radius, rel=0.35), (radius, est)
+
+
+def test_z_zoom_makes_voxels_isotropic_at_the_models_scale():
+    # no voxel size: z is left as it is (what every model trained without one assumes)
+    assert scale.z_zoom(0.5, None) == 1.0
+    # 0.3 um deep, 0.1 um wide voxels; y/x shrunk by half: z is enlarged by 1.5
+    assert scale.z_zoom(0.5, (0.3, 0.1, 0.1)) == pytest.approx(1.5)
+    assert scale.z_zoom(2.0, (1.0, 1.0, 1.0)) == pytest.approx(2.0)  # isotropic: z as y/x
+    assert scale.z_zoom(1.0, (1.0, 0.2, 0.3)) == pytest.approx(4.0)  # y/x mean 0.25; at the limit
+    assert scale.z_zoom(1.0, (100.0, 1.0, 1.0)) == scale.MAX_Z_ZOOM  # clipped: memory
+    assert scale.z_zoom(1.0, (0.001, 1.0, 1.0)) == scale.MIN_Z_ZOOM
+
+
+def test_voxel_size_errors_name_the_input():
+    assert scale.check_voxel_size(None) is None
+    assert scale.check_voxel_size([0.3, 0.1, 0.1]) == (0.3, 0.1, 0.1)
+    with pytest.raises(SparseSegError, match=r"--voxel-size: expected three positive numbers \(z y x\), got \(0.0, 1.0, 1.0\)"):
+        scale.check_voxel_size((0.0, 1.0, 1.0), "--voxel-size")
+    with pytest.raises(SparseSegError, match=r"stack.tif: voxel size: expected three positive numbers"):
+        scale.check_voxel_size((1.0, 1.0), "stack.tif: voxel size")
+    with pytest.raises(SparseSegError, match=r"voxel size: expected three numbers \(z y x\), got 'abc'"):
+        scale.check_voxel_size("abc")
+
+
+def test_training_with_a_voxel_size_zooms_z_and_the_model_remembers_it():
+    from napari_sparseseg import TrainConfig, Trainer
+    from napari_sparseseg.core.prediction import predict_scaled
+    from napari_sparseseg.core.samples import synthetic_cells
+
+    img, lab = synthetic_cells((12, 64, 64), radius=(6.0, 9.0), seed=3)
+    cfg = TrainConfig(iterations=1, method="spoco", patch_shape=(16, 32, 32), base_channels=4, depth=2, diameter=16)
+    flat = Trainer([img], [lab], cfg)
+    assert flat.samples[0].labels.shape == (12, 64, 64) and flat.scale_config["voxel_size"] is None
+    # stated per stack (file metadata): z twice as deep as wide -> z zoomed 2x at zoom 1
+    deep = Trainer([img], [lab], TrainConfig(**{**cfg.__dict__, "voxel_size": None}), voxel_sizes=[(2.0, 1.0, 1.0)])
+    assert deep.samples[0].z_zoom == pytest.approx(2.0) and deep.samples[0].labels.shape == (24, 64, 64)
+    assert deep.scale_config["voxel_size"] == [2.0, 1.0, 1.0]
+    # the config's voxel size overrides what the stacks state
+    over = Trainer([img], [lab], TrainConfig(**{**cfg.__dict__, "voxel_size": (1.0, 1.0, 1.0)}),
+                   voxel_sizes=[(2.0, 1.0, 1.0)])
+    assert over.samples[0].labels.shape == (12, 64, 64) and over.scale_config["voxel_size"] == [1.0, 1.0, 1.0]
+    # prediction takes the model's voxel size for a stack that states none, and returns the stack's shape
+    model = deep.model
+    p = predict_scaled(model, img, device="cpu")
+    assert p.z_zoom == pytest.approx(2.0) and p.embeddings.shape[1:] == (24, 64, 64) and p.shape == (12, 64, 64)
+    assert predict_scaled(model, img, device="cpu", voxel_size=(1.0, 1.0, 1.0)).embeddings.shape[1:] == (12, 64, 64)
+    with pytest.raises(SparseSegError, match="1 voxel size"):
+        Trainer([img, img], [lab, lab], cfg, voxel_sizes=[(2.0, 1.0, 1.0)])

@@ -59,6 +59,14 @@ def test_sample_data_3d_opens(make_napari_viewer):
     assert viewer.layers["cells 3D annotations"].data.max() > 0
 
 
+def test_voxel_size_comes_from_the_layer_scale(make_napari_viewer):
+    viewer = make_napari_viewer()
+    stack = viewer.add_image(np.zeros((4, 8, 8), np.uint8), scale=(0.4, 0.2, 0.2))
+    assert L.voxel_size(stack) == pytest.approx((0.4, 0.2, 0.2))
+    assert L.voxel_size(viewer.add_image(np.zeros((4, 8, 8), np.uint8))) is None  # napari's default: not stated
+    assert L.voxel_size(viewer.add_image(np.zeros((8, 8, 3), np.uint8), rgb=True)) is None  # 2D
+
+
 def test_sample_data_histology_opens_as_rgb_with_nuclei_painted(make_napari_viewer):
     viewer = make_napari_viewer()
     viewer.open_sample("napari-sparseseg", "histology")

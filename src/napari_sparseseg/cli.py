@@ -95,7 +95,11 @@ def cmd_train(args) -> int:
         if init is not None:
             raise SparseSegError("--from and --resume cannot be combined: --resume continues the model in --out")
         init = checkpoint.load(args.init)
+    from .core.scale import check_voxel_size
+
+    check_voxel_size(args.voxel_size, "--voxel-size")
     imgs, labs, names, ignore = _load_pairs(args.images, args.labels, args.ignore_mask)
+    voxels = [io.voxel_size(n) for n in names]
     loss = SpocoLossConfig(anchor=args.anchor, w_consistency=args.consistency_weight)
     config = TrainConfig(
         iterations=args.iterations,
@@ -109,19 +113,25 @@ def cmd_train(args) -> int:
         device=args.device,
         background_id=args.background_id,
         diameter=args.diameter,
+        voxel_size=args.voxel_size,
         coord_scale=args.coord_scale,
         loss=loss,
         checkpoint_every=args.checkpoint_every,
     )
     if args.base_channels is not None:
         config.base_channels = args.base_channels
-    trainer = Trainer(imgs, labs, config, out=out, init=init, resume=resume, names=names, ignore=ignore)
+    trainer = Trainer(imgs, labs, config, out=out, init=init, resume=resume, names=names, ignore=ignore,
+                      voxel_sizes=voxels)
     zooms = sorted({round(s.zoom, 3) for s in trainer.samples})
+    z_zooms = sorted({round(s.z_zoom, 3) for s in trainer.samples})
     sc = trainer.scale_config
+    voxel = "" if sc.get("voxel_size") is None else (
+        f", voxel {' x '.join(f'{v:.3g}' for v in sc['voxel_size'])}, z zoom "
+        f"{z_zooms[0]:.3g}{f'-{z_zooms[-1]:.3g}' if len(z_zooms) > 1 else ''}")
     print(
         f"training {trainer.method.name.upper()} on {len(imgs)} image(s), {sum(len(s.objects) for s in trainer.samples)} annotated "
         f"object(s), object diameter {sc['diameter']:.1f} px{' (mixed sizes)' if sc['mixed'] else ''}, "
-        f"zoom {zooms[0]:.3g}{f'-{zooms[-1]:.3g}' if len(zooms) > 1 else ''}, patch {trainer.patch}, "
+        f"zoom {zooms[0]:.3g}{f'-{zooms[-1]:.3g}' if len(zooms) > 1 else ''}{voxel}, patch {trainer.patch}, "
         f"device {trainer.device}"
     )
     # SIGTERM (e.g. a batch system's time limit) stops like Ctrl-C, after the current step
@@ -196,7 +206,7 @@ def cmd_segment_blockwise(args, files: list[Path]) -> int:
             res = segment_blockwise(
                 args.model, path, dst, level=args.level, block_shape=args.block_shape, workers=workers,
                 scheduler=args.scheduler, method=args.clustering, device=args.device, diameter=args.diameter,
-                progress=progress, fg_threshold=args.fg_threshold, bias=args.bias, min_size=args.min_size,
+                voxel_size=args.voxel_size, progress=progress, fg_threshold=args.fg_threshold, bias=args.bias, min_size=args.min_size,
                 max_size=args.max_size, background=args.background, agreement=args.agreement,
                 affinity_source=args.affinities)
         except KeyboardInterrupt:
@@ -214,8 +224,10 @@ def cmd_segment_blockwise(args, files: list[Path]) -> int:
 
 
 def cmd_segment(args) -> int:
+    from .core.scale import check_voxel_size
     from .core.segment import cluster, embed, needs_g, resolved_clustering
 
+    check_voxel_size(args.voxel_size, "--voxel-size")
     files = io.expand(args.images, "--images")
     if args.block_shape is not None or args.scheduler or any(_is_zarr(p) for p in files):
         return cmd_segment_blockwise(args, files)
@@ -226,7 +238,8 @@ def cmd_segment(args) -> int:
     need_g = needs_g(args.clustering, model.config, **overrides)
     for path in files:
         t0 = time.perf_counter()
-        embedded = embed(model, io.read(path), need_g, args.device, str(path), args.diameter)
+        voxel = args.voxel_size or io.voxel_size(path)  # None: the model's
+        embedded = embed(model, io.read(path), need_g, args.device, str(path), args.diameter, voxel)
         how = resolved_clustering(model, embedded, args.clustering, **overrides)
         seg = cluster(model, embedded, how, **overrides)  # "auto" decided once, on this image
         dst = io.write(_out_path(out, path), seg.astype(np.uint32 if seg.max() > 65535 else np.uint16))
@@ -342,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=None, help=f"learning rate (default {LR:g}; {FINE_TUNE_LR:g} with --from)")
     t.add_argument("--diameter", type=float, default=None, metavar="PIXELS",
                    help="typical object diameter in pixels (default: measured on each image's labeled objects)")
+    t.add_argument("--voxel-size", type=float, nargs=3, default=None, metavar=("Z", "Y", "X"),
+                   help="3D: voxel size of the stacks, any unit (default: what each TIFF / OME-Zarr states; none: "
+                        "z is not zoomed). With one, z is zoomed so that voxels are as deep as wide at the model's scale")
     t.add_argument("--ignore-mask", default=None, metavar="GLOB",
                    help="masks (quoted glob, paired with --images in sorted order): nonzero pixels take no part "
                         "in training")
@@ -381,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--diameter", type=float, default=None, metavar="PIXELS",
                    help="typical object diameter in these images, in pixels (default: the model's, or estimated "
                         "per image for a model trained on objects of mixed sizes)")
+    g.add_argument("--voxel-size", type=float, nargs=3, default=None, metavar=("Z", "Y", "X"),
+                   help="3D: voxel size of these stacks (default: what the file states, else the model's training "
+                        "voxel size)")
     g.add_argument("--device", default="auto")
     b = g.add_argument_group(
         "blockwise (stacks larger than memory)",

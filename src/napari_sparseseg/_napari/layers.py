@@ -58,6 +58,15 @@ def spatial_shape(layer) -> tuple[int, ...]:
     return shape[:-1] if getattr(layer, "rgb", False) else shape
 
 
+def voxel_size(layer) -> tuple[float, float, float] | None:
+    """A stack's voxel size (z, y, x) from its layer's scale; None for 2D layers and for napari's
+    default scale of ones (no voxel size stated)."""
+    if len(spatial_shape(layer)) != 3:
+        return None
+    scale = tuple(float(s) for s in layer.scale[-3:])
+    return None if all(s == 1.0 for s in scale) else scale
+
+
 def count_box(**kwargs) -> FloatSpinBox:
     """A spin box for a pixel count that can show a text at its minimum (Qt's special value text,
     used for the sentinels -1 = auto and 0 = no limit). magicgui's SpinBox is superqt's

@@ -119,7 +119,7 @@ class SegmentPanel(QWidget):
         m = self.session.model
         box = None if region is None else tuple((r.start, r.stop) for r in region)
         return (id(image), id(m), m.config.get("training", {}).get("iteration") if m else None,
-                float(self.diameter.value), box)
+                float(self.diameter.value), box, L.voxel_size(image))
 
     @property
     def diameter_value(self) -> float | None:
@@ -149,11 +149,11 @@ class SegmentPanel(QWidget):
         if self.cache.get(key, need_g) is not None:
             self.recluster()
             return
-        diameter = self.diameter_value
+        diameter, voxel = self.diameter_value, L.voxel_size(image)
         img = L.image_region(image, region)
 
         def work():
-            embedded = workers.embed(model, img, need_g, device="auto", diameter=diameter)
+            embedded = workers.embed(model, img, need_g, device="auto", diameter=diameter, voxel_size=voxel)
             return embedded, workers.cluster(model, embedded, method, **overrides)
 
         self.status.value = "Predicting…"

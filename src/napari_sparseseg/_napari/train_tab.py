@@ -171,6 +171,7 @@ class TrainPanel(QWidget):
             self.job = workers.TrainJob(
                 [img], [lab], self._config(), out=folder, init=None if model is None else self.session.folder,
                 resume=resume, names=[f"image '{image.name}'"], ignore=None if ignore is None else [ignore],
+                voxel_sizes=[L.voxel_size(image)],
                 preview_image=img, preview_every=float(self.preview_every.value), z=z)
             self.job.check()
         except SparseSegError as err:

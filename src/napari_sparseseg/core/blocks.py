@@ -215,6 +215,7 @@ class Job:
     cluster_halo: tuple[int, ...] = ()
     min_size: int = 0
     max_size: int | None = None
+    z_zoom: float = 1.0
 
     @property
     def ndim(self) -> int:
@@ -222,7 +223,7 @@ class Job:
 
     @property
     def scaled(self) -> tuple[int, ...]:
-        return scaled_shape(self.volume.shape, self.zoom)
+        return scaled_shape(self.volume.shape, self.zoom, self.z_zoom)
 
     def n_blocks(self, shape=None) -> int:
         return int(np.prod(grid(shape or self.scaled, self.block)))
@@ -257,7 +258,7 @@ def predict_block(job: Job, i: int) -> dict:
     full = job.scaled
     inner = block_region(i, full, job.block)
     outer = grow(inner, PREDICT_HALO[job.ndim], full)
-    x = zoom_read(job.volume, outer, job.zoom)
+    x = zoom_read(job.volume, outer, job.zoom, job.z_zoom)
     x = io.normalize(x, bounds=np.asarray(job.bounds))
     raw = np.asarray(job.predictor(x, tuple(r.start for r in outer), full), np.float32)
     del x
@@ -292,7 +293,7 @@ def read_prediction(job: Job, region: tuple[slice, ...]):
     if grid_ is not None:
         emb[: job.ndim] += grid_
     shape = tuple(r.stop - r.start for r in region)
-    return Prediction(emb, p[d] if has_fg else None, job.zoom, shape, p[d + has_fg:] if k else None)
+    return Prediction(emb, p[d] if has_fg else None, job.zoom, shape, p[d + has_fg:] if k else None, job.z_zoom)
 
 
 def cluster_block(job: Job, i: int) -> dict:
@@ -380,8 +381,8 @@ def write_block(job: Job, out: str, i: int, lookup: np.ndarray | None = None) ->
     shape, full = job.volume.shape, job.scaled
     region = block_region(i, shape, job.block)
     idx = [np.arange(r.start, r.stop) for r in region]
-    if job.zoom != 1.0:
-        for a in (-2, -1):
+    for a in range(-job.ndim, 0):
+        if full[a] != shape[a]:
             idx[a] = nearest_index(region[a], full[a], shape[a])
     src = tuple(slice(int(ix.min()), int(ix.max()) + 1) for ix in idx)
     frag = np.asarray(zarr.open_array(str(job.path("fragments.zarr")), mode="r")[src], np.int64)

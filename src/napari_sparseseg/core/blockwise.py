@@ -93,6 +93,16 @@ def _zoom(model_path: str, config: dict, volume: Volume, bounds, diameter: float
     return resolve_zoom(load(model_path, device=dev), x, None, dev)
 
 
+def _z_zoom(zoom: float, voxel_size, image: Path, level: int, config: dict, ndim: int) -> float:
+    """The stack's z zoom: from ``voxel_size``, else the file's, else the model's (scale.z_zoom)."""
+    from . import io, scale
+
+    if ndim != 3:
+        return 1.0
+    v = voxel_size if voxel_size is not None else io.voxel_size(image, level)
+    return scale.z_zoom(zoom, v if v is not None else scale.model_voxel_size(config))
+
+
 def _fingerprint(model: str, settings: dict) -> dict:
     from .checkpoint import read_config
 
@@ -125,6 +135,7 @@ def segment_blockwise(
     device: str = "cpu",
     precision: str = "auto",
     diameter: float | None = None,
+    voxel_size=None,
     predictor: Any = None,
     work: str | Path | None = None,
     keep_work: bool = False,
@@ -140,7 +151,8 @@ def segment_blockwise(
     of a LocalCluster (0: this process); ``scheduler``: address of a running dask scheduler instead.
     ``method``: one of :data:`BLOCKWISE_METHODS`. ``predictor``: replaces the model's network (any
     :class:`.blocks.Predictor`). ``overrides``: bias, min_size, max_size (image pixels), background
-    ("auto", "foreground", "none"), affinity_source, as for :func:`.segment.cluster`.
+    ("auto", "foreground", "none"), affinity_source, as for :func:`.segment.cluster`. ``voxel_size``
+    (z, y, x): the stack's (default: what the file states, else the model's training voxel size).
     ``progress(step, done, total)`` is called after each block of each step.
     """
     import zarr
@@ -180,6 +192,7 @@ def segment_blockwise(
     work = Path(work) if work is not None else default_work(out)
     settings = {"image": str(image.resolve()), "level": level, "model": str(Path(model).resolve()),
                 "block": list(block), "method": method, "background": background, "diameter": diameter,
+                "voxel_size": None if voxel_size is None else [float(v) for v in voxel_size],
                 "fg_threshold": fg_threshold, "overrides": overrides, "min_size": user_min, "max_size": user_max,
                 "out": str(out.resolve())}
     settings = _fingerprint(model, settings)
@@ -190,21 +203,23 @@ def segment_blockwise(
             raise SparseSegError(f"{work}: holds an unfinished run with other settings (input, model, block shape or "
                                  f"clustering); run it again with those, or delete {work} to start over")
         bounds, zoom = np.asarray(saved["bounds"]), float(saved["zoom"])
+        z_zoom = float(saved.get("z_zoom", 1.0))
     else:
         bounds = B.sample_bounds(volume, **{k: config["normalization"][k] for k in ("low", "high")})
         zoom = _zoom(model, config, volume, bounds, diameter, device)
+        z_zoom = _z_zoom(zoom, voxel_size, image, level, config, ndim)
         work.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps({"settings": settings, "bounds": bounds.tolist(), "zoom": zoom}))
-    scaled = B.scaled_shape(volume.shape, zoom)
+        record.write_text(json.dumps({"settings": settings, "bounds": bounds.tolist(), "zoom": zoom, "z_zoom": z_zoom}))
+    scaled = B.scaled_shape(volume.shape, zoom, z_zoom)
     block = tuple(min(b, s) for b, s in zip(block, scaled))
     predictor = predictor or ModelPredictor(model, device, precision)
     thr = fg_threshold if fg_threshold is not None else foreground_threshold(config)
     offsets = config.get("offsets") or []
     halo = tuple(max([abs(o[a]) for o in offsets] + [1]) for a in range(ndim))
     cluster_overrides = dict(overrides, background=background, min_size=0, agreement=0)
-    _, opts = resolve(config, "mws", zoom, background=background, min_size=user_min, max_size=user_max)
+    _, opts = resolve(config, "mws", zoom, z_zoom, background=background, min_size=user_min, max_size=user_max)
     job = Job(volume, str(work), predictor, bounds.tolist(), zoom, block, config, method, cluster_overrides, thr,
-              halo, int(opts["min_size"]), opts.get("max_size"))
+              halo, int(opts["min_size"]), opts.get("max_size"), z_zoom)
     cfg = predictor.config
     n_channels = cfg["out_channels"] + int(bool(cfg.get("foreground"))) + int(cfg.get("affinities", 0))
     _make_array(work / "prediction.zarr", (n_channels, *scaled), (n_channels, *block), "float16")

@@ -21,13 +21,14 @@ from .errors import SparseSegError
 class Sample:
     """One training image at the model's scale: ``image`` (C, *S) float32, ``labels`` (*S) int32
     (0 = unlabeled), ``valid`` (*S) bool (False: ignored), ``objects`` bounding boxes of annotated
-    objects, ``zoom`` the factor the image was zoomed by."""
+    objects, ``zoom`` the factor the image was zoomed by in y/x, ``z_zoom`` in z."""
 
     image: np.ndarray
     labels: np.ndarray
     valid: np.ndarray
     objects: list
     zoom: float = 1.0
+    z_zoom: float = 1.0
 
 
 def relabel_consecutive(labels: np.ndarray) -> np.ndarray:
@@ -40,19 +41,32 @@ def relabel_consecutive(labels: np.ndarray) -> np.ndarray:
     return out
 
 
-def rescale(array: np.ndarray, scale: float, order: int) -> np.ndarray:
-    """Zoom the last two (y, x) axes of ``array`` by ``scale``; order 0 for labels."""
-    if scale == 1.0:
+def rescale(array: np.ndarray, scale: float, order: int, z_scale: float = 1.0) -> np.ndarray:
+    """Zoom the last two (y, x) axes of ``array`` by ``scale`` and, for a (C, Z, Y, X) image or a
+    (Z, Y, X) label stack, z by ``z_scale``; order 0 for labels (nearest), else bilinear when
+    enlarging and area averaging when shrinking."""
+    spatial = array.ndim if order == 0 else array.ndim - 1
+    zs = float(z_scale) if spatial == 3 else 1.0
+    if scale == 1.0 and zs == 1.0:
         return array
-    factors = [1.0] * (array.ndim - 2) + [scale, scale]
     if order == 0:
+        factors = [1.0] * (array.ndim - 3) + [zs, scale, scale] if spatial == 3 else [1.0] * (array.ndim - 2) + [scale, scale]
         return ndimage.zoom(array, factors, order=0, grid_mode=True, mode="grid-constant")
     t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-    lead = t.shape[:-2]
-    t = t.reshape(1, -1, *t.shape[-2:])
-    size = [max(1, int(round(s * scale))) for s in t.shape[-2:]]
-    t = F.interpolate(t, size=size, mode="area" if scale < 1 else "bilinear")
-    return t.reshape(*lead, *size).numpy()
+    if scale != 1.0:
+        t = _resize_last(t, 2, scale)
+    if zs != 1.0:  # z: the third axis from the end, moved last and resized in 1D
+        t = _resize_last(t.movedim(-3, -1), 1, zs).movedim(-1, -3)
+    return t.contiguous().numpy()
+
+
+def _resize_last(t: torch.Tensor, n: int, scale: float) -> torch.Tensor:
+    """Resize the last ``n`` axes of ``t`` by ``scale`` (area when shrinking, else (bi)linear)."""
+    lead = t.shape[:-n]
+    flat = t.reshape(1, -1, *t.shape[-n:])
+    size = [max(1, int(round(s * scale))) for s in t.shape[-n:]]
+    mode = "area" if scale < 1 else ("bilinear" if n == 2 else "linear")
+    return F.interpolate(flat, size=size, mode=mode).reshape(*lead, *size)
 
 
 def prepare(
@@ -62,6 +76,7 @@ def prepare(
     background_id: int | None = None,
     names: list[str] | None = None,
     ignore: list[np.ndarray | None] | None = None,
+    z_zooms: list[float] | None = None,
 ) -> list[Sample]:
     """Check and zoom (image, labels) pairs, each image by its own factor. Images are normalised
     (C, *S) arrays.
@@ -70,14 +85,15 @@ def prepare(
     unlabeled, which they are for the losses (every annotated object is pushed away from them, and
     the foreground head learns them as negatives), so dense labels with a background id train
     exactly as dense labels with background 0. ``ignore``: per image, a mask whose nonzero pixels
-    take no part in training.
+    take no part in training. ``z_zooms``: per 3D image, its z zoom (:func:`.scale.z_zoom`; default 1).
     """
     names = names or [f"image {i}" for i in range(len(images))]
     zooms = list(zooms) if isinstance(zooms, (list, tuple)) else [float(zooms)] * len(images)
     ignore = ignore or [None] * len(images)
+    z_zooms = z_zooms or [1.0] * len(images)
     samples = []
     n_objects = 0
-    for img, lab, name, zoom, ign in zip(images, labels, names, zooms, ignore):
+    for img, lab, name, zoom, ign, zz in zip(images, labels, names, zooms, ignore, z_zooms):
         if img.shape[1:] != lab.shape:
             raise SparseSegError(
                 f"{name}: image has spatial shape {img.shape[1:]} but its labels have shape {lab.shape}"
@@ -93,16 +109,16 @@ def prepare(
         if background_id is not None:
             lab = np.where(lab == background_id, 0, lab)
         lab = relabel_consecutive(lab)
-        img_s = rescale(img, zoom, 1)
-        lab_s = rescale(lab, zoom, 0)
-        valid_s = rescale(valid.astype(np.uint8), zoom, 0).astype(bool)
+        img_s = rescale(img, zoom, 1, zz)
+        lab_s = rescale(lab, zoom, 0, zz)
+        valid_s = rescale(valid.astype(np.uint8), zoom, 0, zz).astype(bool)
         common = tuple(min(a, b) for a, b in zip(img_s.shape[1:], lab_s.shape))  # rounding may differ by 1
         crop = tuple(slice(0, c) for c in common)
         img_s, lab_s, valid_s = img_s[(slice(None),) + crop], lab_s[crop], valid_s[crop]
         lab_s = np.where(valid_s, lab_s, 0)
         objects = [s for s in ndimage.find_objects(lab_s) if s is not None]
         n_objects += len(objects)
-        samples.append(Sample(img_s.astype(np.float32), lab_s.astype(np.int32), valid_s, objects, zoom))
+        samples.append(Sample(img_s.astype(np.float32), lab_s.astype(np.int32), valid_s, objects, zoom, zz))
     if n_objects == 0:
         raise SparseSegError(NO_OBJECT)
     return samples

@@ -221,3 +221,62 @@ def open_lazy(path: str | os.PathLike, level: int = 0):
     if level:
         raise SparseSegError(f"{path}: is a single-resolution array; level {level} does not exist (use 0)")
     return node[arrays[0]]
+
+
+def _tiff_voxel_size(path: Path) -> tuple[float, float, float] | None:
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        if tif.is_ome and tif.ome_metadata:
+            import re
+
+            sizes = {a: re.search(rf'PhysicalSize{a}="([0-9.eE+-]+)"', tif.ome_metadata) for a in "ZYX"}
+            if all(sizes.values()):
+                return tuple(float(sizes[a].group(1)) for a in "ZYX")
+        ij = tif.imagej_metadata or {}
+        page = tif.pages.first
+        if "spacing" in ij and "XResolution" in page.tags and "YResolution" in page.tags:
+            def size(tag):
+                num, den = page.tags[tag].value
+                return den / num if num else None
+
+            y, x = size("YResolution"), size("XResolution")
+            if y and x:
+                return float(ij["spacing"]), y, x
+    return None
+
+
+def _zarr_voxel_size(path: Path, level: int = 0) -> tuple[float, float, float] | None:
+    import zarr
+
+    node = zarr.open(str(path), mode="r")
+    ms = None if isinstance(node, zarr.Array) else _multiscales(dict(node.attrs))
+    if not ms:
+        return None
+    datasets = ms[0].get("datasets", [])
+    if not 0 <= level < len(datasets):
+        return None
+    scale = [1.0] * len(ms[0].get("axes", []))
+    for group in (ms[0].get("coordinateTransformations") or [], datasets[level].get("coordinateTransformations") or []):
+        for t in group:
+            if t.get("type") == "scale":
+                scale = [a * b for a, b in zip(scale, t["scale"])] if len(scale) == len(t["scale"]) else list(t["scale"])
+    axes = [a.get("name") if isinstance(a, dict) else a for a in ms[0].get("axes", [])]
+    if len(axes) == len(scale) and all(a in axes for a in "zyx"):
+        return tuple(float(scale[axes.index(a)]) for a in "zyx")
+    return tuple(float(a) for a in scale[-3:]) if len(scale) >= 3 else None
+
+
+def voxel_size(path: str | os.PathLike, level: int = 0) -> tuple[float, float, float] | None:
+    """The voxel size (z, y, x) a 3D image file states: OME-TIFF physical sizes, ImageJ TIFF
+    spacing and resolution, OME-Zarr ``scale`` transformations (of multiscale ``level``). None
+    when the file states none (or cannot say)."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            return _tiff_voxel_size(path)
+        if path.is_dir():
+            return _zarr_voxel_size(path, level)
+    except Exception:  # metadata that cannot be parsed is metadata not stated
+        return None
+    return None

@@ -116,6 +116,8 @@ class Prediction:
     zoom: float
     shape: tuple[int, ...]
     affinities: np.ndarray | None = None
+    #: the zoom of z (3D; :func:`.scale.z_zoom`)
+    z_zoom: float = 1.0
 
 
 def resolve_zoom(model: Model, x: np.ndarray, diameter: float | None = None, device="cpu") -> float:
@@ -142,11 +144,15 @@ def predict_scaled(
     name: str = "image",
     progress: Callable[[int, int], None] | None = None,
     precision: str = "auto",
+    voxel_size=None,
+    z_zoom: float | None = None,
 ) -> Prediction:
     """Embeddings and foreground probability of ``image`` at the model's scale, tile by tile.
 
     ``zoom`` (if given) fixes the zoom; otherwise :func:`resolve_zoom` chooses it (``diameter``:
-    the objects' diameter in pixels). ``precision``: see :func:`.device.resolve_precision`.
+    the objects' diameter in pixels). A stack's z is zoomed by ``z_zoom`` if given, else as its
+    ``voxel_size`` (z, y, x) asks (:func:`.scale.z_zoom`; default: the model's training voxel size,
+    and none for models trained without one). ``precision``: see :func:`.device.resolve_precision`.
     """
     ndim, channels = model.ndim, model.in_channels
     x = to_channels_first(image, ndim, name, channels)
@@ -157,12 +163,15 @@ def predict_scaled(
     dev = resolve_device(device)
     if zoom is None:
         zoom = resolve_zoom(model, x, diameter, dev)
-    xs = rescale(x, zoom, 1)
+    if z_zoom is None:
+        z_zoom = 1.0 if ndim != 3 else scales.z_zoom(
+            zoom, voxel_size if voxel_size is not None else scales.model_voxel_size(model.config))
+    xs = rescale(x, zoom, 1, z_zoom)
     net = model.ema if (use_ema and model.ema is not None) else model.net
     net = net.to(dev).eval()
     out = predict_normalized(net, xs, dev, resolve_precision(precision, dev), tile_shape, halo, progress=progress)
     emb, fg, aff = split_channels(out, net.config)
-    return Prediction(emb, fg, float(zoom), spatial, aff)
+    return Prediction(emb, fg, float(zoom), spatial, aff, float(z_zoom))
 
 
 def to_image_shape(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Zooming (y, x) of a stack region by region, pixel for pixel what :func:`.data.rescale` (images)
+"""Zooming (y, x, and z for a stack with a voxel size) of a stack region by region, pixel for pixel what :func:`.data.rescale` (images)
 and :func:`.segment.resize_labels` (labels) do to the whole image: every output pixel is computed
 from global coordinates, so blocks fit together without seams.
 
@@ -11,11 +11,14 @@ from __future__ import annotations
 import numpy as np
 
 
-def scaled_shape(shape: tuple[int, ...], zoom: float) -> tuple[int, ...]:
-    """The spatial shape at the model's scale (only the last two axes are zoomed)."""
-    if zoom == 1.0:
-        return tuple(shape)
-    return tuple(shape[:-2]) + tuple(max(1, int(round(s * zoom))) for s in shape[-2:])
+def scaled_shape(shape: tuple[int, ...], zoom: float, z_zoom: float = 1.0) -> tuple[int, ...]:
+    """The spatial shape at the model's scale: y/x zoomed by ``zoom``, z (of a 3D shape) by ``z_zoom``."""
+    out = list(shape)
+    if zoom != 1.0:
+        out[-2:] = [max(1, int(round(s * zoom))) for s in shape[-2:]]
+    if z_zoom != 1.0 and len(shape) >= 3:
+        out[-3] = max(1, int(round(shape[-3] * z_zoom)))
+    return tuple(out)
 
 
 def _weights(out: slice, n_in: int, n_out: int) -> tuple[slice, np.ndarray]:
@@ -41,15 +44,20 @@ def _weights(out: slice, n_in: int, n_out: int) -> tuple[slice, np.ndarray]:
     return slice(lo, hi), w / w.sum(axis=1, keepdims=True)
 
 
-def zoom_read(volume, region: tuple[slice, ...], zoom: float) -> np.ndarray:
+def zoom_read(volume, region: tuple[slice, ...], zoom: float, z_zoom: float = 1.0) -> np.ndarray:
     """float32 (C, *region) of ``volume`` (anything with ``shape`` and ``read(region)``) zoomed by
-    ``zoom`` in y/x; ``region`` is in the zoomed grid."""
-    if zoom == 1.0:
+    ``zoom`` in y/x and ``z_zoom`` in z; ``region`` is in the zoomed grid."""
+    z_zoom = z_zoom if len(volume.shape) >= 3 else 1.0
+    if zoom == 1.0 and z_zoom == 1.0:
         return volume.read(region)
-    full = scaled_shape(volume.shape, zoom)
+    full = scaled_shape(volume.shape, zoom, z_zoom)
     (ry, wy), (rx, wx) = (_weights(region[a], volume.shape[a], full[a]) for a in (-2, -1))
-    x = volume.read(tuple(region[:-2]) + (ry, rx))
-    return np.einsum("...yx,Yy,Xx->...YX", x, wy, wx, optimize=True).astype(np.float32)
+    if z_zoom == 1.0:
+        x = volume.read(tuple(region[:-2]) + (ry, rx))
+        return np.einsum("...yx,Yy,Xx->...YX", x, wy, wx, optimize=True).astype(np.float32)
+    rz, wz = _weights(region[-3], volume.shape[-3], full[-3])
+    x = volume.read(tuple(region[:-3]) + (rz, ry, rx))
+    return np.einsum("...zyx,Zz,Yy,Xx->...ZYX", x, wz, wy, wx, optimize=True).astype(np.float32)
 
 
 def nearest_index(out: slice, n_in: int, n_out: int) -> np.ndarray:

@@ -2,7 +2,9 @@
 
 The network works at one object size: every image is zoomed (in y/x) so that its annotated
 objects have ``TARGET_DIAMETER`` pixels across, each image by its own factor, so a training set may
-mix objects of very different sizes. Everything else that has a length (crop size, coordinate
+mix objects of very different sizes. A stack with a known voxel size is also zoomed in z, so that
+its voxels are as deep as they are wide at that scale (:func:`z_zoom`); without one, z is left as
+it is. Everything else that has a length (crop size, coordinate
 channels, mutex-watershed offsets, minimum object size) is then fixed in units of that diameter.
 
 At segmentation time an image has no annotation. Its zoom is, in this order: the user's object
@@ -117,6 +119,33 @@ def zoom_for(diameter: float, ndim: int) -> float:
     return float(np.clip(TARGET_DIAMETER[ndim] / diameter, MIN_ZOOM, MAX_ZOOM))
 
 
+#: z zoom limits: z is never enlarged more than this (memory), nor shrunk below one plane in 8
+MIN_Z_ZOOM, MAX_Z_ZOOM = 1 / 8, 4.0
+
+
+def check_voxel_size(voxel_size, name: str = "voxel size") -> tuple[float, float, float] | None:
+    """``voxel_size`` (z, y, x) as three positive floats, or None."""
+    if voxel_size is None:
+        return None
+    try:
+        v = tuple(float(a) for a in voxel_size)
+    except (TypeError, ValueError):
+        raise SparseSegError(f"{name}: expected three numbers (z y x), got {voxel_size!r}") from None
+    if len(v) != 3 or not all(math.isfinite(a) and a > 0 for a in v):
+        raise SparseSegError(f"{name}: expected three positive numbers (z y x), got {voxel_size!r}")
+    return v
+
+
+def z_zoom(zoom: float, voxel_size) -> float:
+    """The z zoom that goes with the y/x ``zoom`` for a stack of ``voxel_size`` (z, y, x): voxels
+    as deep as they are wide at the model's scale (physically isotropic), clipped. Without a voxel
+    size, 1: z is taken as it is (what models trained without one assume)."""
+    v = check_voxel_size(voxel_size)
+    if v is None:
+        return 1.0
+    return float(np.clip(zoom * v[0] / (0.5 * (v[1] + v[2])), MIN_Z_ZOOM, MAX_Z_ZOOM))
+
+
 def common_diameter(diameters: list[float | None]) -> float | None:
     """Geometric median of the per-image diameters (None without any)."""
     d = np.array([v for v in diameters if v], float)
@@ -139,10 +168,14 @@ def training_zooms(diameters: list[float | None], ndim: int, user_diameter: floa
     return [zoom_for(d if d else common, ndim) for d in diameters]
 
 
-def scale_config(diameters: list[float | None], ndim: int, user_diameter: float | None = None) -> dict[str, Any]:
-    """What a model stores about scales (``config["scale"]``)."""
+def scale_config(diameters: list[float | None], ndim: int, user_diameter: float | None = None,
+                 voxel_size=None) -> dict[str, Any]:
+    """What a model stores about scales (``config["scale"]``). ``voxel_size`` (z, y, x): the
+    training stacks' (the default for stacks segmented without one), None where not known."""
     common = user_diameter if user_diameter is not None else common_diameter(diameters)
+    v = check_voxel_size(voxel_size)
     return {
+        "voxel_size": None if v is None else list(v),
         "target_diameter": TARGET_DIAMETER[ndim],
         "diameter": common,
         "zoom": zoom_for(common, ndim) if common else 1.0,
@@ -150,6 +183,12 @@ def scale_config(diameters: list[float | None], ndim: int, user_diameter: float 
         "mixed": user_diameter is None and mixed_sizes(diameters),
         "size_model": None,
     }
+
+
+def model_voxel_size(config: dict[str, Any]) -> list[float] | None:
+    """The voxel size (z, y, x) the model was trained with, None where not known."""
+    scale = config.get("scale")
+    return scale.get("voxel_size") if isinstance(scale, dict) else None
 
 
 def model_zoom(config: dict[str, Any]) -> float:

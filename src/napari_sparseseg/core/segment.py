@@ -57,15 +57,16 @@ AFFINITY_SOURCES = {"eam": 0.0, "iam": 1.0, "mean": 0.5}
 CRAC_AFFINITY_SOURCE = "eam"
 
 
-def _zoom_area(zoom: float) -> float:
-    """Pixels at the model's scale per image pixel (only y/x are zoomed)."""
-    return zoom * zoom
+def _zoom_area(zoom: float, z_zoom: float = 1.0) -> float:
+    """Pixels (voxels) at the model's scale per image pixel (voxel)."""
+    return zoom * zoom * z_zoom
 
 
-def clustering_options(config: dict[str, Any], method: str = "mws", zoom: float = 1.0, **overrides) -> dict[str, Any]:
+def clustering_options(config: dict[str, Any], method: str = "mws", zoom: float = 1.0, z_zoom: float = 1.0,
+                       **overrides) -> dict[str, Any]:
     """Keyword arguments for :func:`segment_embeddings` at the model's scale, derived from a model's
     config. ``overrides`` whose value is None keep the model-derived default; ``min_size`` and
-    ``max_size`` overrides are in image pixels (converted with ``zoom``)."""
+    ``max_size`` overrides are in image pixels (converted with ``zoom`` and ``z_zoom``)."""
     loss = config.get("loss", {})
     med = config.get("object_area_median") or 0
     opts: dict[str, Any] = {
@@ -95,17 +96,20 @@ def clustering_options(config: dict[str, Any], method: str = "mws", zoom: float 
         raise SparseSegError(f"affinity source {source!r}: only CRAC models have a choice of affinity maps")
     for key in ("min_size", "max_size"):
         if key in overrides:
-            overrides[key] = int(round(overrides[key] * _zoom_area(zoom)))
+            overrides[key] = int(round(overrides[key] * _zoom_area(zoom, z_zoom)))
     opts.update(overrides)
     return opts
 
 
-def default_min_size(config: dict[str, Any], zoom: float | None = None) -> int:
-    """The default minimum object size in image pixels (at the model's common zoom by default)."""
-    from .scale import model_zoom
+def default_min_size(config: dict[str, Any], zoom: float | None = None, z_zoom: float | None = None) -> int:
+    """The default minimum object size in image pixels (at the model's common zoom by default;
+    for a model trained with a voxel size, at the z zoom that goes with it)."""
+    from .scale import model_voxel_size, model_zoom, z_zoom as zz
 
     zoom = model_zoom(config) if zoom is None else zoom
-    return int(round((config.get("object_area_median") or 0) * MIN_SIZE_FRACTION / _zoom_area(zoom)))
+    if z_zoom is None:
+        z_zoom = zz(zoom, model_voxel_size(config)) if model_voxel_size(config) else 1.0
+    return int(round((config.get("object_area_median") or 0) * MIN_SIZE_FRACTION / _zoom_area(zoom, z_zoom)))
 
 
 def foreground_threshold(config: dict[str, Any]) -> float | None:
@@ -137,12 +141,13 @@ def resolve_background(config: dict[str, Any], background: str | None = "auto") 
     return background
 
 
-def resolve(config: dict[str, Any], method: str = "mws", zoom: float = 1.0, **overrides) -> tuple[str, dict[str, Any]]:
+def resolve(config: dict[str, Any], method: str = "mws", zoom: float = 1.0, z_zoom: float = 1.0,
+            **overrides) -> tuple[str, dict[str, Any]]:
     """(background rule, options for :func:`segment_embeddings`) for a model ``config``."""
     overrides = dict(overrides)
     background = resolve_background(config, overrides.pop("background", None))
     overrides.pop("fg_threshold", None)
-    opts = clustering_options(config, method, zoom, **overrides)
+    opts = clustering_options(config, method, zoom, z_zoom, **overrides)
     if background == "foreground" and overrides.get("agreement") is None:
         opts["agreement"] = None
     return background, opts
@@ -193,10 +198,12 @@ class PredictionCache:
 
 
 def embed(model: Model, image: np.ndarray, need_g: bool = False, device: str = "auto", name: str = "image",
-          diameter: float | None = None) -> Embedded:
-    """Predict f (and g when ``need_g``) at the model's scale; ``diameter`` (pixels) sets the zoom."""
-    f = predict_scaled(model, image, device=device, name=name, diameter=diameter)
-    g = predict_scaled(model, image, device=device, name=name, use_ema=True, zoom=f.zoom) if need_g else None
+          diameter: float | None = None, voxel_size=None) -> Embedded:
+    """Predict f (and g when ``need_g``) at the model's scale; ``diameter`` (pixels) sets the zoom,
+    a stack's ``voxel_size`` (z, y, x) its z zoom (default: the model's)."""
+    f = predict_scaled(model, image, device=device, name=name, diameter=diameter, voxel_size=voxel_size)
+    g = (predict_scaled(model, image, device=device, name=name, use_ema=True, zoom=f.zoom, z_zoom=f.z_zoom)
+         if need_g else None)
     return Embedded(f, g)
 
 
@@ -247,7 +254,7 @@ def cluster(model: Model, embedded: Embedded, method: str = "auto", fg_threshold
     the model unless ``fg_threshold``), "largest" or "none".
     """
     pred = embedded.f
-    background, opts = resolve(model.config, method, pred.zoom, **overrides)
+    background, opts = resolve(model.config, method, pred.zoom, pred.z_zoom, **overrides)
     thr = fg_threshold if fg_threshold is not None else foreground_threshold(model.config)
     method = resolved_clustering(model, embedded, method, fg_threshold, **overrides)
     if opts.get("mask") is not None:
@@ -273,7 +280,7 @@ def cluster(model: Model, embedded: Embedded, method: str = "auto", fg_threshold
 
 
 def segment(model: Model, image: np.ndarray, method: str = "auto", device: str = "auto", name: str = "image",
-            diameter: float | None = None, **overrides) -> np.ndarray:
+            diameter: float | None = None, voxel_size=None, **overrides) -> np.ndarray:
     """Instance labels for ``image``: :func:`embed`, then :func:`cluster`."""
-    embedded = embed(model, image, needs_g(method, model.config, **overrides), device, name, diameter)
+    embedded = embed(model, image, needs_g(method, model.config, **overrides), device, name, diameter, voxel_size)
     return cluster(model, embedded, method, **overrides)

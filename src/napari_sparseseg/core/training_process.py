@@ -102,6 +102,7 @@ class TrainJob:
     resume: bool = False
     names: list[str] | None = None
     ignore: list[np.ndarray | None] | None = None
+    voxel_sizes: list | None = None
     preview_image: np.ndarray | None = None
     preview_every: float = 15.0
     z: int = 0
@@ -113,7 +114,7 @@ class TrainJob:
     def trainer(self) -> Trainer:
         init = None if self.init is None else checkpoint.load(self.init, with_optimizer=self.resume)
         return Trainer(self.images, self.labels, self.config, out=self.out, init=init, resume=self.resume,
-                       names=self.names, ignore=self.ignore)
+                       names=self.names, ignore=self.ignore, voxel_sizes=self.voxel_sizes)
 
     def steps(self, trainer: Trainer) -> Iterator[TrainEvent | Preview]:
         preview = self.preview_image if self.preview_every > 0 else None
