@@ -1,13 +1,16 @@
 """Blockwise segmentation of a synthetic stack on disk: throughput and peak memory.
 
     python benchmarks/large.py [--size-gib 0.01] [--workers 1 2] [--model MODEL] [--whole]
+    python benchmarks/large.py --size-gib 1 --workers --train 60     # training only
 
 Writes a synthetic uint8 stack (cells, generated block by block, never whole in memory) as zarr,
 runs ``sparseseg segment`` on it in a subprocess per worker count and samples the resident memory
 of the whole process tree (CLI, dask scheduler/nanny and worker processes) every 0.2 s with psutil
 (RSS summed, PSS summed and the largest process).
 ``--whole`` also runs the whole-image path on the same stack written as TIFF (everything in
-memory), for comparison. Without ``--model`` a 3D model of the default architecture is trained for
+memory), for comparison. ``--train SECONDS`` trains on the stack with a few objects of its first
+block painted (a label zarr of the stack's shape) and reports the same peaks: training reads only
+the regions around the painted objects. Without ``--model`` a 3D model of the default architecture is trained for
 a few steps (its weights do not matter for speed or memory). Sizes: 0.25, 1, 4 GiB and so on; the
 default is small enough for a quick run on a laptop CPU.
 """
@@ -28,9 +31,11 @@ import psutil
 GEN_BLOCK = (32, 256, 256)
 
 
-def make_stack(path: Path, size_gib: float, seed: int = 0) -> tuple[int, ...]:
+def make_stack(path: Path, size_gib: float, seed: int = 0, labels: Path | None = None,
+               painted: int = 4) -> tuple[int, ...]:
     """A uint8 stack of about ``size_gib`` GiB (z, y, x with y = x), written block by block: each
-    block one of a few synthetic cell blocks, randomly flipped (generating cells is slow)."""
+    block one of a few synthetic cell blocks, randomly flipped (generating cells is slow). With
+    ``labels``, a label zarr of the same shape with ``painted`` objects of the first block."""
     import zarr
 
     from napari_sparseseg.core.samples import synthetic_cells
@@ -41,13 +46,20 @@ def make_stack(path: Path, size_gib: float, seed: int = 0) -> tuple[int, ...]:
     shape = (z, yx, yx)
     arr = zarr.create_array(str(path), shape=shape, chunks=(32, 128, 128), dtype="uint8", overwrite=True)
     rng = np.random.default_rng(seed)
-    pool = [synthetic_cells(GEN_BLOCK, radius=(6.0, 10.0), seed=seed + k)[0] for k in range(2)]
+    pool = [synthetic_cells(GEN_BLOCK, radius=(6.0, 10.0), seed=seed + k) for k in range(2)]
     grid = [range(0, s, b) for s, b in zip(shape, GEN_BLOCK)]
-    for a, b, c in ((a, b, c) for a in grid[0] for b in grid[1] for c in grid[2]):
+    for i, (a, b, c) in enumerate((a, b, c) for a in grid[0] for b in grid[1] for c in grid[2]):
         region = tuple(slice(o, min(o + g, s)) for o, g, s in zip((a, b, c), GEN_BLOCK, shape))
-        img = pool[int(rng.integers(len(pool)))]
-        img = img[tuple(slice(None, None, -1) if rng.random() < 0.5 else slice(None) for _ in range(3))]
-        arr[region] = img[tuple(slice(0, r.stop - r.start) for r in region)]
+        img, gt = pool[int(rng.integers(len(pool)))]
+        flips = tuple(slice(None, None, -1) if rng.random() < 0.5 else slice(None) for _ in range(3))
+        crop = tuple(slice(0, r.stop - r.start) for r in region)
+        arr[region] = img[flips][crop]
+        if labels is not None and i == 0:
+            lab = zarr.create_array(str(labels), shape=shape, chunks=(32, 128, 128), dtype="uint16", overwrite=True,
+                                    fill_value=0)
+            gt = gt[flips][crop]
+            ids = [j for j in np.unique(gt[:, 64:-64, 64:-64]) if j > 0][:painted]  # whole, away from the edges
+            lab[region] = np.where(np.isin(gt, ids), gt, 0).astype("uint16")
     return shape
 
 
@@ -98,24 +110,27 @@ def run(cmd: list[str], env: dict) -> tuple[float, dict, str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size-gib", type=float, default=0.01, help="stack size in GiB (uint8 voxels)")
-    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--workers", type=int, nargs="*", default=[1, 2], help="blockwise runs (none: only --train)")
     p.add_argument("--block-shape", type=int, nargs=3, default=None, help="default: sparseseg's (48 128 128)")
     p.add_argument("--model", type=Path, default=None)
     p.add_argument("--base-channels", type=int, default=None, help="of the trained model (default: 8)")
     p.add_argument("--depth", type=int, default=4, help="of the trained model")
     p.add_argument("--whole", action="store_true", help="also run the whole-image path (TIFF input)")
     p.add_argument("--tmp", type=Path, default=None, help="folder for the stack and outputs (default: a temp dir)")
+    p.add_argument("--train", type=float, default=None, metavar="SECONDS",
+                   help="also train for SECONDS on the stack with a few objects painted")
     args = p.parse_args()
 
     tmp = Path(args.tmp or tempfile.mkdtemp(prefix="sparseseg-large-"))
     tmp.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     stack = tmp / f"stack-{args.size_gib:g}.zarr"
-    shape = make_stack(stack, args.size_gib)
+    labels = tmp / f"labels-{args.size_gib:g}.zarr" if args.train else None
+    shape = make_stack(stack, args.size_gib, labels=labels)
     n = int(np.prod(shape))
     print(f"stack {shape} = {n / 1e6:.1f} M voxels ({n / 2**30:.3f} GiB uint8), written in {time.perf_counter() - t0:.1f} s")
     model = args.model or tmp / "model"
-    if not (model / "config.json").exists():  # a model trained here before is reused
+    if args.workers and not (model / "config.json").exists():  # a model trained here before is reused
         tiny_model(model, args.base_channels, args.depth)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
                                                        os.environ.get("PYTHONPATH", "")]))
@@ -129,6 +144,12 @@ def main() -> None:
             cmd += ["--block-shape", *map(str, args.block_shape)]
         secs, peak, out = run(cmd, env)
         rows.append((f"blockwise, {w} worker(s)", secs, peak, out.strip().splitlines()[-1]))
+    if args.train:
+        cmd = [sys.executable, "-m", "napari_sparseseg.cli", "train", "--images", str(stack), "--labels", str(labels),
+               "--out", str(tmp / f"trained-{args.size_gib:g}"), "--time-limit", str(args.train), "--device", "cpu",
+               "--quiet"]
+        secs, peak, out = run(cmd, env)
+        rows.append((f"training {args.train:g} s", secs, peak, " / ".join(out.strip().splitlines())))
     if args.whole:
         import tifffile
         import zarr

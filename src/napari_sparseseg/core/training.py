@@ -160,7 +160,9 @@ class Trainer:
 
     ``init`` is a model to start from: to continue training it (``resume=True``, optimizer and
     iteration counter restored) or to fine-tune it on new data (new optimizer). ``ignore``: per
-    image, None or a mask whose nonzero pixels take no part in training.
+    image, None or a mask whose nonzero pixels take no part in training. ``voxel_sizes``: per
+    3D image, its voxel size (z, y, x) or None (``TrainConfig.voxel_size`` overrides). ``bounds``:
+    per image, (C, 2) intensities normalised to 0 and 1, or None for its own percentiles.
 
     Each image is zoomed so that its own annotated objects have the target diameter
     (:mod:`.scale`); a model being fine-tuned keeps its target, the new images get their own zooms.
@@ -177,6 +179,7 @@ class Trainer:
         names: list[str] | None = None,
         ignore: list[np.ndarray | None] | None = None,
         voxel_sizes: list | None = None,
+        bounds: list | None = None,
     ):
         self.config = config or TrainConfig()
         cfg = self.config
@@ -206,7 +209,10 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         self.autocast_dtype = resolve_precision(cfg.precision, self.device)
         norm = NORMALIZATION if init is None else init.config["normalization"]
-        imgs = [normalize(img, norm["low"], norm["high"]) for img in imgs]
+        # ``bounds``: per image, (C, 2) intensities mapped to 0 and 1 (regions of one stack share
+        # the stack's, as its blockwise segmentation does); else each image's own percentiles
+        bounds = bounds or [None] * len(imgs)
+        imgs = [normalize(img, norm["low"], norm["high"], b) for img, b in zip(imgs, bounds)]
         if ignore is not None and len(ignore) != len(labels):
             raise SparseSegError(f"{len(ignore)} ignore mask(s) for {len(labels)} label image(s); they must pair up")
         if ignore is not None:
