@@ -88,8 +88,12 @@ def test_compatibility_messages():
     cfg = _model().config
     with pytest.raises(SparseSegError, match="stack.tif: is 3D but the model was trained on 2D images"):
         checkpoint.check_compatible(cfg, 3, 1, "stack.tif")
-    with pytest.raises(SparseSegError, match="rgb.png: has 3 channel.s. but the model expects 1"):
+    with pytest.raises(SparseSegError, match="rgb.png: has 3 channel.s. but the model expects 1; convert it to greyscale"):
         checkpoint.check_compatible(cfg, 2, 3, "rgb.png")
+    rgb_model = {**cfg, "network": {**cfg["network"], "in_channels": 3}}
+    checkpoint.check_compatible(rgb_model, 2, 1, "grey.png")  # repeated into the 3 channels
+    with pytest.raises(SparseSegError, match="two.tif: has 2 channel.s. but the model expects 3"):
+        checkpoint.check_compatible(rgb_model, 2, 2, "two.tif")
 
 
 def test_save_removes_only_the_previous_checkpoints_files(tmp_path):

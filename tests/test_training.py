@@ -136,7 +136,7 @@ def test_fine_tune_from_model_checks_dimensionality(cells2d, tmp_path):
     with pytest.raises(SparseSegError, match="is 3D but the model was trained on 2D images"):
         Trainer([stack], [sgt], TrainConfig(iterations=1), init=base)
     rgb = np.stack([img] * 3, -1)
-    with pytest.raises(SparseSegError, match="has 3 channel.s. but the model expects 1"):
+    with pytest.raises(SparseSegError, match="has 3 channel.s. but the model expects 1; convert it to greyscale first"):
         Trainer([rgb], [gt], TrainConfig(iterations=1), init=base)
     tuned = Trainer([img], [gt], TrainConfig(iterations=1, **FAST), init=base)
     # fine-tuning keeps the network; the new images get the zooms of their own objects
@@ -381,3 +381,18 @@ def test_auto_method_follows_the_dimensionality(cells2d):
     stack, sgt = synthetic_cells((16, 32, 32), radius=(5, 8), seed=0)
     cfg = TrainConfig(iterations=1, patch_shape=(16, 32, 32), depth=3)
     assert Trainer([stack], [sparsify(sgt, 0.3)], cfg).method.name == DEFAULT_METHOD[3] == cfg.method
+
+
+def test_grey_and_rgb_images_train_together_and_a_grey_image_fits_an_rgb_model(cells2d, tmp_path):
+    from napari_sparseseg.core.prediction import predict_scaled
+
+    (img, gt), (img2, gt2) = cells2d[0], cells2d[1]
+    rgb = np.stack([img2, img2 // 2, img2], -1)
+    mixed = Trainer([img, rgb], [sparsify(gt, 0.3), sparsify(gt2, 0.3)], TrainConfig(iterations=1, **FAST),
+                    out=tmp_path / "m")
+    assert mixed.model.in_channels == 3
+    assert np.array_equal(mixed.samples[0].image[0], mixed.samples[0].image[2])  # the grey one, repeated
+    mixed.save()
+    model = load_model(tmp_path / "m")
+    assert predict_scaled(model, img, device="cpu").shape == img.shape
+    Trainer([img], [gt], TrainConfig(iterations=1, **FAST), init=model)  # fine-tuning it on a grey image

@@ -227,7 +227,9 @@ def check_compatible(config: dict, ndim: int, channels: int, what: str) -> None:
             f"{what}: is {ndim}D but the model was trained on {net['ndim']}D images; "
             f"use a {ndim}D model (train one on {ndim}D data)"
         )
-    if int(net["in_channels"]) != channels:
+    if int(net["in_channels"]) != channels and not (channels == 1 and int(net["in_channels"]) == 3):
+        # a grey image for a colour model is repeated into its channels (io.to_channels_first)
+        hint = "; convert it to greyscale first" if channels == 3 and int(net["in_channels"]) == 1 else ""
         raise SparseSegError(
-            f"{what}: has {channels} channel(s) but the model expects {net['in_channels']}"
+            f"{what}: has {channels} channel(s) but the model expects {net['in_channels']}{hint}"
         )

@@ -127,6 +127,7 @@ def to_channels_first(image: np.ndarray, ndim: int, name: str = "image", channel
     """Bring an image to (C, *spatial) with ``ndim`` spatial axes.
 
     A trailing axis of length <= 4 is taken as colour channels (RGB); otherwise a leading one.
+    A grey image for ``channels`` = 3 (an RGB model or training set) is repeated into 3 channels.
     """
     image = np.asarray(image)
     if image.ndim == ndim:
@@ -137,7 +138,8 @@ def to_channels_first(image: np.ndarray, ndim: int, name: str = "image", channel
         elif channels is None or image.shape[0] == channels:
             out = image
         elif image.shape[-1] <= 4:
-            raise SparseSegError(f"{name}: has {image.shape[-1]} channel(s) but the model expects {channels}")
+            hint = "; convert it to greyscale first" if channels == 1 and image.shape[-1] == 3 else ""
+            raise SparseSegError(f"{name}: has {image.shape[-1]} channel(s) but the model expects {channels}{hint}")
         else:
             raise SparseSegError(
                 f"{name}: is {image.ndim}D but the model was trained on {ndim}D images with {channels} "
@@ -148,6 +150,8 @@ def to_channels_first(image: np.ndarray, ndim: int, name: str = "image", channel
             f"{name}: shape {image.shape} does not fit a {ndim}D image "
             f"(expected {ndim} spatial axes, optionally plus one channel axis)"
         )
+    if channels == 3 and out.shape[0] == 1:
+        return np.repeat(out, 3, axis=0)
     if channels is not None and out.shape[0] != channels:
         raise SparseSegError(f"{name}: has {out.shape[0]} channel(s), the model expects {channels}")
     return out

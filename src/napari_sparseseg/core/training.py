@@ -196,6 +196,8 @@ class Trainer:
                 raise SparseSegError(f"{name}: labels are {lab.ndim}D but {names[0]} is {ndim}D; mix no dimensionalities")
         chans = None if init is None else init.in_channels
         imgs = [to_channels_first(img, ndim, name, chans) for img, name in zip(images, names)]
+        if chans is None and {i.shape[0] for i in imgs} == {1, 3}:
+            imgs = [np.repeat(i, 3, axis=0) if i.shape[0] == 1 else i for i in imgs]  # grey and RGB mixed: all RGB
         channels = imgs[0].shape[0]
         for img, name in zip(imgs, names):
             if img.shape[0] != channels:
