@@ -52,60 +52,6 @@ def cmd_sparsify(args) -> int:
 
 
 # -- train ---------------------------------------------------------------------------------------
-def _is_large(path: Path) -> bool:
-    """Whether a training image is read only around its labels (core/regions.py): every zarr /
-    OME-Zarr, and TIFFs of more than regions.LAZY_VOXELS voxels."""
-    from .core.regions import LAZY_VOXELS
-
-    if _is_zarr(path):
-        return True
-    if path.suffix.lower() not in (".tif", ".tiff"):
-        return False
-    try:
-        return int(np.prod(io.open_lazy(path).shape)) > LAZY_VOXELS
-    except SparseSegError:
-        return False
-
-
-def _load_pairs(images: str, labels: str, masks: str | None = None, background_id: int | None = None):
-    """Training pairs from files: (images, labels, names, ignore masks or None, normalisation bounds
-    (None: each image's own), voxel sizes). A large stack becomes the regions around its labels."""
-    from .core.regions import read_regions
-
-    pairs = io.pair(io.expand(images, "--images"), io.expand(labels, "--labels"))
-    mask_files = [None] * len(pairs)
-    if masks is not None:
-        mask_files = io.expand(masks, "--ignore-mask")
-        if len(mask_files) != len(pairs):
-            raise SparseSegError(
-                f"--ignore-mask matched {len(mask_files)} file(s) but --images matched {len(pairs)}; "
-                "masks pair up with the images in sorted order, so the counts must be equal"
-            )
-    imgs, labs, names, ignore, bounds, voxels = [], [], [], [], [], []
-    for (ip, lp), mp in zip(pairs, mask_files):
-        voxel = io.voxel_size(ip)
-        if _is_large(ip):
-            got = read_regions(ip, lp, background_id=background_id)
-            print(f"{ip}: {got.found.objects} labeled object(s); training reads {len(got.found.regions)} region(s) around "
-                  f"them, {got.found.fraction:.1%} of the stack")
-            mask = None if mp is None else io.open_lazy(mp)
-            for img, lab, name, r in zip(got.images, got.labels, got.names, got.found.regions):
-                imgs.append(img)
-                labs.append(lab)
-                names.append(name)
-                ignore.append(None if mask is None else np.asarray(mask[r]) > 0)
-                bounds.append(got.bounds)
-                voxels.append(voxel)
-            continue
-        imgs.append(io.read(ip))
-        labs.append(io.read_labels(lp))
-        names.append(str(ip))
-        ignore.append(None if mp is None else io.read_labels(mp) > 0)
-        bounds.append(None)
-        voxels.append(voxel)
-    return imgs, labs, names, (ignore if masks is not None else None), bounds, voxels
-
-
 #: loss terms shown beside the total in the training progress bar, when the method has them
 PROGRESS_TERMS = ("obj", "consistency", "supervised_eam", "cross")
 
@@ -133,8 +79,10 @@ def cmd_train(args) -> int:
     from .core.scale import check_voxel_size
 
     check_voxel_size(args.voxel_size, "--voxel-size")
-    imgs, labs, names, ignore, bounds, voxels = _load_pairs(args.images, args.labels, args.ignore_mask,
-                                                            args.background_id)
+    from .core.pairs import load_training_pairs
+
+    imgs, labs, names, ignore, bounds, voxels = load_training_pairs(args.images, args.labels, args.ignore_mask,
+                                                                    args.background_id, report=print)
     loss = SpocoLossConfig(anchor=args.anchor, w_consistency=args.consistency_weight)
     config = TrainConfig(
         iterations=args.iterations,
@@ -197,10 +145,6 @@ def cmd_train(args) -> int:
 
 
 # -- segment -------------------------------------------------------------------------------------
-def _is_zarr(path: Path) -> bool:
-    return path.suffix == ".zarr" or (path.is_dir() and any((path / m).exists() for m in (".zarray", ".zgroup", "zarr.json")))
-
-
 def _blockwise_out(out: Path, src: Path, n_files: int) -> Path:
     """--out for a blockwise run: a .zarr / .tif path (or a path inside a .zarr, e.g. an OME-Zarr
     labels group) is the output itself; anything else is a folder for <stem>.zarr."""
@@ -259,12 +203,13 @@ def cmd_segment_blockwise(args, files: list[Path]) -> int:
 
 
 def cmd_segment(args) -> int:
+    from .core.pairs import is_zarr
     from .core.scale import check_voxel_size
     from .core.segment import cluster, embed, needs_g, resolved_clustering
 
     check_voxel_size(args.voxel_size, "--voxel-size")
     files = io.expand(args.images, "--images")
-    if args.block_shape is not None or args.scheduler or any(_is_zarr(p) for p in files):
+    if args.block_shape is not None or args.scheduler or any(is_zarr(p) for p in files):
         return cmd_segment_blockwise(args, files)
     model = checkpoint.load(args.model)
     out = Path(args.out)
