@@ -414,3 +414,42 @@ def test_qt_binding_keeps_its_references_to_none(qapp):
         QThread.msleep(0)
     lost = before - sys.getrefcount(None)
     assert lost < 100, f"{API_NAME} (Qt {QT_VERSION}) lost {lost} references to None in 400 calls"
+
+
+def test_whole_stack_block_by_block_into_a_lazy_layer(qtbot, make_napari_viewer, tmp_path, errors):
+    import zarr
+
+    from napari_sparseseg import TrainConfig, Trainer
+    from napari_sparseseg.core.samples import synthetic_cells
+    from napari_sparseseg.core.sparsify import sparsify
+
+    img, lab = synthetic_cells((16, 96, 96), radius=(6.0, 9.0), seed=2)
+    z = zarr.create_array(str(tmp_path / "stack.zarr"), shape=img.shape, chunks=(8, 48, 48), dtype=img.dtype)
+    z[:] = img
+    trainer = Trainer([img], [sparsify(lab, 0.5, np.random.default_rng(0))],
+                      TrainConfig(iterations=2, patch_shape=(16, 32, 32), base_channels=4, depth=2, diameter=16),
+                      out=tmp_path / "model")
+    for _ in trainer.run():
+        pass
+    viewer = make_napari_viewer()
+    w = W.SparseSegWidget(viewer)
+    stack = viewer.open(str(tmp_path / "stack.zarr"), plugin="napari")[0]
+    memory = viewer.add_image(img, name="in memory")
+    w.session.model, w.session.origin, w.session.folder = load_model(tmp_path / "model"), "loaded", tmp_path / "model"
+    seg = w.segment
+    seg.image.value = memory  # not from a file: a clear message, nothing runs
+    seg.segment_stack()
+    assert errors and "image 'in memory' was not opened from a file" in errors[-1] and seg.worker is None
+    seg.image.value = stack
+    seg.method.value = "hdbscan"
+    seg.segment_stack()
+    assert "block by block, the clustering is one of auto, mws, multicut" in errors[-1]
+    seg.method.value = "auto"
+    n_errors = len(errors)
+    seg.segment_stack()
+    qtbot.waitUntil(lambda: seg.worker is None, timeout=TIMEOUT)
+    assert len(errors) == n_errors, errors
+    out = viewer.layers[f"{stack.name} segmentation (stack)"]
+    assert isinstance(out.data, zarr.Array) and out.data.shape == img.shape  # lazy: read as shown
+    assert "objects in the whole stack" in seg.status.value
+    assert np.array_equal(np.asarray(stack.data), img)  # the user's layers are untouched

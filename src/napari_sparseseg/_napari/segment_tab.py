@@ -3,6 +3,8 @@ prediction without calling the network again."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import napari
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, FloatSlider, FloatSpinBox, Label, PushButton
@@ -18,7 +20,7 @@ from ..core.segment import (
     PredictionCache, resolve, resolved_clustering,
 )
 from . import layers as L
-from . import workers
+from . import stack_job, workers
 from .session import Session
 
 
@@ -56,6 +58,10 @@ class SegmentPanel(QWidget):
                                            f"embeddings), iam (predicted directly) or mean; auto: {CRAC_AFFINITY_SOURCE}")
         self.pca = CheckBox(value=False, text="show embeddings (PCA as RGB)")
         self.run_btn = PushButton(text="Segment")
+        self.stack_btn = PushButton(text="Segment whole stack (block by block)",
+                                    tooltip="3D stacks opened from a zarr / OME-Zarr / TIFF file, of any size: the "
+                                            "stack is read and segmented block by block in the background into a "
+                                            "zarr on disk, shown as a new (lazy) Labels layer")
         self.status = Label(value="")
         self.status.native.setWordWrap(True)
         lay = QVBoxLayout(self)
@@ -64,9 +70,10 @@ class SegmentPanel(QWidget):
                             ("min size", self.min_size), ("max size", self.max_size),
                             ("background", self.background), ("fg threshold", self.fg_threshold),
                             ("agreement", self.agreement), ("affinities (CRAC)", self.affinities), (None, self.pca), (None, self.run_btn),
-                            (None, self.status)))
+                            (None, self.stack_btn), (None, self.status)))
         lay.addStretch()
         self.run_btn.changed.connect(self.run)
+        self.stack_btn.changed.connect(self.segment_stack)
         for knob in (self.bias, self.min_size, self.max_size, self.background, self.fg_threshold, self.agreement,
                      self.method, self.affinities):
             knob.changed.connect(self.recluster)
@@ -191,6 +198,50 @@ class SegmentPanel(QWidget):
             return
         self._start(lambda: workers.cluster(model, embedded, method, **overrides),
                     lambda seg: self._show(image, seg))
+
+    def segment_stack(self, *_) -> None:
+        """The whole stack, block by block (core/blockwise.py) from the layer's file, into a lazy layer."""
+        image, model, folder = self.image.value, self.session.model, self.session.folder
+        if image is None:
+            L.notify_error("Select an image to segment.")
+            return
+        if model is None or folder is None:
+            L.notify_error("There is no model yet: train one or load a model folder or bioimage.io package (Train tab).")
+            return
+        if not (Path(folder) / "config.json").exists():
+            L.notify_error(f"Whole-stack segmentation reads the model from a model folder; {folder} is not one: "
+                           "save the model to a folder first (Train tab: Save model)")
+            return
+        if self.worker is not None:
+            L.notify_error("A segmentation is running: wait for it to finish.")
+            return
+        try:
+            path = stack_job.stack_path(image)
+            stack_job.check_method(self.method.value)
+            checkpoint.check_compatible(model.config, 3, 1, f"image '{image.name}'")
+        except SparseSegError as err:
+            L.notify_error(str(err))
+            return
+        out = stack_job.new_output(image.name)
+        overrides = {k: v for k, v in self._overrides().items() if v is not None}
+        self.worker = create_worker(stack_job.events, folder, path, out, self.method.value,
+                                    voxel_size=L.voxel_size(image), diameter=self.diameter_value, **overrides)
+        self.worker.yielded.connect(lambda p: setattr(self.status, "value", f"Whole stack: {p[0]} {p[1]}/{p[2]} blocks"))
+        self.worker.returned.connect(lambda res: self._show_stack(image, res))
+        self.worker.errored.connect(lambda err: L.notify_error(
+            str(err) if isinstance(err, SparseSegError) else f"Segmentation failed: {err}"))
+        self.worker.finished.connect(self._finished)
+        self.status.value = f"Whole stack: starting, writing {out}"
+        self.worker.start()
+
+    def _show_stack(self, image, res) -> None:
+        import zarr
+
+        # a new layer over a zarr array: napari reads what it shows, block by block
+        layer = self.viewer.add_labels(zarr.open_array(str(res.out), mode="r"), name=f"{image.name} segmentation (stack)",
+                                       scale=image.scale[-3:], translate=image.translate[-3:])
+        self.outputs[layer.name] = layer
+        self.status.value = f"{res.objects} objects in the whole stack ({res.blocks} blocks, {res.method}) -> {res.out}"
 
     def _start(self, func, on_result) -> None:
         if self.worker is not None:
