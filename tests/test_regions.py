@@ -52,6 +52,15 @@ def test_object_boxes_span_chunks_and_regions_hold_whole_objects(monkeypatch):
         R.labeled_regions(np.zeros((4, 8, 8), np.int32))
 
 
+def test_object_boxes_in_blocks_without_background(monkeypatch):
+    monkeypatch.setattr(R, "SCAN_VOXELS", 4 * 8 * 4)  # two blocks, the first all object 1
+    lab = np.ones((4, 8, 8), np.int32)  # one object fills the first block entirely
+    lab[:, :, 4:] = 0
+    lab[1, 1, 6] = 3
+    boxes = R.object_boxes(CountingArray(lab, (4, 8, 4)))
+    assert {k: (tuple(a), tuple(b)) for k, (a, b) in boxes.items()} == {1: ((0, 0, 0), (4, 8, 4)), 3: ((1, 1, 6), (2, 2, 7))}
+
+
 def test_merge_boxes_merges_chains():
     boxes = [((0, 0), (2, 2)), ((5, 5), (7, 7)), ((1, 1), (6, 6))]
     assert [(tuple(a), tuple(b)) for a, b in R.merge_boxes(boxes)] == [((0, 0), (7, 7))]

@@ -67,9 +67,9 @@ def object_boxes(labels) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         if not lab.any():
             continue
         ids, inverse = np.unique(lab, return_inverse=True)
-        dense = inverse.reshape(lab.shape).astype(np.int32)  # 0 .. len(ids) - 1; find_objects skips 0
+        dense = inverse.reshape(lab.shape).astype(np.int32) + 1  # 1 .. len(ids): ids[j - 1]
         origin = np.array([s.start for s in block])
-        for k, sl in enumerate(ndimage.find_objects(dense), start=1):
+        for k, sl in enumerate(ndimage.find_objects(dense)):
             if sl is None or ids[k] == 0:
                 continue
             start = origin + [s.start for s in sl]
