@@ -52,7 +52,7 @@ def load_training_pairs(images: str, labels: str, masks: str | None = None, back
             got = read_regions(ip, lp, background_id=background_id)
             if report is not None:
                 report(f"{ip}: {got.found.objects} labeled object(s); training reads {len(got.found.regions)} region(s) "
-                       f"around them, {got.found.fraction:.1%} of the stack")
+                       f"around them, {100 * got.found.fraction:.2g}% of the stack")
             mask = None if mp is None else io.open_lazy(mp)
             for img, lab, name, r in zip(got.images, got.labels, got.names, got.found.regions):
                 imgs.append(img)
