@@ -94,13 +94,12 @@ def _zoom(model_path: str, config: dict, volume: Volume, bounds, diameter: float
 
 
 def _z_zoom(zoom: float, voxel_size, image: Path, level: int, config: dict, ndim: int) -> float:
-    """The stack's z zoom: from ``voxel_size``, else the file's, else the model's (scale.z_zoom)."""
+    """The stack's z zoom: from ``voxel_size``, else the file's, else the model's (scale.stack_z_zoom)."""
     from . import io, scale
 
-    if ndim != 3:
-        return 1.0
-    v = voxel_size if voxel_size is not None else io.voxel_size(image, level)
-    return scale.z_zoom(zoom, v if v is not None else scale.model_voxel_size(config))
+    if voxel_size is None and ndim == 3:
+        voxel_size = io.voxel_size(image, level)
+    return scale.stack_z_zoom(zoom, voxel_size, config, ndim)
 
 
 def _fingerprint(model: str, settings: dict) -> dict:

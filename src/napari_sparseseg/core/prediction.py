@@ -164,8 +164,7 @@ def predict_scaled(
     if zoom is None:
         zoom = resolve_zoom(model, x, diameter, dev)
     if z_zoom is None:
-        z_zoom = 1.0 if ndim != 3 else scales.z_zoom(
-            zoom, voxel_size if voxel_size is not None else scales.model_voxel_size(model.config))
+        z_zoom = scales.stack_z_zoom(zoom, voxel_size, model.config, ndim)
     xs = rescale(x, zoom, 1, z_zoom)
     net = model.ema if (use_ema and model.ema is not None) else model.net
     net = net.to(dev).eval()

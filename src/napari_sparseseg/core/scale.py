@@ -191,6 +191,14 @@ def model_voxel_size(config: dict[str, Any]) -> list[float] | None:
     return scale.get("voxel_size") if isinstance(scale, dict) else None
 
 
+def stack_z_zoom(zoom: float, voxel_size, config: dict[str, Any], ndim: int) -> float:
+    """The z zoom for a stack at y/x ``zoom``: from its ``voxel_size`` if known, else the model's
+    training voxel size (none: 1); 1 for 2D images."""
+    if ndim != 3:
+        return 1.0
+    return z_zoom(zoom, voxel_size if voxel_size is not None else model_voxel_size(config))
+
+
 def model_zoom(config: dict[str, Any]) -> float:
     """The model's common zoom (also for models written before per-image scales: a number)."""
     scale = config.get("scale", 1.0)

@@ -105,11 +105,11 @@ def clustering_options(config: dict[str, Any], method: str = "mws", zoom: float 
 def default_min_size(config: dict[str, Any], zoom: float | None = None, z_zoom: float | None = None) -> int:
     """The default minimum object size in image pixels (at the model's common zoom by default;
     for a model trained with a voxel size, at the z zoom that goes with it)."""
-    from .scale import model_voxel_size, model_zoom, z_zoom as zz
+    from .scale import model_zoom, stack_z_zoom
 
     zoom = model_zoom(config) if zoom is None else zoom
     if z_zoom is None:
-        z_zoom = zz(zoom, model_voxel_size(config)) if model_voxel_size(config) else 1.0
+        z_zoom = stack_z_zoom(zoom, None, config, int(config.get("network", {}).get("ndim", 2)))
     return int(round((config.get("object_area_median") or 0) * MIN_SIZE_FRACTION / _zoom_area(zoom, z_zoom)))
 
 
