@@ -51,11 +51,11 @@ def test_crops_are_centred_on_objects_and_pad_small_images():
     (s,) = prepare([img], [lab])
     sampler = CropSampler([s], (32, 32), seed=0, p_object=1.0, elastic=False)
     for _ in range(10):
-        im, lb, val = sampler.crop()
+        im, lb, val, _ = sampler.crop()
         assert im.shape == (1, 32, 32) and lb.shape == (32, 32)
         assert lb.max() == 1  # the object is in the crop, relabelled to 1
     sampler = CropSampler([s], (96, 96), seed=0)
-    im, lb, val = sampler.crop()
+    im, lb, val, _ = sampler.crop()
     assert im.shape == (1, 96, 96) and (~val).sum() == 96 * 96 - 64 * 64  # padding is ignored
 
 
@@ -70,7 +70,7 @@ def test_object_lands_anywhere_in_the_crop_not_only_near_its_centre():
     sampler._geometric = lambda i, lb, v: (i, lb, v)  # positions before flips/rotations
     rows = []
     for _ in range(300):
-        _, lb, _ = sampler.crop()
+        _, lb, _, _ = sampler.crop()
         ys, _ = np.nonzero(lb)
         rows.append(ys.mean())
     rows = np.array(rows)
@@ -86,7 +86,7 @@ def test_geometric_augmentation_keeps_image_and_labels_aligned():
     (s,) = prepare([img], [lab])
     sampler = CropSampler([s], (64, 64), seed=1, elastic=True)
     for _ in range(10):
-        im, lb, _ = sampler.crop()
+        im, lb, _, _ = sampler.crop()
         inside = im[0][lb == 1].mean()
         outside = im[0][lb == 0].mean()
         assert inside > 0.8 and outside < 0.2
@@ -113,7 +113,7 @@ def test_zoom_jitter_resizes_crops_and_keeps_them_aligned():
     sampler = CropSampler([s], (64, 64), seed=0, p_object=1.0, elastic=False, zoom_jitter=1.5)
     sizes = []
     for _ in range(40):
-        im, lb, val = sampler.crop()
+        im, lb, val, _ = sampler.crop()
         assert im.shape == (1, 64, 64) and lb.shape == (64, 64) and val.all()
         # aligned after resizing: only pixels on the square's edge may disagree
         assert ((im[0] > 0.5) != (lb == 1)).mean() < 0.02

@@ -351,7 +351,7 @@ def test_the_loop_only_talks_to_the_method_interface(cells2d, monkeypatch):
         def networks(self):
             return {"f": self.net}
 
-        def losses(self, image, labels, valid, generator, progress):
+        def losses(self, image, labels, valid, generator, progress, heldout=None):
             loss = ((self.net(image) - 1) ** 2).mean()
             return {"loss": loss, "fit": loss}
 

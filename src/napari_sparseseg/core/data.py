@@ -7,7 +7,7 @@ drawn independently for the view of f and the view of the EMA network g.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -21,7 +21,8 @@ from .errors import SparseSegError
 class Sample:
     """One training image at the model's scale: ``image`` (C, *S) float32, ``labels`` (*S) int32
     (0 = unlabeled), ``valid`` (*S) bool (False: ignored), ``objects`` bounding boxes of annotated
-    objects, ``zoom`` the factor the image was zoomed by in y/x, ``z_zoom`` in z."""
+    objects, ``zoom`` the factor the image was zoomed by in y/x, ``z_zoom`` in z, ``heldout`` the
+    ids of the objects held out of the foreground loss (:func:`hold_out`)."""
 
     image: np.ndarray
     labels: np.ndarray
@@ -29,6 +30,7 @@ class Sample:
     objects: list
     zoom: float = 1.0
     z_zoom: float = 1.0
+    heldout: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 def relabel_consecutive(labels: np.ndarray) -> np.ndarray:
@@ -127,6 +129,26 @@ def prepare(
 NO_OBJECT = "no labeled object in any label image: paint at least one complete object (id > 0) before training"
 
 
+def hold_out(samples: list[Sample], fraction: float, seed: int = 0) -> int:
+    """Hold a random ``fraction`` of all annotated objects (rounded half up; at least one when
+    there are three or more, none with fewer) out of the foreground loss, setting each sample's
+    ``heldout`` ids; returns how many.
+
+    The foreground head learns annotated against unlabeled pixels, and unlabeled objects are among
+    the negatives: with enough steps it learns *which* objects were annotated, and its probability
+    on them (c) overstates what it gives an object it has not seen. Its mean on objects it never
+    learned from calibrates the threshold for the objects a user wants found (Elkan & Noto 2008
+    estimate c on held-out positives for this reason). Held-out objects still train everything else.
+    """
+    ids = [(i, j) for i, smp in enumerate(samples) for j in np.unique(smp.labels) if j > 0]
+    n = len(ids)
+    k = 0 if n < 3 or fraction <= 0 else max(1, min(n - 1, int(np.floor(fraction * n + 0.5))))
+    chosen = np.random.default_rng(seed).permutation(n)[:k]
+    for i, smp in enumerate(samples):
+        smp.heldout = np.array(sorted(int(ids[c][1]) for c in chosen if ids[c][0] == i), dtype=np.int64)
+    return k
+
+
 def require_objects(labels: list[np.ndarray], background_id: int | None = None) -> None:
     """Raise the error training would raise when no label image holds an object (a quick check
     that a caller can make before it starts training elsewhere)."""
@@ -188,7 +210,8 @@ class CropSampler:
         self.objects = [(i, s) for i, smp in enumerate(samples) for s in smp.objects]
 
     def crop(self):
-        """One crop: image (C, *P) float32, labels (*P) int64, valid (*P) bool."""
+        """One crop: image (C, *P) float32, labels (*P) int64, valid (*P) bool, heldout (*P) bool
+        (pixels of objects held out of the foreground loss, :func:`hold_out`)."""
         if self.objects and self.rng.random() < self.p_object:
             idx, sl = self.objects[self.rng.integers(len(self.objects))]
             centre = [self.rng.integers(s.start, s.stop) for s in sl]
@@ -215,7 +238,8 @@ class CropSampler:
         if tuple(region) != self.patch:
             img, lab, val = _zoom_crop(img, lab, val, self.patch)
         img, lab, val = self._geometric(img, lab, val)
-        return img, relabel_consecutive(lab), val
+        held = np.isin(lab, smp.heldout) & (lab > 0)
+        return img, relabel_consecutive(lab), val, held
 
     def _geometric(self, img, lab, val):
         nd = lab.ndim
@@ -241,12 +265,9 @@ class CropSampler:
         return np.ascontiguousarray(img), np.ascontiguousarray(lab), np.ascontiguousarray(val)
 
     def batch(self, size: int):
-        """A batch as torch tensors: image (B, C, *P), labels (B, *P), valid (B, *P)."""
+        """A batch as torch tensors: image (B, C, *P), labels, valid and heldout (B, *P)."""
         crops = [self.crop() for _ in range(size)]
-        img = torch.from_numpy(np.stack([c[0] for c in crops]))
-        lab = torch.from_numpy(np.stack([c[1] for c in crops]))
-        val = torch.from_numpy(np.stack([c[2] for c in crops]))
-        return img, lab, val
+        return tuple(torch.from_numpy(np.stack([c[k] for c in crops])) for k in range(4))
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -243,10 +243,12 @@ def spoco_loss(
     fg_logits: torch.Tensor | None = None,
     aff_logits: torch.Tensor | None = None,
     offsets: list[list[int]] | None = None,
+    fg_valid: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """All SPOCO terms for a batch: ``emb_f``/``emb_g`` (B, D, *S), ``labels`` (B, *S) with
     consecutive ids (0 = unlabeled), ``valid`` (B, *S) bool; ``fg_logits`` (B, *S) adds
-    :func:`foreground_term` (0 without); ``aff_logits`` (B, K, *S) with ``offsets`` adds
+    :func:`foreground_term` (0 without) on ``fg_valid`` (default ``valid``: pass it without the
+    objects held out of the foreground loss); ``aff_logits`` (B, K, *S) with ``offsets`` adds
     :func:`affinity_term`.
 
     Returns a dict with every term (averaged over the images that have it) and ``"loss"``, the
@@ -279,7 +281,8 @@ def spoco_loss(
         if eg_all is not None and cfg.w_consistency > 0:
             acc["consistency"].append(consistency_term(emb, eg_all[i], unlabeled, val, cfg, generator))
     if fg_logits is not None:
-        acc["foreground"].append(foreground_term(fg_logits.reshape(b, -1), lab_all * val_all, val_all))
+        fv = val_all if fg_valid is None else fg_valid.reshape(b, -1).bool()
+        acc["foreground"].append(foreground_term(fg_logits.reshape(b, -1), lab_all * fv, fv))
     if aff_logits is not None:
         spatial = labels.shape[1:]
         lab_s, val_s = (lab_all * val_all).reshape(b, *spatial), val_all.reshape(b, *spatial)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import checkpoint, scale as scales
-from .data import CropSampler, prepare
+from .data import CropSampler, hold_out, prepare
 from .device import resolve_device, resolve_precision
 from .errors import SparseSegError
 from .io import normalize, to_channels_first
@@ -38,6 +38,8 @@ ZOOM_JITTER = 1.25
 DEFAULT_ITERATIONS = 5000
 #: learning rates: training from scratch, and fine-tuning a model on new data (10x lower)
 LR, FINE_TUNE_LR = 1e-3, 1e-4
+#: the fraction of annotated objects held out of the foreground loss to calibrate its threshold
+FOREGROUND_HOLDOUT = 0.2
 #: per dimensionality: a 3D crop holds ~30x the voxels of a 2D one, so 3D trains a narrower network
 #: on one crop per step and gets ~3x the steps in the same time (better on every 3D suite dataset)
 BATCH_SIZE = {2: 2, 3: 1}
@@ -81,6 +83,9 @@ class TrainConfig:
     padding_mode: str = "replicate"
     #: a foreground head trained positive-unlabeled (losses.foreground_term)
     foreground: bool = True
+    #: the fraction of annotated objects held out of the foreground loss, on which the head's
+    #: threshold is calibrated (data.hold_out; none with fewer than three objects; 0: none)
+    foreground_holdout: float = FOREGROUND_HOLDOUT
     #: an affinity head for the mutex-watershed offsets, trained on the annotated pixel pairs
     #: (losses.affinity_term): boundary evidence where coordinate channels alone would cut objects
     affinities: bool = True
@@ -105,6 +110,8 @@ class TrainConfig:
             raise SparseSegError(f"time limit must be > 0 seconds, got {self.time_limit}")
         if self.batch_size is not None and self.batch_size < 1:
             raise SparseSegError(f"batch size must be >= 1, got {self.batch_size}")
+        if not 0 <= self.foreground_holdout < 1:
+            raise SparseSegError(f"foreground holdout must be a fraction in [0, 1), got {self.foreground_holdout}")
         if self.diameter is not None and not self.diameter > 0:
             raise SparseSegError(f"diameter must be a positive number of pixels, got {self.diameter}")
 
@@ -226,6 +233,7 @@ class Trainer:
         z_zooms = [scales.z_zoom(z, v) for z, v in zip(zooms, voxels)]
         self.scale_config = scales.scale_config(diameters, ndim, cfg.diameter, _common_voxel_size(voxels))
         self.samples = prepare(imgs, labels, zooms, cfg.background_id, names, ignore, z_zooms)
+        self.heldout = hold_out(self.samples, cfg.foreground_holdout if cfg.foreground else 0.0, cfg.seed)
         # object sizes at the model's scale: what post-processing compares segments with
         areas = np.concatenate([np.bincount(s.labels.ravel())[1:] for s in self.samples])
         areas = areas[areas > 0]
@@ -333,8 +341,9 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
     def step(self, progress: float = 0.0) -> dict[str, float]:
         """One optimiser step on a fresh batch; returns the loss terms."""
-        img, lab, val = self.sampler.batch(self.config.batch_size)
-        terms = self.method.losses(img, lab.to(self.device), val.to(self.device), self.generator, progress)
+        img, lab, val, held = self.sampler.batch(self.config.batch_size)
+        terms = self.method.losses(img, lab.to(self.device), val.to(self.device), self.generator, progress,
+                                   heldout=held.to(self.device) if self.heldout else None)
         loss = terms["loss"]
         if not torch.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)

@@ -58,10 +58,12 @@ class Method(ABC):
 
     @abstractmethod
     def losses(self, image: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
-               generator: torch.Generator, progress: float) -> dict[str, torch.Tensor]:
+               generator: torch.Generator, progress: float,
+               heldout: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The loss terms of one batch (image (B, C, *P) on the CPU, labels and valid (B, *P) on
         the device), ``"loss"`` being the total to minimise; ``progress`` in [0, 1] is how far the
-        run is through its budget (for schedules)."""
+        run is through its budget (for schedules). ``heldout`` (B, *P) bool: pixels of objects
+        held out of the foreground loss (:func:`..data.hold_out`); every other term uses them."""
 
     def after_step(self, iteration: int) -> None:
         """Called after each optimizer step (e.g. to update an EMA network), never at evaluation."""
@@ -79,18 +81,45 @@ class Method(ABC):
 
 class ForegroundConstant:
     """The positive-unlabeled constant c of a foreground head: a running mean of its probability
-    on annotated pixels (:func:`..losses.foreground_term`; segmentation keeps P(object) >= 1/2,
-    i.e. probability >= c/2)."""
+    on annotated pixels (:func:`..losses.foreground_term`; segmentation keeps segments whose mean
+    probability is a fraction of c, :func:`..segment.foreground_threshold`).
+
+    Two means are kept: ``trained``, on the objects the head learns from, and ``heldout``, on the
+    objects held out of its loss (:func:`..data.hold_out`). ``c`` is the held-out one when there is
+    one: what the head gives an object it has not learned, as the objects to be found are.
+    """
 
     #: the running mean moves by this much per step
     RATE = 0.02
 
-    def __init__(self, c: float | None = None):
-        self.c = c
+    def __init__(self, trained: float | None = None, heldout: float | None = None):
+        self.trained = trained
+        self.heldout = heldout
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "ForegroundConstant":
+        fg = config.get("foreground") or {}
+        return cls(fg.get("c_trained", fg.get("c")), fg.get("c_heldout"))
+
+    @property
+    def c(self) -> float | None:
+        return self.heldout if self.heldout is not None else self.trained
+
+    def to_config(self) -> dict[str, Any]:
+        return {"c": self.c, "c_trained": self.trained, "c_heldout": self.heldout}
+
+    @staticmethod
+    def _mean(old: float | None, probs: torch.Tensor) -> float:
+        new = float(probs.mean())
+        return new if old is None else (1 - ForegroundConstant.RATE) * old + ForegroundConstant.RATE * new
 
     @torch.no_grad()
-    def update(self, fg_logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> None:
+    def update(self, fg_logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
+               heldout: torch.Tensor | None = None) -> None:
         annotated = (labels > 0) & valid
-        if annotated.any():
-            c = float(torch.sigmoid(fg_logits[annotated]).mean())
-            self.c = c if self.c is None else (1 - self.RATE) * self.c + self.RATE * c
+        held = annotated & heldout if heldout is not None else torch.zeros_like(annotated)
+        trained = annotated & ~held
+        if trained.any():
+            self.trained = self._mean(self.trained, torch.sigmoid(fg_logits[trained]))
+        if held.any():
+            self.heldout = self._mean(self.heldout, torch.sigmoid(fg_logits[held]))

@@ -33,7 +33,7 @@ class CracMethod(Method):
         super().__init__(config, ndim, channels, offsets, device, autocast_dtype, init)
         if init is not None:
             self.net = init.net
-            self.fg = ForegroundConstant((init.config.get("foreground") or {}).get("c"))
+            self.fg = ForegroundConstant.from_config(init.config)
         else:
             self.net = TwinNet(ndim, channels, 16, len(offsets), config.base_channels, config.depth,
                                padding_mode=config.padding_mode, foreground=config.foreground)
@@ -44,7 +44,7 @@ class CracMethod(Method):
     def networks(self) -> dict[str, torch.nn.Module]:
         return {"f": self.net}
 
-    def losses(self, image, labels, valid, generator, progress):
+    def losses(self, image, labels, valid, generator, progress, heldout=None):
         x = photometric(image, generator).to(self.device)
         with autocast(self.device, self.autocast_dtype):
             out = self.net(x)
@@ -53,13 +53,14 @@ class CracMethod(Method):
         terms = crac_loss(iam, emb, target, annotated, pair_valid(valid, self.offsets), self.offsets,
                           self.config.crac, progress)
         if fg is not None:
-            terms["foreground"] = foreground_term(fg, labels, valid)
+            fg_valid = valid if heldout is None else valid & ~heldout
+            terms["foreground"] = foreground_term(fg, labels, fg_valid)
             terms["loss"] = terms["loss"] + self.config.crac.w_foreground * terms["foreground"]
-            self.fg.update(fg, labels, valid)
+            self.fg.update(fg, labels, valid, heldout)
         return terms
 
     def model_config(self) -> dict[str, Any]:
         out: dict[str, Any] = {"method": self.name, "network": self.net.config, "loss": self.config.crac.to_dict()}
         if self.net.config.get("foreground"):
-            out["foreground"] = {"c": self.fg.c}
+            out["foreground"] = self.fg.to_config()
         return out

@@ -24,7 +24,7 @@ class SpocoMethod(Method):
         if init is not None:
             self.net = init.net
             self.ema = init.ema if init.ema is not None else make_ema(init.net)
-            self.fg = ForegroundConstant((init.config.get("foreground") or {}).get("c"))
+            self.fg = ForegroundConstant.from_config(init.config)
         else:
             coord_scale = config.coord_scale if config.coord_scale is not None else scales.coordinate_scale(ndim)
             self.net = UNet(ndim, channels, 16, config.base_channels, config.depth, coord_scale=coord_scale,
@@ -39,7 +39,7 @@ class SpocoMethod(Method):
     def networks(self) -> dict[str, torch.nn.Module]:
         return {"f": self.net, "g": self.ema}
 
-    def losses(self, image, labels, valid, generator, progress):
+    def losses(self, image, labels, valid, generator, progress, heldout=None):
         # two photometric views: f sees one, its EMA g the other (the consistency term)
         x_f = photometric(image, generator).to(self.device)
         x_g = photometric(image, generator).to(self.device)
@@ -51,9 +51,10 @@ class SpocoMethod(Method):
         emb_f, fg, aff = split_output(out_f.float(), self.net.config)
         emb_g = split_output(out_g.float(), self.net.config).embeddings
         terms = spoco_loss(emb_f, emb_g, labels, valid, self.config.loss, generator, fg_logits=fg,
-                           aff_logits=aff, offsets=self.offsets)
+                           aff_logits=aff, offsets=self.offsets,
+                           fg_valid=None if heldout is None else valid & ~heldout)
         if fg is not None:
-            self.fg.update(fg, labels, valid)
+            self.fg.update(fg, labels, valid, heldout)
         return terms
 
     def _momentum(self, iteration: int) -> float:
@@ -66,5 +67,5 @@ class SpocoMethod(Method):
     def model_config(self) -> dict[str, Any]:
         out: dict[str, Any] = {"method": self.name, "network": self.net.config, "loss": self.config.loss.to_dict()}
         if self.net.config.get("foreground"):
-            out["foreground"] = {"c": self.fg.c}
+            out["foreground"] = self.fg.to_config()
         return out
