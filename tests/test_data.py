@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from napari_sparseseg import SparseSegError
-from napari_sparseseg.core.data import CropSampler, photometric, prepare, relabel_consecutive
+from napari_sparseseg.core.data import CropSampler, hold_out, photometric, prepare, relabel_consecutive
 
 
 def test_relabel_keeps_zero_even_without_zero_pixels():
@@ -122,3 +122,54 @@ def test_zoom_jitter_resizes_crops_and_keeps_them_aligned():
             sizes.append(rows.size)
     assert min(sizes) < 36 and max(sizes) > 44  # zoomed both ways around 40
     assert all(40 / 1.5 - 1 <= v <= 40 * 1.5 + 1 for v in sizes)
+
+
+def _blobs(n, shape=(96, 96)):
+    img = np.random.default_rng(0).random((1,) + shape).astype(np.float32)
+    lab = np.zeros(shape, int)
+    for k in range(n):
+        y, x = divmod(k, 6)
+        lab[2 + 15 * y:12 + 15 * y, 2 + 15 * x:12 + 15 * x] = k + 1
+    return img, lab
+
+
+@pytest.mark.parametrize("n, fraction, expected", [(1, 0.2, 0), (2, 0.5, 0), (3, 0.2, 1), (7, 0.2, 1),
+                                                   (10, 0.2, 2), (10, 0.25, 3), (4, 0.9, 3), (10, 0.0, 0)])
+def test_hold_out_counts(n, fraction, expected):
+    # at least one from three objects, half up, never all of them, none below three
+    samples = prepare(*[[a] for a in _blobs(n)])
+    assert hold_out(samples, fraction, seed=0) == expected
+    assert len(samples[0].heldout) == expected
+    assert set(samples[0].heldout) <= set(range(1, n + 1))
+
+
+def test_hold_out_spans_images_and_follows_the_seed():
+    (img, lab), (img2, lab2) = _blobs(6), _blobs(4)
+    picks = set()
+    for seed in range(6):
+        samples = prepare([img, img2], [lab, lab2])
+        assert hold_out(samples, 0.2, seed) == 2  # 20 % of 10 objects over both images
+        assert sum(len(s.heldout) for s in samples) == 2
+        picks.add(tuple(tuple(s.heldout) for s in samples))
+        again = prepare([img, img2], [lab, lab2])
+        hold_out(again, 0.2, seed)
+        assert [list(s.heldout) for s in again] == [list(s.heldout) for s in samples]
+    assert len(picks) > 1
+
+
+def test_crops_mark_the_held_out_objects():
+    img, lab = _blobs(12)
+    (s,) = prepare([img], [lab])
+    hold_out([s], 0.25, seed=1)
+    sampler = CropSampler([s], (32, 32), seed=0, p_object=1.0)
+    seen = 0
+    for _ in range(40):
+        im, lb, val, held = sampler.crop()
+        assert held.shape == lb.shape and held.dtype == bool
+        assert not held[lb == 0].any()  # only object pixels
+        for j in np.unique(lb[lb > 0]):  # an object is held out whole or not at all
+            assert held[lb == j].all() or not held[lb == j].any()
+        seen += int(held.any())
+    assert 0 < seen < 40
+    img_b, lab_b, val_b, held_b = sampler.batch(3)
+    assert held_b.shape == lab_b.shape and held_b.dtype == torch.bool

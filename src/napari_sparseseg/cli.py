@@ -19,7 +19,7 @@ from .core import checkpoint, io
 from .core.errors import SparseSegError
 from .core.methods import METHOD_NAMES, describe_default
 from .core.segment import AFFINITY_SOURCES, AGREEMENT, BIAS, CLUSTERINGS, CRAC_AFFINITY_SOURCE
-from .core.training import FINE_TUNE_LR, LR
+from .core.training import FINE_TUNE_LR, FOREGROUND_HOLDOUT, LR
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:
@@ -100,6 +100,7 @@ def cmd_train(args) -> int:
         coord_scale=args.coord_scale,
         loss=loss,
         checkpoint_every=args.checkpoint_every,
+        foreground_holdout=args.foreground_holdout,
     )
     if args.base_channels is not None:
         config.base_channels = args.base_channels
@@ -116,6 +117,8 @@ def cmd_train(args) -> int:
         f"object(s), object diameter {sc['diameter']:.1f} px{' (mixed sizes)' if sc['mixed'] else ''}, "
         f"zoom {zooms[0]:.3g}{f'-{zooms[-1]:.3g}' if len(zooms) > 1 else ''}{voxel}, patch {trainer.patch}, "
         f"device {trainer.device}"
+        + (f"; {trainer.heldout} object(s) held out of the foreground loss to calibrate its threshold"
+           if trainer.heldout else "")
     )
     # SIGTERM (e.g. a batch system's time limit) stops like Ctrl-C, after the current step
     signal.signal(signal.SIGTERM, lambda *_: trainer.stop())
@@ -341,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ignore-mask", default=None, metavar="GLOB",
                    help="masks (quoted glob, paired with --images in sorted order): nonzero pixels take no part "
                         "in training")
+    t.add_argument("--foreground-holdout", type=float, default=FOREGROUND_HOLDOUT, metavar="FRACTION",
+                   help="fraction of the labeled objects held out of the foreground loss, on which its threshold "
+                        f"is calibrated (default {FOREGROUND_HOLDOUT:g}; none with fewer than 3 objects; 0: none)")
     t.add_argument("--anchor", choices=("pixel", "mean"), default="pixel", help="instance-selection anchor")
     t.add_argument("--coord-scale", type=float, default=None,
                    help="coordinate channels added to the embeddings (units per pixel at the model's scale); "

@@ -87,6 +87,10 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_+\- ()]", "-", text).strip()[:128] or "sparseseg model"
 
 
+#: what c of a model's foreground head is (methods.base.ForegroundConstant)
+C_MEANING = "the head's mean on labeled objects held out of its training (else on the labeled objects)"
+
+
 def _readme(model: checkpoint.Model, name: str, zoom: float, channels: list[str]) -> str:
     cfg = model.config
     method = cfg.get("method", "spoco")
@@ -118,8 +122,8 @@ def _readme(model: checkpoint.Model, name: str, zoom: float, channels: list[str]
         thr = foreground_threshold(cfg)
         lines.append("- `foreground_logit`: logit of 'inside an object' (positive-unlabeled); `sparseseg segment` keeps "
                      "a segment whose mean sigmoid(logit) is at least "
-                     + (f"{thr:.4f} ({foreground_fraction(cfg):g} c, c = {fg_c:.4f}, the head's mean on annotated pixels)"
-                        if thr is not None else "a fraction of c, the head's mean on annotated pixels"))
+                     + (f"{thr:.4f} ({foreground_fraction(cfg):g} c, c = {fg_c:.4f}, {C_MEANING})"
+                        if thr is not None else f"a fraction of c, {C_MEANING}"))
     if net.get("affinities"):
         lines.append("- `affinity_logit0` ..: logits of 'same object' for each pixel and its partner at the offsets "
                      f"{offsets} (in the order of the axes, z first in 3D)")

@@ -181,7 +181,8 @@ def foreground_term(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Ten
     Not a SPOCO term: a positive-unlabeled "non-traditional" classifier (Elkan & Noto, KDD 2008).
     Annotated objects are picked at random among all objects, so the classifier's probability is
     c * P(object | pixel), c being its mean over annotated pixels; P > 1/2 (a foreground mask that
-    separates unlabeled background from unlabeled objects) is then probability > c / 2.
+    separates unlabeled background from unlabeled objects) is then probability > c / 2. c is
+    estimated on annotated objects left out of this term (``valid`` False on them; data.hold_out).
     """
     target = (labels > 0).to(logits.dtype)
     loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")

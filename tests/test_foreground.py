@@ -1,0 +1,122 @@
+"""The foreground head's threshold, calibrated on labeled objects held out of its loss."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from napari_sparseseg import SparseSegError, TrainConfig, Trainer
+from napari_sparseseg.cli import main
+from napari_sparseseg.core.losses import foreground_term, spoco_loss
+from napari_sparseseg.core.methods.base import ForegroundConstant
+from napari_sparseseg.core.samples import synthetic_cells
+from napari_sparseseg.core.segment import foreground_threshold
+from napari_sparseseg.core.sparsify import sparsify
+
+FAST = dict(batch_size=2, patch_shape=(64, 64), base_channels=4, depth=2, checkpoint_every=1e9)
+
+
+def test_constant_keeps_trained_and_held_out_means_apart():
+    logits = torch.logit(torch.tensor([[0.9, 0.8, 0.2, 0.1, 0.5]]))
+    labels = torch.tensor([[1, 1, 2, 0, 3]])
+    valid = torch.tensor([[True, True, True, True, False]])
+    held = torch.tensor([[False, False, True, False, True]])
+    fg = ForegroundConstant()
+    fg.update(logits, labels, valid, held)
+    # trained: object 1 (0.9, 0.8); held out: object 2 (0.2; pixel 5 is not valid); unlabeled: neither
+    assert fg.trained == pytest.approx(0.85) and fg.heldout == pytest.approx(0.2)
+    assert fg.c == pytest.approx(0.2)  # the held-out mean calibrates the threshold
+    fg.update(logits, labels, valid, held)
+    assert fg.trained == pytest.approx(0.85) and fg.heldout == pytest.approx(0.2)
+    fg.update(torch.logit(torch.full((1, 5), 0.6)), labels, valid, held)  # a running mean
+    assert fg.heldout == pytest.approx(0.98 * 0.2 + 0.02 * 0.6)
+    # without held-out objects c is the trained mean, as before
+    plain = ForegroundConstant()
+    plain.update(logits, labels, valid)
+    assert plain.heldout is None and plain.c == pytest.approx((0.9 + 0.8 + 0.2) / 3)
+    # config round trip; a model written before held-out calibration has only "c"
+    again = ForegroundConstant.from_config({"foreground": fg.to_config()})
+    assert (again.trained, again.heldout, again.c) == (fg.trained, fg.heldout, fg.c)
+    old = ForegroundConstant.from_config({"foreground": {"c": 0.4}})
+    assert old.trained == 0.4 and old.heldout is None and old.c == 0.4
+
+
+def test_spoco_foreground_term_leaves_held_out_objects_out_of_value_and_gradient():
+    logits = torch.tensor([[[0.0, 2.0, -1.0, 5.0]]], requires_grad=True)
+    labels = torch.tensor([[[1, 3, 0, 2]]])
+    valid = torch.ones(1, 1, 4, dtype=torch.bool)
+    held = torch.tensor([[[False, False, False, True]]])  # object 2 held out
+    emb = torch.zeros(1, 2, 1, 4)
+    out = spoco_loss(emb, None, labels, valid, fg_logits=logits, fg_valid=valid & ~held)
+    expected = foreground_term(logits.detach().reshape(1, 4), labels.reshape(1, 4), (valid & ~held).reshape(1, 4))
+    assert out["foreground"].item() == pytest.approx(expected.item(), rel=1e-6)
+    sp = torch.nn.functional.softplus
+    assert expected.item() == pytest.approx(((sp(torch.tensor(0.0)) + sp(torch.tensor(-2.0)) + sp(torch.tensor(-1.0))) / 3).item())
+    out["foreground"].backward()
+    assert logits.grad[0, 0, 3] == 0 and (logits.grad[0, 0, :3] != 0).all()
+
+
+@pytest.mark.parametrize("name", ["spoco", "crac"])
+def test_methods_train_the_head_without_held_out_pixels(name):
+    img, gt = synthetic_cells((64, 64), seed=0)
+    trainer = Trainer([img], [sparsify(gt, 1.0)], TrainConfig(method=name, iterations=1, **FAST))
+    method = trainer.method
+    torch.manual_seed(0)
+    image = torch.rand(1, 1, 64, 64)
+    labels = torch.from_numpy(gt[:64, :64].astype(np.int64))[None]
+    valid = torch.ones_like(labels, dtype=torch.bool)
+    held = labels == labels[labels > 0].min()
+    assert held.any()
+
+    def foreground_gradient(heldout):
+        """The foreground term's gradient on the network's output, per pixel."""
+        captured = {}
+        hook = method.net.register_forward_hook(lambda m, i, o: captured.setdefault("out", o))
+        try:
+            terms = method.losses(image, labels, valid, torch.Generator().manual_seed(0), 0.0, heldout=heldout)
+        finally:
+            hook.remove()
+        return torch.autograd.grad(terms["foreground"], captured["out"])[0].abs().sum(1)[0]
+
+    grad = foreground_gradient(held)
+    assert float(grad[held[0]].max()) == 0 and float(grad[~held[0]].max()) > 0
+    assert method.fg.heldout is not None
+    assert float(foreground_gradient(None)[held[0]].max()) > 0  # the test can fail
+
+
+def test_trainer_holds_objects_out_and_the_model_keeps_both_constants(tmp_path):
+    img, gt = synthetic_cells((96, 96), seed=1)
+    labels = sparsify(gt, 1.0)
+    n = len(np.unique(labels)) - 1
+    assert n >= 5
+    trainer = Trainer([img], [labels], TrainConfig(method="crac", iterations=30, **FAST), out=tmp_path / "m")
+    assert trainer.heldout == max(1, int(np.floor(0.2 * n + 0.5)))
+    list(trainer.run())
+    fg = json.loads((tmp_path / "m" / "config.json").read_text())["foreground"]
+    assert fg["c_heldout"] is not None and fg["c"] == fg["c_heldout"] and 0 < fg["c_trained"] < 1
+    assert foreground_threshold({"method": "crac", "foreground": fg}) == pytest.approx(0.25 * fg["c_heldout"])
+    # off: nothing held out, c is the trained mean
+    off = Trainer([img], [labels], TrainConfig(method="crac", iterations=2, foreground_holdout=0.0, **FAST))
+    list(off.run())
+    assert off.heldout == 0 and off.method.fg.heldout is None and off.method.fg.c == off.method.fg.trained
+    # and without a foreground head there is nothing to calibrate
+    assert Trainer([img], [labels], TrainConfig(method="crac", iterations=1, foreground=False, **FAST)).heldout == 0
+
+
+def test_holdout_errors_and_cli(tmp_path, capsys):
+    with pytest.raises(SparseSegError, match=r"foreground holdout must be a fraction in \[0, 1\), got 1.5"):
+        TrainConfig(foreground_holdout=1.5)
+    import tifffile
+
+    img, gt = synthetic_cells((96, 96), seed=2)
+    tifffile.imwrite(tmp_path / "img.tif", img)
+    tifffile.imwrite(tmp_path / "lab.tif", sparsify(gt, 1.0))
+    args = ["train", "--images", str(tmp_path / "img.tif"), "--labels", str(tmp_path / "lab.tif"), "--iterations", "1",
+            "--patch-shape", "64,64", "--quiet", "--base-channels", "4"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert "object(s) held out of the foreground loss to calibrate its threshold" in capsys.readouterr().out
+    assert main([*args, "--out", str(tmp_path / "b"), "--foreground-holdout", "0"]) == 0
+    assert "held out" not in capsys.readouterr().out
+    assert main([*args, "--out", str(tmp_path / "c"), "--foreground-holdout", "1"]) == 2
+    assert "foreground holdout must be a fraction in [0, 1), got 1.0" in capsys.readouterr().err
