@@ -23,7 +23,8 @@ from napari_sparseseg.core import checkpoint, io
 from napari_sparseseg.core.metrics import evaluate, mean_scores
 from napari_sparseseg.core.segment import cluster, embed, needs_g
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cvppp_a1"
+#: SPARSESEG_DATA overrides the shared data folder, as for benchmarks/suite.py
+DATA = Path(os.environ.get("SPARSESEG_DATA") or Path(__file__).resolve().parents[1] / ".." / "shared" / "data") / "cvppp_a1"
 
 
 def link_split(data: Path, work: Path, names: list[str], sub: str) -> None:

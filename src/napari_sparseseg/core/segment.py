@@ -27,11 +27,9 @@ MIN_SIZE_FRACTION = 1 / 4
 #: found by the largest-segment rule; with a foreground head the filter is off by default
 AGREEMENT = 0.8
 #: a segment is foreground when its mean foreground probability reaches this fraction of c (the
-#: head's mean on annotated pixels): 1/2 is P(object) >= 1/2 in positive-unlabeled terms
-#: (docs/method.md). Per method, chosen on the benchmark suite: c is measured on the annotated
-#: head (benchmarks/sweep.py: 0.25 beats 0.5 for CRAC, 0.5 beats 0.25 for SPOCO). The overstatement
-#: grows with training (the head learns which objects are the labeled ones); 0.1 tied 0.25 on the
-#: suite but broke the synthetic demo (background kept), so 0.25 stays (docs/benchmarks.md)
+#: head's mean on annotated objects held out of its loss, methods.base.ForegroundConstant): 1/2 is
+#: P(object) >= 1/2 in positive-unlabeled terms (docs/method.md). Per method, chosen on the
+#: benchmark suite (benchmarks/sweep.py): for CRAC 0.25 ranks best (0.5 and 0.1 after it), for SPOCO 0.5
 FOREGROUND_FRACTION = {"spoco": 0.5, "crac": 0.25}
 #: pixels below this fraction of the segment threshold are not clustered at all (surely background);
 #: chosen on the benchmark suite (benchmarks/sweep.py, mean rank over its datasets)
@@ -115,8 +113,9 @@ def default_min_size(config: dict[str, Any], zoom: float | None = None, z_zoom: 
 
 def foreground_threshold(config: dict[str, Any]) -> float | None:
     """The mean probability above which the foreground head calls a segment foreground: a fraction
-    of c, the head's mean probability on annotated pixels during training
-    (losses.foreground_term); None for a model without a foreground head."""
+    of c, the head's mean probability during training on annotated objects held out of its loss
+    (on the trained ones for a model without held-out objects; methods.base.ForegroundConstant);
+    None for a model without a foreground head."""
     c = (config.get("foreground") or {}).get("c")
     return None if c is None else foreground_fraction(config) * float(c)
 
