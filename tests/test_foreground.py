@@ -120,3 +120,16 @@ def test_holdout_errors_and_cli(tmp_path, capsys):
     assert "held out" not in capsys.readouterr().out
     assert main([*args, "--out", str(tmp_path / "c"), "--foreground-holdout", "1"]) == 2
     assert "foreground holdout must be a fraction in [0, 1), got 1.0" in capsys.readouterr().err
+
+
+def test_fine_tuning_without_held_out_objects_drops_the_parents_held_out_constant(tmp_path):
+    img, gt = synthetic_cells((96, 96), seed=1)
+    parent = Trainer([img], [sparsify(gt, 1.0)], TrainConfig(method="crac", iterations=5, **FAST), out=tmp_path / "p")
+    list(parent.run())
+    assert parent.method.fg.heldout is not None
+    two = np.where(np.isin(gt, np.unique(gt[gt > 0])[:2]), gt, 0)  # two objects: none can be held out
+    child = Trainer([img], [two], TrainConfig(iterations=3, **FAST), init=parent.model)
+    assert child.heldout == 0
+    list(child.run())
+    # c is measured on this run's objects, not the parent's held-out ones
+    assert child.method.fg.heldout is None and child.method.fg.c == child.method.fg.trained

@@ -117,6 +117,10 @@ class ForegroundConstant:
     def update(self, fg_logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
                heldout: torch.Tensor | None = None) -> None:
         annotated = (labels > 0) & valid
+        if heldout is None:
+            # a run that holds no object out (e.g. fine-tuning on two objects) has no held-out mean
+            # of its own: a parent model's would calibrate this run's head on another data set
+            self.heldout = None
         held = annotated & heldout if heldout is not None else torch.zeros_like(annotated)
         trained = annotated & ~held
         if trained.any():
