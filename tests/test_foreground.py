@@ -133,3 +133,21 @@ def test_fine_tuning_without_held_out_objects_drops_the_parents_held_out_constan
     list(child.run())
     # c is measured on this run's objects, not the parent's held-out ones
     assert child.method.fg.heldout is None and child.method.fg.c == child.method.fg.trained
+
+
+def test_resuming_after_painting_more_keeps_the_held_out_objects(tmp_path):
+    img, gt = synthetic_cells((192, 192), seed=0)
+    ids = np.unique(gt[gt > 0])
+    assert len(ids) >= 12
+    first = np.where(np.isin(gt, ids[:6]), gt, 0)  # six objects painted, then six more
+    t1 = Trainer([img], [first], TrainConfig(method="crac", iterations=2, **FAST), out=tmp_path / "m", names=["cells"])
+    list(t1.run())
+    held = json.loads((tmp_path / "m" / "config.json").read_text())["heldout_objects"]
+    assert list(held) == ["cells"] and len(held["cells"]) == 1 and held["cells"][0] in ids[:6]
+    more = np.where(np.isin(gt, ids[:12]), gt, 0)
+    t2 = Trainer([img], [more], TrainConfig(method="crac", iterations=1, **FAST), init=t1.model, resume=True,
+                 names=["cells"])
+    assert t2.model_config["heldout_objects"] == held  # the same object, and no object trained on before
+    # a new run on the same labels draws its own (the seeded draw over twelve objects: two)
+    fresh = Trainer([img], [more], TrainConfig(method="crac", iterations=1, **FAST), names=["cells"])
+    assert len(fresh.model_config["heldout_objects"]["cells"]) == 2

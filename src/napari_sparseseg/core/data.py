@@ -31,6 +31,9 @@ class Sample:
     zoom: float = 1.0
     z_zoom: float = 1.0
     heldout: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    #: the image's name and its objects' ids as the user gave them (id j here is ``ids[j - 1]``)
+    name: str = ""
+    ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 def relabel_consecutive(labels: np.ndarray) -> np.ndarray:
@@ -110,6 +113,8 @@ def prepare(
             valid = ~np.asarray(ign).astype(bool)
         if background_id is not None:
             lab = np.where(lab == background_id, 0, lab)
+        user_ids = np.unique(lab)
+        user_ids = user_ids[user_ids > 0]
         lab = relabel_consecutive(lab)
         img_s = rescale(img, zoom, 1, zz)
         lab_s = rescale(lab, zoom, 0, zz)
@@ -120,7 +125,8 @@ def prepare(
         lab_s = np.where(valid_s, lab_s, 0)
         objects = [s for s in ndimage.find_objects(lab_s) if s is not None]
         n_objects += len(objects)
-        samples.append(Sample(img_s.astype(np.float32), lab_s.astype(np.int32), valid_s, objects, zoom, zz))
+        samples.append(Sample(img_s.astype(np.float32), lab_s.astype(np.int32), valid_s, objects, zoom, zz,
+                              name=name, ids=user_ids.astype(np.int64)))
     if n_objects == 0:
         raise SparseSegError(NO_OBJECT)
     return samples
@@ -129,7 +135,7 @@ def prepare(
 NO_OBJECT = "no labeled object in any label image: paint at least one complete object (id > 0) before training"
 
 
-def hold_out(samples: list[Sample], fraction: float, seed: int = 0) -> int:
+def hold_out(samples: list[Sample], fraction: float, seed: int = 0, keep: dict[str, list[int]] | None = None) -> int:
     """Hold a random ``fraction`` of all annotated objects (rounded half up; at least one when
     there are three or more, none with fewer) out of the foreground loss, setting each sample's
     ``heldout`` ids; returns how many.
@@ -139,14 +145,29 @@ def hold_out(samples: list[Sample], fraction: float, seed: int = 0) -> int:
     on them (c) overstates what it gives an object it has not seen. Its mean on objects it never
     learned from calibrates the threshold for the objects a user wants found (Elkan & Noto 2008
     estimate c on held-out positives for this reason). Held-out objects still train everything else.
+
+    ``keep`` (:func:`heldout_objects` of the run being resumed): those objects stay held out and no
+    other is, so an object trained on before never becomes a held-out one when more are painted.
     """
     ids = [(i, j) for i, smp in enumerate(samples) for j in np.unique(smp.labels) if j > 0]
     n = len(ids)
+    if keep and fraction > 0 and n >= 3:
+        for smp in samples:
+            smp.heldout = np.flatnonzero(np.isin(smp.ids, keep.get(smp.name, []))).astype(np.int64) + 1
+            smp.heldout = smp.heldout[np.isin(smp.heldout, smp.labels)]  # objects still there
+        kept = sum(len(smp.heldout) for smp in samples)
+        if 0 < kept < n:
+            return kept
     k = 0 if n < 3 or fraction <= 0 else max(1, min(n - 1, int(np.floor(fraction * n + 0.5))))
     chosen = np.random.default_rng(seed).permutation(n)[:k]
     for i, smp in enumerate(samples):
         smp.heldout = np.array(sorted(int(ids[c][1]) for c in chosen if ids[c][0] == i), dtype=np.int64)
     return k
+
+
+def heldout_objects(samples: list[Sample]) -> dict[str, list[int]]:
+    """The held-out objects by image name, with the user's ids (stored in the model for resuming)."""
+    return {smp.name: [int(smp.ids[j - 1]) for j in smp.heldout] for smp in samples if len(smp.heldout)}
 
 
 def require_objects(labels: list[np.ndarray], background_id: int | None = None) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import checkpoint, scale as scales
-from .data import CropSampler, hold_out, prepare
+from .data import CropSampler, heldout_objects, hold_out, prepare
 from .device import resolve_device, resolve_precision
 from .errors import SparseSegError
 from .io import normalize, to_channels_first
@@ -233,7 +233,8 @@ class Trainer:
         z_zooms = [scales.z_zoom(z, v) for z, v in zip(zooms, voxels)]
         self.scale_config = scales.scale_config(diameters, ndim, cfg.diameter, _common_voxel_size(voxels))
         self.samples = prepare(imgs, labels, zooms, cfg.background_id, names, ignore, z_zooms)
-        self.heldout = hold_out(self.samples, cfg.foreground_holdout if cfg.foreground else 0.0, cfg.seed)
+        keep = (init.config.get("heldout_objects") or None) if (resume and init is not None) else None
+        self.heldout = hold_out(self.samples, cfg.foreground_holdout if cfg.foreground else 0.0, cfg.seed, keep)
         # object sizes at the model's scale: what post-processing compares segments with
         areas = np.concatenate([np.bincount(s.labels.ravel())[1:] for s in self.samples])
         areas = areas[areas > 0]
@@ -273,6 +274,8 @@ class Trainer:
             # at the model's scale (each image zoomed to the target diameter)
             "object_area_median": float(np.median(areas)) if areas.size else None,
             "background_id": cfg.background_id,
+            # by image name, the user's ids: resuming holds out the same ones (data.hold_out)
+            "heldout_objects": heldout_objects(self.samples),
             "training": {},
         }
         if init is not None:
