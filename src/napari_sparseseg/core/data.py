@@ -149,12 +149,13 @@ def hold_out(samples: list[Sample], fraction: float, seed: int = 0, keep: dict[s
     ``keep`` (:func:`heldout_objects` of the run being resumed): those objects stay held out and no
     other is, so an object trained on before never becomes a held-out one when more are painted.
     """
-    ids = [(i, j) for i, smp in enumerate(samples) for j in np.unique(smp.labels) if j > 0]
+    present = [np.unique(smp.labels[smp.labels > 0]) for smp in samples]  # zooming can lose a tiny object
+    ids = [(i, j) for i, p in enumerate(present) for j in p]
     n = len(ids)
     if keep and fraction > 0 and n >= 3:
-        for smp in samples:
-            smp.heldout = np.flatnonzero(np.isin(smp.ids, keep.get(smp.name, []))).astype(np.int64) + 1
-            smp.heldout = smp.heldout[np.isin(smp.heldout, smp.labels)]  # objects still there
+        for smp, p in zip(samples, present):
+            wanted = np.flatnonzero(np.isin(smp.ids, keep.get(smp.name, []))) + 1
+            smp.heldout = np.intersect1d(wanted, p).astype(np.int64)
         kept = sum(len(smp.heldout) for smp in samples)
         if 0 < kept < n:
             return kept
@@ -259,7 +260,7 @@ class CropSampler:
         if tuple(region) != self.patch:
             img, lab, val = _zoom_crop(img, lab, val, self.patch)
         img, lab, val = self._geometric(img, lab, val)
-        held = np.isin(lab, smp.heldout) & (lab > 0)
+        held = np.isin(lab, smp.heldout)  # held-out ids are > 0
         return img, relabel_consecutive(lab), val, held
 
     def _geometric(self, img, lab, val):
