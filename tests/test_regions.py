@@ -100,3 +100,29 @@ def test_cli_trains_a_zarr_stack_on_the_regions_around_its_labels(tmp_path, caps
     from napari_sparseseg.core.io import percentile_bounds
 
     assert got.bounds == pytest.approx(percentile_bounds(img[None].astype(np.float32)), rel=0.05)
+
+
+def test_read_regions_from_open_arrays_reads_only_regions_and_a_sample(tmp_path, monkeypatch):
+    """A napari layer's lazy array trains like a file: the same regions, the same bounds, and the
+    image is read only in the regions and the normalisation sample."""
+    import dask.array as da
+
+    img, gt = synthetic_cells((16, 160, 160), radius=(6.0, 9.0), seed=1)
+    sparse = np.zeros_like(gt)
+    ids = np.unique(gt[:, :60, :60])
+    for i in ids[ids > 0][:2]:
+        sparse[gt == i] = i
+    zarr.save_array(str(tmp_path / "img.zarr"), img)
+    tifffile.imwrite(tmp_path / "lab.tif", sparse)
+    from_files = R.read_regions(tmp_path / "img.zarr", tmp_path / "lab.tif")
+    monkeypatch.setattr("napari_sparseseg.core.blocks.sample_bounds.__defaults__", (1.0, 99.8, 1000, 0))
+    counted = CountingArray(img, (8, 64, 64))
+    got = R.read_regions(counted, da.from_array(sparse, chunks=(8, 64, 64)), name="image 'cells'")
+    assert [r for r in got.found.regions] == from_files.found.regions
+    for a, b in zip(got.images, from_files.images):
+        np.testing.assert_array_equal(a, b)
+    region_voxels = sum(int(np.prod([s.stop - s.start for s in r])) for r in got.found.regions)
+    assert region_voxels < counted.read <= region_voxels + 64 * 1000 + 64 * 160  # regions + the sample only
+    assert got.names[0].startswith("image 'cells' [")
+    with pytest.raises(SparseSegError, match=r"image: image shape \(16, 160\) does not match its labels' shape"):
+        R.read_regions(np.zeros((16, 160)), sparse)

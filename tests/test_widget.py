@@ -453,3 +453,44 @@ def test_whole_stack_block_by_block_into_a_lazy_layer(qtbot, make_napari_viewer,
     assert isinstance(out.data, zarr.Array) and out.data.shape == img.shape  # lazy: read as shown
     assert "objects in the whole stack" in seg.status.value
     assert np.array_equal(np.asarray(stack.data), img)  # the user's layers are untouched
+
+
+def test_a_stack_too_large_to_hold_is_annotated_on_disk_and_trained_on_its_regions(qtbot, make_napari_viewer, errors,
+                                                                                     monkeypatch):
+    """A dask-backed stack above regions.LAZY_VOXELS (lowered here) is never read whole: its new
+    annotation layer is a zarr array on disk, training reads the regions around the painted
+    objects, and the preview is a small layer placed on the first region."""
+    import dask.array as da
+    import zarr
+
+    from napari_sparseseg.core import regions
+    from napari_sparseseg.core.samples import synthetic_cells
+
+    monkeypatch.setattr(regions, "LAZY_VOXELS", 10_000)
+    img, gt = synthetic_cells((16, 192, 192), radius=(6.0, 9.0), seed=1)
+    viewer = make_napari_viewer()
+    stack = viewer.add_image(da.from_array(img, chunks=(8, 64, 64)), name="big", translate=(0, 5, 0))
+    _, w = viewer.window.add_plugin_dock_widget("napari-sparseseg", "SparseSeg")
+    try:
+        w.annotate.image.value = stack
+        w.annotate.add_labels_layer()
+        labels = w.annotate.labels.value
+        assert isinstance(labels.data, zarr.Array) and labels.data.shape == img.shape
+        np.testing.assert_allclose(labels.translate, stack.translate)
+        assert "press Check annotations" in w.annotate.status.value
+        ids = np.unique(gt[:, :70, :70])
+        for i in ids[ids > 0][:3]:  # three objects in one corner, painted into the zarr array
+            labels.data[gt == i] = i
+        w.annotate.check_now()
+        assert "3 labeled object(s)" in w.annotate.status.value and "region(s) around them" in w.annotate.status.value
+        _train(qtbot, w, iterations=2, preview_every=0.01)
+        assert not errors
+        job = w.train.job
+        assert all(lab.shape != img.shape for lab in job.labels)  # regions, not the stack
+        assert sum(lab.size for lab in job.labels) < img.size / 2
+        assert job.bounds is not None and job.preview_origin is not None
+        preview = viewer.layers[W.PREVIEW_LAYER]
+        assert preview.data.shape[1:] == job.labels[0].shape[1:]  # a slab of the first region
+        np.testing.assert_allclose(preview.translate[1:], np.asarray(stack.translate[1:]) + job.preview_origin[1:])
+    finally:
+        w.cleanup_model_folder()

@@ -8,8 +8,10 @@ from magicgui.widgets import ComboBox, Label, PushButton, SpinBox
 from qtpy.QtWidgets import QVBoxLayout, QWidget
 
 from ..core.annotation import check_annotations
+from ..core.regions import labeled_regions
 from ..core.errors import SparseSegError
 from . import layers as L
+from .train_data import reads_regions
 
 
 class AnnotatePanel(QWidget):
@@ -34,7 +36,7 @@ class AnnotatePanel(QWidget):
                              (None, self.status)))
         lay.addStretch()
         self.new_labels.changed.connect(self.add_labels_layer)
-        self.check.changed.connect(self.refresh)
+        self.check.changed.connect(self.check_now)
         self.labels.changed.connect(self._watch)
         self.background.changed.connect(self.refresh)
         self._watched = None
@@ -47,26 +49,14 @@ class AnnotatePanel(QWidget):
     def background_id(self) -> int | None:
         return None if self.background.value < 0 else int(self.background.value)
 
-    def ignore_mask(self, shape: tuple[int, ...]) -> np.ndarray | None:
-        """The ignore layer as a boolean mask of ``shape`` (None without one)."""
-        layer = self.ignore.value
-        if layer is None:
-            return None
-        data = np.asarray(layer.data[0] if getattr(layer, "multiscale", False) else layer.data)
-        if data.shape != tuple(shape):
-            raise SparseSegError(
-                f"ignore mask layer '{layer.name}' has shape {data.shape} but the annotations have shape "
-                f"{tuple(shape)}; draw the mask on a layer of the image's shape"
-            )
-        return data != 0
-
     def add_labels_layer(self) -> None:
         img = self.image.value
         if img is None:
             L.notify_error("Open or select an image first; the annotation layer takes its shape.")
             return
-        layer = self.viewer.add_labels(np.zeros(L.spatial_shape(img), np.int32), name=f"{img.name} annotations",
-                                       scale=img.scale[-len(L.spatial_shape(img)):])
+        layer = self.viewer.add_labels(new_annotation_data(img), name=f"{img.name} annotations",
+                                       scale=img.scale[-len(L.spatial_shape(img)):],
+                                       translate=img.translate[-len(L.spatial_shape(img)):])
         self.labels.reset_choices()
         self.labels.value = layer
         layer.mode = "paint"
@@ -84,12 +74,42 @@ class AnnotatePanel(QWidget):
                     getattr(self._watched.events, ev).connect(self.refresh)
         self.refresh()
 
-    def refresh(self, *_) -> None:
+    def check_now(self, *_) -> None:
+        """The Check button: also scans an annotation layer too large to check on every stroke."""
+        self.refresh(scan=True)
+
+    def refresh(self, *_, scan: bool = False) -> None:
         layer = self.labels.value
         if layer is None:
             self.status.value = "Pick an annotation (Labels) layer or create one, then paint a few complete objects."
             return
+        if L.is_lazy(layer):
+            self.status.value = self._lazy_report(layer) if scan else (
+                "A large annotation layer (kept on disk): press Check annotations to count its objects.")
+            return
         report = check_annotations(np.asarray(layer.data), self.background_id)
         self.status.value = "\n".join([report.summary()] + [f"⚠ {w}" for w in report.warnings])
 
+    def _lazy_report(self, layer) -> str:
+        try:
+            found = labeled_regions(L.level0(layer), background_id=self.background_id)
+        except SparseSegError as err:
+            return str(err)
+        return (f"{found.objects} labeled object(s) in a stack of {np.prod(found.shape):,} voxels; training reads "
+                f"{len(found.regions)} region(s) around them ({100 * found.fraction:.2g}% of the stack).")
 
+
+def new_annotation_data(image):
+    """An empty annotation array of ``image``'s spatial shape: in memory, or for a stack too large
+    to hold (:func:`.train_data.reads_regions`) a chunked zarr array in a temporary folder, which
+    napari paints into and training reads region by region."""
+    shape = L.spatial_shape(image)
+    if not reads_regions(image):
+        return np.zeros(shape, np.int32)
+    import tempfile
+
+    import zarr
+
+    path = tempfile.mkdtemp(prefix="sparseseg-annotations-") + "/labels.zarr"
+    chunks = tuple(min(s, 64) for s in shape)
+    return zarr.create_array(path, shape=shape, chunks=chunks, dtype="int32", fill_value=0)

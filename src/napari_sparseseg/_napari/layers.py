@@ -20,9 +20,19 @@ def layer_choices(viewer, kind):
     return choices
 
 
+def level0(layer):
+    """The layer's full-resolution array, not read (numpy, dask or zarr)."""
+    return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+
+
 def image_array(layer) -> np.ndarray:
-    data = layer.data[0] if layer.multiscale else layer.data
-    return np.asarray(data)
+    return np.asarray(level0(layer))
+
+
+def is_lazy(layer) -> bool:
+    """Whether the layer's pixels stay on disk until read (a dask or zarr array, a multiscale
+    pyramid): such a layer is never read whole."""
+    return getattr(layer, "multiscale", False) or not isinstance(layer.data, np.ndarray)
 
 
 def box_region(shapes, image, slab: int = 8) -> tuple[slice, ...]:
@@ -47,14 +57,13 @@ def box_region(shapes, image, slab: int = 8) -> tuple[slice, ...]:
 
 def image_region(layer, region: tuple[slice, ...] | None) -> np.ndarray:
     """The layer's pixels (all of them, or only ``region``; a lazy layer reads just that)."""
-    data = layer.data[0] if layer.multiscale else layer.data
+    data = level0(layer)
     return np.asarray(data if region is None else data[region])
 
 
 def spatial_shape(layer) -> tuple[int, ...]:
     """The layer's spatial shape, read from its metadata (no data is loaded)."""
-    data = layer.data[0] if layer.multiscale else layer.data
-    shape = tuple(data.shape)
+    shape = tuple(level0(layer).shape)
     return shape[:-1] if getattr(layer, "rgb", False) else shape
 
 

@@ -25,6 +25,7 @@ from . import layers as L
 from . import workers
 from .annotate_tab import AnnotatePanel
 from .loss_plot import LossPlot
+from .train_data import training_inputs
 from .session import Session
 
 PRESETS = {"Quick (2 min)": 120.0, "Standard (10 min)": 600.0, "Long (30 min)": 1800.0, "Fixed iterations": None}
@@ -156,23 +157,14 @@ class TrainPanel(QWidget):
             L.notify_error("Select or create an annotation (Labels) layer in the Annotate tab and paint a few objects.")
             return
         try:
-            img = L.image_array(image)
-            lab = np.asarray(labels.data)
-            if L.spatial_shape(image) != lab.shape:
-                raise SparseSegError(
-                    f"annotation layer '{labels.name}' has shape {lab.shape} but image '{image.name}' has "
-                    f"{L.spatial_shape(image)}; annotate on a layer of the image's shape"
-                )
+            z = int(self.viewer.dims.current_step[0]) if len(L.spatial_shape(image)) == 3 else 0
+            inputs = training_inputs(image, labels, self.annotate.ignore.value, self.annotate.background_id, z)
             model = self.session.model
             resume = model is not None and self.session.origin == "trained"
             folder = self.session.folder if resume else Path(tempfile.mkdtemp(prefix="sparseseg-model-"))
-            ignore = self.annotate.ignore_mask(lab.shape)
-            z = int(self.viewer.dims.current_step[0]) if lab.ndim == 3 else 0
             self.job = workers.TrainJob(
-                [img], [lab], self._config(), out=folder, init=None if model is None else self.session.folder,
-                resume=resume, names=[f"image '{image.name}'"], ignore=None if ignore is None else [ignore],
-                voxel_sizes=[L.voxel_size(image)],
-                preview_image=img, preview_every=float(self.preview_every.value), z=z)
+                config=self._config(), out=folder, init=None if model is None else self.session.folder,
+                resume=resume, preview_every=float(self.preview_every.value), **inputs)
             self.job.check()
         except SparseSegError as err:
             L.notify_error(str(err))
@@ -216,6 +208,11 @@ class TrainPanel(QWidget):
         image = self.annotate.image.value
         shape = L.spatial_shape(image) if image is not None else ev.labels.shape
         data = ev.labels
+        origin = None if self.job is None else self.job.preview_origin
+        if origin is not None and image is not None:
+            # a region of a stack too large to hold: a small layer placed where the region lies
+            self._show_region_preview(image, data, origin, ev.z_start)
+            return
         if len(shape) == 3 and data.shape != shape:
             full = np.zeros(shape, np.int32)
             full[ev.z_start : ev.z_start + data.shape[0]] = data
@@ -224,6 +221,20 @@ class TrainPanel(QWidget):
             self.viewer.layers[PREVIEW_LAYER].data = data
         else:
             layer = self.viewer.add_labels(data, name=PREVIEW_LAYER, opacity=0.5)
+            layer.editable = False
+
+    def _show_region_preview(self, image, data: np.ndarray, origin: tuple[int, ...], z_start: int) -> None:
+        offset = np.array(origin, float)
+        if data.ndim == 3:
+            offset[0] += z_start
+        nd = data.ndim
+        scale = np.asarray(image.scale[-nd:], float)
+        translate = np.asarray(image.translate[-nd:], float) + offset * scale
+        if PREVIEW_LAYER in self.viewer.layers:
+            layer = self.viewer.layers[PREVIEW_LAYER]
+            layer.data, layer.translate, layer.scale = data, translate, scale
+        else:
+            layer = self.viewer.add_labels(data, name=PREVIEW_LAYER, opacity=0.5, scale=scale, translate=translate)
             layer.editable = False
 
     def _on_error(self, err) -> None:

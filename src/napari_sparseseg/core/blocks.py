@@ -110,6 +110,17 @@ class Volume:
         return np.moveaxis(np.asarray(arr[lead + region + (slice(None),)], np.float32), -1, 0)
 
 
+@dataclass(frozen=True)
+class ArrayVolume(Volume):
+    """A :class:`Volume` over an array that is already open (a napari layer's dask or zarr array):
+    read region by region like a file, but it stays in this process (it has no path to travel by)."""
+
+    data: Any = None
+
+    def array(self):
+        return self.data
+
+
 def open_volume(path: str | os.PathLike, ndim: int, channels: int, level: int = 0) -> Volume:
     """Describe the stack at ``path`` for a model of ``ndim`` spatial axes and ``channels``
     channels (channel axis as :func:`.io.to_channels_first` reads it; leading axes of length 1,

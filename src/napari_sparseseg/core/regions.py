@@ -19,7 +19,7 @@ import numpy as np
 from scipy import ndimage
 
 from . import io
-from .blocks import Volume
+from .blocks import ArrayVolume, Volume
 from .errors import SparseSegError
 
 #: stacks with more voxels than this are trained on the regions around their labels (the CLI
@@ -48,6 +48,8 @@ class Regions:
 def _scan_blocks(shape: tuple[int, ...], chunks: tuple[int, ...] | None) -> list[tuple[slice, ...]]:
     """Blocks covering ``shape``: whole chunks along every axis, at most SCAN_VOXELS each."""
     chunks = tuple(chunks) if chunks else tuple(shape)
+    # a dask array's chunks are the sizes of every chunk per axis
+    chunks = tuple(c if isinstance(c, (int, np.integer)) else max(c) for c in chunks)
     block = list(min(c, s) for c, s in zip(chunks, shape))
     # grow along the leading axes (whole chunks) while the block stays small
     for a in range(len(shape)):
@@ -119,20 +121,32 @@ def labeled_regions(labels, margin: tuple[int, ...] | None = None, background_id
     return Regions(regions, shape, len(boxes))
 
 
-def open_image_like(path: str | os.PathLike, spatial: tuple[int, ...], level: int = 0) -> Volume:
-    """The image stack at ``path`` as a :class:`.blocks.Volume` whose spatial shape is the labels'
-    ``spatial`` shape (a channel axis first or last, leading axes of length 1 dropped)."""
-    arr = io.open_lazy(path, level)
+def _is_path(source) -> bool:
+    return isinstance(source, (str, os.PathLike))
+
+
+def open_image_like(source, spatial: tuple[int, ...], level: int = 0) -> Volume:
+    """The image stack ``source`` (a path, or an array already open such as a napari layer's) as a
+    :class:`.blocks.Volume` whose spatial shape is the labels' ``spatial`` shape (a channel axis
+    first or last, leading axes of length 1 dropped)."""
+    arr = io.open_lazy(source, level) if _is_path(source) else source
+    name = str(source) if _is_path(source) else "image"
     shape, drop = tuple(arr.shape), 0
     while len(shape) > len(spatial) and shape[0] == 1 and shape[1:] != spatial[1:]:
         shape, drop = shape[1:], drop + 1
+
+    def volume(channels: int, axis: int | None) -> Volume:
+        if _is_path(source):
+            return Volume(str(source), level, spatial, channels, axis, drop)
+        return ArrayVolume("", level, spatial, channels, axis, drop, arr)
+
     if shape == spatial:
-        return Volume(str(path), level, spatial, 1, None, drop)
+        return volume(1, None)
     if len(shape) == len(spatial) + 1 and shape[:-1] == spatial and shape[-1] <= 4:
-        return Volume(str(path), level, spatial, shape[-1], len(shape) - 1, drop)
+        return volume(shape[-1], len(shape) - 1)
     if len(shape) == len(spatial) + 1 and shape[1:] == spatial:
-        return Volume(str(path), level, spatial, shape[0], 0, drop)
-    raise SparseSegError(f"{path}: image shape {tuple(arr.shape)} does not match its labels' shape {spatial}")
+        return volume(shape[0], 0)
+    raise SparseSegError(f"{name}: image shape {tuple(arr.shape)} does not match its labels' shape {spatial}")
 
 
 @dataclass
@@ -147,20 +161,23 @@ class StackRegions:
     found: Regions
 
 
-def read_regions(image: str | os.PathLike, labels: str | os.PathLike, level: int = 0,
-                 margin: tuple[int, ...] | None = None, background_id: int | None = None,
-                 low: float = 1.0, high: float = 99.8) -> StackRegions:
-    """The regions around the labeled objects of a stack, read from image and labels; nothing
-    else of either is kept in memory. The normalisation bounds are the ``low`` / ``high``
-    percentiles of the whole stack (sampled as for blockwise segmentation), not of each region."""
+def read_regions(image, labels, level: int = 0, margin: tuple[int, ...] | None = None,
+                 background_id: int | None = None, low: float = 1.0, high: float = 99.8,
+                 name: str | None = None) -> StackRegions:
+    """The regions around the labeled objects of a stack, read from image and labels (each a
+    path, or an array already open: a napari layer's dask or zarr array); nothing else of either
+    is kept in memory. The normalisation bounds are the ``low`` / ``high`` percentiles of the
+    whole stack (sampled as for blockwise segmentation), not of each region. Regions are named
+    ``name`` (default: the image's path) with their slices."""
     from .blocks import sample_bounds
 
-    lab = io.open_lazy(labels, level)
+    lab = io.open_lazy(labels, level) if _is_path(labels) else labels
     found = labeled_regions(lab, margin, background_id)
     volume = open_image_like(image, tuple(lab.shape), level)
+    name = name or (str(image) if _is_path(image) else "image")
     imgs, labs, names = [], [], []
     for r in found.regions:
         imgs.append(volume.read(r))
         labs.append(np.asarray(lab[r]).astype(np.int64))
-        names.append(f"{image} [{', '.join(f'{s.start}:{s.stop}' for s in r)}]")
+        names.append(f"{name} [{', '.join(f'{s.start}:{s.stop}' for s in r)}]")
     return StackRegions(imgs, labs, names, sample_bounds(volume, low, high), found)

@@ -91,7 +91,9 @@ class TrainJob:
     """Everything a training run needs, as plain data that can travel to a child process.
 
     ``init`` is a model folder to start from: resumed (``resume=True``: optimizer and iteration
-    counter too) or fine-tuned. Checkpoints go to ``out``.
+    counter too) or fine-tuned. Checkpoints go to ``out``. ``bounds``: per image, the intensities
+    mapped to 0 and 1 (the regions of one large stack share the stack's; :mod:`.regions`);
+    ``preview_origin``: where the preview image lies in the viewer's image, when it is a region of it.
     """
 
     images: list[np.ndarray]
@@ -106,6 +108,8 @@ class TrainJob:
     preview_image: np.ndarray | None = None
     preview_every: float = 15.0
     z: int = 0
+    bounds: list | None = None
+    preview_origin: tuple[int, ...] | None = None
 
     def check(self) -> None:
         """The quick checks that need no network: raise now what the child would raise at its start."""
@@ -114,7 +118,7 @@ class TrainJob:
     def trainer(self) -> Trainer:
         init = None if self.init is None else checkpoint.load(self.init, with_optimizer=self.resume)
         return Trainer(self.images, self.labels, self.config, out=self.out, init=init, resume=self.resume,
-                       names=self.names, ignore=self.ignore, voxel_sizes=self.voxel_sizes)
+                       names=self.names, ignore=self.ignore, voxel_sizes=self.voxel_sizes, bounds=self.bounds)
 
     def steps(self, trainer: Trainer) -> Iterator[TrainEvent | Preview]:
         preview = self.preview_image if self.preview_every > 0 else None
