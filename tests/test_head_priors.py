@@ -1,40 +1,33 @@
-"""Heads start at the frequency of their targets (network.set_head_priors, losses.target_priors)."""
+"""The foreground head starts at the annotated share (network.set_foreground_prior, losses.foreground_prior)."""
 
 import numpy as np
 import pytest
 import torch
 
 from napari_sparseseg import TrainConfig, Trainer
-from napari_sparseseg.core.losses import affinity_targets, target_priors
-from napari_sparseseg.core.network import TwinNet, UNet, set_head_priors
+from napari_sparseseg.core.losses import foreground_prior
+from napari_sparseseg.core.network import TwinNet, UNet, set_foreground_prior
 from napari_sparseseg.core.samples import synthetic_cells
 from napari_sparseseg.core.sparsify import sparsify
 
 FAST = dict(base_channels=4, depth=2, patch_shape=(64, 64), batch_size=1, seed=0)
 
 
-def test_target_priors_by_hand():
+def test_foreground_prior_by_hand():
     lab = torch.zeros((1, 4, 4), dtype=torch.int64)
     lab[0, :2, :2] = 1  # a 2x2 object: 4 of 16 pixels
     valid = torch.ones_like(lab, dtype=torch.bool)
     held = torch.zeros_like(valid)
-    fg, aff = target_priors(lab, valid, held, [[0, 1], [0, 3]])
-    assert fg == pytest.approx(4 / 16)
-    # offset (0, 1): pairs touching the object: (r, 0)-(r, 1) same, (r, 1)-(r, 2) not, for rows 0-1
-    assert aff[0] == pytest.approx(2 / 4)
-    # offset (0, 3): (r, 0)-(r, 3) and (r, 1)-(r, 4 out of the crop): one annotated pair per row, not same
-    assert aff[1] == pytest.approx(0.0)
-    target, mask = affinity_targets(lab, valid, [[0, 1]])
-    assert int(mask.sum()) == 4 and int(target.sum()) == 2
-    # held-out pixels leave the foreground share (as they leave its loss); invalid ones too
+    assert foreground_prior(lab, valid, held) == pytest.approx(4 / 16)
+    # held-out pixels leave the share (as they leave the foreground loss); invalid ones too
     held[0, 0, :2] = True
-    assert target_priors(lab, valid, held, [[0, 1]])[0] == pytest.approx(2 / 14)
-    # an offset no pair of which is annotated says nothing: 1/2
-    assert target_priors(torch.zeros_like(lab), valid, held, [[0, 1]])[1] == [0.5]
+    assert foreground_prior(lab, valid, held) == pytest.approx(2 / 14)
+    valid[0, 3] = False
+    assert foreground_prior(lab, valid, held) == pytest.approx(2 / 10)
 
 
 @pytest.mark.parametrize("kind", ["unet", "twin"])
-def test_set_head_priors_moves_only_the_bias_of_each_head(kind):
+def test_set_foreground_prior_moves_only_the_foreground_bias(kind):
     torch.manual_seed(0)
     if kind == "unet":
         net = UNet(2, 1, 16, base_channels=4, depth=2, foreground=True, affinities=3)
@@ -44,20 +37,20 @@ def test_set_head_priors_moves_only_the_bias_of_each_head(kind):
     x = torch.rand(1, 1, 32, 32)
     with torch.no_grad():
         before = net(x)
-        set_head_priors(net, 0.02, [0.9, 0.5, 0.1])
+        set_foreground_prior(net, 0.02)
         out = net(x)
-    fg, aff = out[:, 16], out[:, 17:20]
-    # with the weights untouched, the change of each logit is exactly the new bias minus the old
-    delta = (out - before).mean((0, 2, 3))
-    assert torch.allclose(out[:, :16], before[:, :16])  # embeddings untouched
+    # output: 16 embeddings, the foreground logit, 3 affinity logits; only the foreground moved,
+    # by exactly the change of its bias (the weights are untouched)
+    assert torch.allclose(out[:, :16], before[:, :16]) and torch.allclose(out[:, 17:], before[:, 17:])
     head = net.head if kind == "unet" else net.iam.head
-    fg_index = 16 if kind == "unet" else 3
-    assert float(head.bias[fg_index]) == pytest.approx(np.log(0.02 / 0.98), abs=1e-5)
-    aff_bias = head.bias[17:20] if kind == "unet" else head.bias[:3]
-    assert torch.allclose(torch.sigmoid(aff_bias.detach()), torch.tensor([0.9, 0.5, 0.1]), atol=1e-5)
-    assert float(delta[16]) != 0 and fg.shape == (1, 32, 32) and aff.shape == (1, 3, 32, 32)
-    with pytest.raises(ValueError, match="2 affinity priors for 3 affinity channels"):
-        set_head_priors(net, None, [0.5, 0.5])
+    bias = float(head.bias[16 if kind == "unet" else 3].detach())
+    assert bias == pytest.approx(np.log(0.02 / 0.98), abs=1e-5)
+    assert not torch.allclose(out[:, 16], before[:, 16])
+    # a network without a foreground head is left as it is
+    plain = UNet(2, 1, 16, base_channels=4, depth=2)
+    state = {k: v.clone() for k, v in plain.state_dict().items()}
+    set_foreground_prior(plain, 0.02)
+    assert all(torch.equal(state[k], v) for k, v in plain.state_dict().items())
 
 
 @pytest.mark.parametrize("method", ["crac", "spoco"])

@@ -220,17 +220,11 @@ def affinity_targets(labels: torch.Tensor, valid: torch.Tensor, offsets) -> tupl
     return target, mask
 
 
-def target_priors(labels: torch.Tensor, valid: torch.Tensor, heldout: torch.Tensor, offsets) -> tuple[float, list[float]]:
-    """How often the heads' targets are 1 on a batch (B, *S): the annotated share of the pixels the
-    foreground term sees (valid, not held out), and per offset the share of annotated pairs
-    (:func:`affinity_targets`) that lie in one object (0.5 for an offset with no annotated pair)."""
+def foreground_prior(labels: torch.Tensor, valid: torch.Tensor, heldout: torch.Tensor) -> float:
+    """The annotated share of the pixels :func:`foreground_term` sees on a batch (B, *S) (valid,
+    not held out): what its classifier outputs where it has learned nothing else."""
     seen = valid & ~heldout
-    fg = float(((labels > 0) & seen).sum()) / max(1, int(seen.sum()))
-    target, mask = affinity_targets(labels, valid, offsets)
-    dims = (0,) + tuple(range(2, target.ndim))
-    n = mask.sum(dims)
-    same = (target * mask).sum(dims)
-    return fg, [float(s / c) if c > 0 else 0.5 for s, c in zip(same, n)]
+    return float(((labels > 0) & seen).sum()) / max(1, int(seen.sum()))
 
 
 def affinity_term(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

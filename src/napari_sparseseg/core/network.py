@@ -239,24 +239,16 @@ def _logit(p: float) -> float:
 
 
 @torch.no_grad()
-def set_head_priors(net: nn.Module, foreground: float | None = None, affinities=None) -> None:
-    """Start the foreground logit and each affinity logit of a fresh network at the log-odds of
-    how often its target is 1 (``foreground``: the annotated share of the pixels; ``affinities``:
-    per offset, the share of annotated pairs in one object), the prior initialisation of Lin et al.
-    (ICCV 2017). Started at probability 1/2, a head spends its first hundreds of Adam steps only
-    moving its bias: in 3D, where a CPU budget buys a few hundred steps, the foreground head was
-    still near its starting point when training stopped."""
-    unet, fg_index, aff_index = (net.iam, net.affinities, 0) if isinstance(net, TwinNet) else (
-        net, net.config["out_channels"], net.config["out_channels"] + int(bool(net.config["foreground"])))
-    bias = unet.head.bias
-    if foreground is not None and unet.config["foreground"]:
-        bias[fg_index] = _logit(foreground)
-    k = net.affinities if isinstance(net, TwinNet) else int(unet.config["affinities"])
-    if affinities is not None and k:
-        if len(affinities) != k:
-            raise ValueError(f"{len(affinities)} affinity priors for {k} affinity channels")
-        for i, p in enumerate(affinities):
-            bias[aff_index + i] = _logit(p)
+def set_foreground_prior(net: nn.Module, prior: float) -> None:
+    """Start the foreground logit of a fresh network at the log-odds of ``prior``, the annotated
+    share of the pixels its loss sees: the prior initialisation of Lin et al. (ICCV 2017) for a
+    head trained by cross-entropy. Started at probability 1/2, a head spends its first hundreds of
+    Adam steps only moving its bias: in 3D, where a CPU budget buys a few hundred steps, the
+    foreground head was still near its starting point when training stopped."""
+    unet = net.iam if isinstance(net, TwinNet) else net
+    if not unet.config["foreground"]:
+        return
+    unet.head.bias[unet.config["out_channels"]] = _logit(prior)
 
 
 def build_network(config: dict[str, Any]) -> nn.Module:

@@ -27,7 +27,7 @@ from .device import resolve_device, resolve_precision
 from .errors import SparseSegError
 from .io import normalize, to_channels_first
 from .crac_loss import CracLossConfig
-from .losses import SpocoLossConfig, target_priors
+from .losses import SpocoLossConfig, foreground_prior
 from .methods import METHOD_NAMES, get_method, resolve_method
 
 #: training crops span this many target diameters in y/x (and in z, at most 32 slices)
@@ -254,7 +254,7 @@ class Trainer:
         self.sampler = CropSampler(self.samples, self.patch, seed=cfg.seed, elastic=cfg.elastic,
                                    zoom_jitter=cfg.zoom_jitter)
         if init is None:
-            self._start_heads_at_priors(offsets)
+            self._start_heads_at_priors()
         self.optimizer = torch.optim.Adam(self.method.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.iteration = 0
         self.seconds = 0.0
@@ -285,14 +285,13 @@ class Trainer:
         self._stop = False
         self.last_losses: dict[str, float] = {}
 
-    def _start_heads_at_priors(self, offsets, crops: int = 16) -> None:
-        """Start a fresh network's foreground and affinity logits at how often their targets are 1 on
-        ``crops`` training crops (Method.start_heads), drawn by a sampler of their own so the
-        training crops stay those of the seed."""
+    def _start_heads_at_priors(self, crops: int = 16) -> None:
+        """Start a fresh network's foreground head at the annotated share of ``crops`` training crops
+        (Method.start_heads), drawn by a sampler of their own so the training crops stay those of
+        the seed."""
         probe = CropSampler(self.samples, self.patch, seed=self.config.seed + 1, elastic=False)
         _, lab, val, held = probe.batch(crops)
-        fg, aff = target_priors(lab, val, held, offsets)
-        self.method.start_heads(fg, aff)
+        self.method.start_heads(foreground_prior(lab, val, held))
 
     @property
     def net(self) -> torch.nn.Module:

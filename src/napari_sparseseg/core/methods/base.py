@@ -65,10 +65,10 @@ class Method(ABC):
         run is through its budget (for schedules). ``heldout`` (B, *P) bool: pixels of objects
         held out of the foreground loss (:func:`..data.hold_out`); every other term uses them."""
 
-    def start_heads(self, foreground: float, affinities: list[float]) -> None:
-        """Called once for a fresh network (not when fine-tuning or resuming) with how often the
-        foreground and per-offset affinity targets are 1 on training crops: start those heads
-        there (:func:`..network.set_head_priors`). A method without such heads ignores it."""
+    def start_heads(self, foreground: float) -> None:
+        """Called once for a fresh network (not when fine-tuning or resuming) with the annotated
+        share of the pixels on training crops: start a foreground head there
+        (:func:`..network.set_foreground_prior`). A method without one ignores it."""
 
     def after_step(self, iteration: int) -> None:
         """Called after each optimizer step (e.g. to update an EMA network), never at evaluation."""

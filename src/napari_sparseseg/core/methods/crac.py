@@ -17,7 +17,7 @@ from ..crac_loss import crac_loss, pair_valid
 from ..data import photometric
 from ..device import autocast
 from ..losses import affinity_targets, foreground_term
-from ..network import TwinNet, set_head_priors, split_output
+from ..network import TwinNet, set_foreground_prior, split_output
 from ..offsets import crac_offsets
 from .base import ForegroundConstant, Method
 
@@ -44,8 +44,8 @@ class CracMethod(Method):
     def networks(self) -> dict[str, torch.nn.Module]:
         return {"f": self.net}
 
-    def start_heads(self, foreground, affinities):
-        set_head_priors(self.net, foreground, affinities)
+    def start_heads(self, foreground):
+        set_foreground_prior(self.net, foreground)
 
     def losses(self, image, labels, valid, generator, progress, heldout=None):
         x = photometric(image, generator).to(self.device)

@@ -12,7 +12,7 @@ from .. import scale as scales
 from ..data import photometric
 from ..device import autocast
 from ..losses import spoco_loss
-from ..network import UNet, ema_update, make_ema, set_head_priors, split_output
+from ..network import UNet, ema_update, make_ema, set_foreground_prior, split_output
 from .base import ForegroundConstant, Method
 
 
@@ -39,9 +39,9 @@ class SpocoMethod(Method):
     def networks(self) -> dict[str, torch.nn.Module]:
         return {"f": self.net, "g": self.ema}
 
-    def start_heads(self, foreground, affinities):
-        set_head_priors(self.net, foreground, affinities)
-        set_head_priors(self.ema, foreground, affinities)
+    def start_heads(self, foreground):
+        set_foreground_prior(self.net, foreground)
+        set_foreground_prior(self.ema, foreground)
 
     def losses(self, image, labels, valid, generator, progress, heldout=None):
         # two photometric views: f sees one, its EMA g the other (the consistency term)
