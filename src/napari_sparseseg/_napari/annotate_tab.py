@@ -8,8 +8,8 @@ from magicgui.widgets import ComboBox, Label, PushButton, SpinBox
 from qtpy.QtWidgets import QVBoxLayout, QWidget
 
 from ..core.annotation import check_annotations
-from ..core.regions import labeled_regions
 from ..core.errors import SparseSegError
+from ..core.regions import labeled_regions
 from . import layers as L
 from .train_data import reads_regions
 

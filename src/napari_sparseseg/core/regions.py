@@ -125,12 +125,16 @@ def _is_path(source) -> bool:
     return isinstance(source, (str, os.PathLike))
 
 
+def _source_name(source) -> str:
+    """How messages and region names call an image: its path, or "image" for an open array."""
+    return str(source) if _is_path(source) else "image"
+
+
 def open_image_like(source, spatial: tuple[int, ...], level: int = 0) -> Volume:
     """The image stack ``source`` (a path, or an array already open such as a napari layer's) as a
     :class:`.blocks.Volume` whose spatial shape is the labels' ``spatial`` shape (a channel axis
     first or last, leading axes of length 1 dropped)."""
     arr = io.open_lazy(source, level) if _is_path(source) else source
-    name = str(source) if _is_path(source) else "image"
     shape, drop = tuple(arr.shape), 0
     while len(shape) > len(spatial) and shape[0] == 1 and shape[1:] != spatial[1:]:
         shape, drop = shape[1:], drop + 1
@@ -146,7 +150,7 @@ def open_image_like(source, spatial: tuple[int, ...], level: int = 0) -> Volume:
         return volume(shape[-1], len(shape) - 1)
     if len(shape) == len(spatial) + 1 and shape[1:] == spatial:
         return volume(shape[0], 0)
-    raise SparseSegError(f"{name}: image shape {tuple(arr.shape)} does not match its labels' shape {spatial}")
+    raise SparseSegError(f"{_source_name(source)}: image shape {tuple(arr.shape)} does not match its labels' shape {spatial}")
 
 
 @dataclass
@@ -174,7 +178,7 @@ def read_regions(image, labels, level: int = 0, margin: tuple[int, ...] | None =
     lab = io.open_lazy(labels, level) if _is_path(labels) else labels
     found = labeled_regions(lab, margin, background_id)
     volume = open_image_like(image, tuple(lab.shape), level)
-    name = name or (str(image) if _is_path(image) else "image")
+    name = name or _source_name(image)
     imgs, labs, names = [], [], []
     for r in found.regions:
         imgs.append(volume.read(r))

@@ -253,8 +253,8 @@ class Trainer:
             raise SparseSegError(f"patch shape {self.patch} must be a multiple of {self.method.divisor} per axis")
         self.sampler = CropSampler(self.samples, self.patch, seed=cfg.seed, elastic=cfg.elastic,
                                    zoom_jitter=cfg.zoom_jitter)
-        if init is None:
-            self._start_heads_at_priors()
+        if init is None and cfg.foreground:
+            self._start_foreground_head()
         self.optimizer = torch.optim.Adam(self.method.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.iteration = 0
         self.seconds = 0.0
@@ -285,7 +285,7 @@ class Trainer:
         self._stop = False
         self.last_losses: dict[str, float] = {}
 
-    def _start_heads_at_priors(self, crops: int = 16) -> None:
+    def _start_foreground_head(self, crops: int = 16) -> None:
         """Start a fresh network's foreground head at the annotated share of ``crops`` training crops
         (Method.start_heads), drawn by a sampler of their own so the training crops stay those of
         the seed."""
