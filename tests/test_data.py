@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from napari_sparseseg import SparseSegError
-from napari_sparseseg.core.data import CropSampler, hold_out, photometric, prepare, relabel_consecutive
+from napari_sparseseg.core.data import CropSampler, hold_out, intensity_field, photometric, prepare, relabel_consecutive
 
 
 def test_relabel_keeps_zero_even_without_zero_pixels():
@@ -102,6 +102,24 @@ def test_photometric_views_differ_but_keep_geometry():
         assert (v[:, :, 9:15, 9:15].mean() - v[:, :, 20:, 20:].mean()) > 0.4
 
 
+
+
+def test_intensity_field_is_a_smooth_gain_shared_by_channels():
+    x = torch.ones(2, 3, 64, 64)
+    g = torch.Generator().manual_seed(0)
+    sigma = torch.tensor([0.0, 0.35]).reshape(2, 1, 1, 1)
+    y = intensity_field(x, sigma, g)
+    assert torch.allclose(y[0], x[0])  # sigma 0: untouched
+    gain = y[1]
+    assert torch.allclose(gain[0], gain[1]) and torch.allclose(gain[0], gain[2])
+    assert (gain > 0).all()
+    # objects far apart in one crop get different brightness ...
+    assert gain[0].max() / gain[0].min() > 1.2
+    # ... while neighbouring pixels barely differ (a field, not noise)
+    assert (gain[0, 1:] / gain[0, :-1]).sub(1).abs().max() < 0.1
+    # 3D, and a zero stays zero (it is a gain)
+    z = intensity_field(torch.zeros(1, 1, 8, 16, 16), torch.full((1, 1, 1, 1, 1), 0.3), g)
+    assert z.shape == (1, 1, 8, 16, 16) and (z == 0).all()
 
 
 def test_zoom_jitter_resizes_crops_and_keeps_them_aligned():

@@ -1,8 +1,8 @@
 """Training crops from sparse labels, with the geometric and photometric augmentations SPOCO needs.
 
 Geometric augmentations (crop, flips, 90-degree rotations, elastic deformation) are drawn once
-per crop and shared by both views; photometric ones (noise, blur, contrast and colour jitter) are
-drawn independently for the view of f and the view of the EMA network g.
+per crop and shared by both views; photometric ones (a smooth intensity field, noise, blur,
+contrast and colour jitter) are drawn independently for the view of f and the view of the EMA network g.
 """
 
 from __future__ import annotations
@@ -309,9 +309,27 @@ def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return x
 
 
+#: log-amplitude (largest standard deviation) and grid of :func:`intensity_field`
+FIELD_SIGMA = 0.7
+FIELD_GRID = 4
+
+
+def intensity_field(x: torch.Tensor, sigma: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``x`` (B, C, *S) times a smooth random gain field exp(N(0, sigma^2)) interpolated from a
+    coarse grid (:data:`FIELD_GRID` nodes per axis, ``sigma`` (B, 1, ...) per crop), the same for
+    every channel: neighbouring objects of one crop get different brightness, so the network cannot
+    learn that objects are exactly as bright as the few that were labeled."""
+    b, nd = x.shape[0], x.ndim - 2
+    coarse = torch.randn((b, 1) + (FIELD_GRID,) * nd, generator=generator) * sigma
+    mode = "bilinear" if nd == 2 else "trilinear"
+    gain = torch.exp(F.interpolate(coarse, size=tuple(x.shape[2:]), mode=mode, align_corners=True))
+    return x * gain.to(x.dtype)
+
+
 def photometric(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Independent photometric view of a batch (B, C, *S): contrast/brightness and colour jitter,
-    Gaussian blur and additive Gaussian noise. Geometry is untouched."""
+    """Independent photometric view of a batch (B, C, *S): a smooth gain field
+    (:func:`intensity_field`), contrast/brightness and colour jitter, Gaussian blur and additive
+    Gaussian noise. Geometry is untouched."""
     b, c = x.shape[:2]
     nd = x.ndim - 2
     shape = (b, 1) + (1,) * nd
@@ -319,6 +337,7 @@ def photometric(x: torch.Tensor, generator: torch.Generator | None = None) -> to
     def u(lo, hi, s=shape):
         return lo + (hi - lo) * torch.rand(s, generator=generator)
 
+    x = intensity_field(x, u(0.0, FIELD_SIGMA), generator)
     mean = x.mean(dim=tuple(range(2, x.ndim)), keepdim=True)
     x = (x - mean) * u(0.7, 1.3) + mean + u(-0.15, 0.15)
     if c > 1:
