@@ -1,8 +1,8 @@
 """Training crops from sparse labels, with the geometric and photometric augmentations SPOCO needs.
 
 Geometric augmentations (crop, flips, 90-degree rotations, elastic deformation) are drawn once
-per crop and shared by both views; photometric ones (a smooth intensity field, noise, blur,
-contrast and colour jitter) are drawn independently for the view of f and the view of the EMA network g.
+per crop and shared by both views; photometric ones (a smooth gain field, noise, blur, contrast
+and colour jitter) are drawn independently for the view of f and the view of the EMA network g.
 """
 
 from __future__ import annotations
