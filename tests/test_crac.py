@@ -80,6 +80,23 @@ def test_alpha_schedule_and_confident_quantile():
     assert not kept[50:].any() and kept[:25].all() and not kept[26:50].any()
 
 
+def test_confident_keeps_the_pairs_below_the_entropy_quantile():
+    # the paper's definition (entropy below its (1 - alpha) quantile over the region), computed in full
+    g = torch.Generator().manual_seed(3)
+    a = torch.rand((2, 3, 40, 40), generator=g)
+    region = torch.rand(a.shape, generator=g) > 0.4
+    h = entropy(a)
+    for alpha in (0.05, 0.3):
+        expected = region & (h <= torch.quantile(h[region], 1 - alpha))
+        assert torch.equal(confident(a, region, alpha), expected)
+    # a batch larger than the quantile's sample: the share kept is still 1 - alpha of the region
+    big = torch.rand((1, 12, 32, 64, 64), generator=g)
+    region = torch.rand(big.shape, generator=g) > 0.3
+    kept = confident(big, region, 0.05)
+    assert not (kept & ~region).any()
+    assert float(kept.sum() / region.sum()) == pytest.approx(0.95, abs=0.005)
+
+
 @pytest.mark.parametrize("n", [1, 2, 7, 1000, 100_001])
 def test_quantile_by_selection_equals_torch_quantile(n):
     from napari_sparseseg.core.crac_loss import quantile

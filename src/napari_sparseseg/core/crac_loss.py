@@ -21,8 +21,8 @@ import torch
 
 from .losses import _pair_slices
 
-#: the quantile is taken over at most this many elements; larger sets are subsampled evenly
-QUANTILE_MAX = 1 << 24
+#: the confidence quantile is taken over at most about this many pairs; more are subsampled evenly
+QUANTILE_SAMPLE = 1 << 16
 
 
 @dataclass
@@ -100,17 +100,26 @@ def quantile(values: torch.Tensor, q: float) -> torch.Tensor:
 
 def confident(a: torch.Tensor, region: torch.Tensor, alpha: float) -> torch.Tensor:
     """The pairs of ``region`` whose entropy lies below the (1 - alpha) quantile of the entropies
-    in ``region`` (over the batch): the map's confident part. ``alpha`` = 0 keeps all of it."""
-    h = entropy(a.detach())
-    values = h[region]
-    if values.numel() == 0:
-        return region
+    in ``region`` (over the batch): the map's confident part. ``alpha`` = 0 keeps all of it.
+
+    The binary entropy falls as ``|a - 1/2|`` grows, so the pairs kept are those whose distance
+    from 1/2 reaches the alpha quantile of the distances: the same set, without a logarithm. The
+    quantile is taken on an even subsample of at most ``QUANTILE_SAMPLE`` pairs of the region
+    (its rank is then off by about 1e-3): selecting the region's values from every pair of a 3D
+    batch took a sixth of a CRAC step on the CPU."""
     if alpha <= 0:
         return region
-    if values.numel() > QUANTILE_MAX:
-        values = values[:: values.numel() // QUANTILE_MAX + 1]
-    q = quantile(values.float(), 1.0 - alpha)
-    return region & (h <= q)
+    d = (a.detach() - 0.5).abs()
+    flat_d, flat_r = d.reshape(-1), region.reshape(-1)
+    step = flat_d.numel() // QUANTILE_SAMPLE + 1
+    step += 1 - step % 2  # odd: an even stride could follow one column of the crop
+    values = flat_d[::step][flat_r[::step]]
+    if values.numel() == 0:
+        values = flat_d[flat_r]  # a sparse region the stride missed
+        if values.numel() == 0:
+            return region
+    q = quantile(values.float(), alpha)
+    return region & (d >= q)
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
