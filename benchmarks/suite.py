@@ -3,6 +3,7 @@
     python benchmarks/suite.py                 # full suite, 2 seeds (about an hour on 2 cores)
     python benchmarks/suite.py --quick         # a few minutes: short budgets, 1 seed, fewer test images
     python benchmarks/suite.py --datasets cvppp nuclei2d --seeds 0 1 2 --budget-scale 2
+    python benchmarks/suite.py --tag b --iterations-from <work>/runs/a/suite.json   # A/B at equal steps
 
 Protocol, per dataset and seed, exactly as a user runs the command line:
 ``sparseseg sparsify --fraction 0.1 --seed S`` on the training part's dense labels (SPOCO@0.1),
@@ -112,13 +113,16 @@ def run_job(name: str, seed: int, args, root: Path) -> dict:
         if not (test_dir / n).exists():
             os.symlink((root / "test_images" / n).resolve(), test_dir / n)
     budget = ds.budget * args.budget_scale
+    # an A/B comparison on a host whose speed drifts: the reference run's step count, time unbounded
+    steps = (getattr(args, "iterations_from", None) or {}).get((name, seed))
+    limit = ["--time-limit", str(budget)] if steps is None else ["--iterations", str(steps), "--time-limit", str(4 * budget)]
     sparseseg(["sparsify", "--labels", str(root / "train_gt"), "--fraction", str(args.fraction), "--seed", str(seed),
                "--out", str(out / "sparse")], 1, log)
     model = out / "model"
     t_train = 0.0
     if not (model / "config.json").exists():
         t_train = sparseseg(["train", "--images", str(root / "train_images"), "--labels", str(out / "sparse"),
-                             "--out", str(model), "--time-limit", str(budget), "--seed", str(seed), "--quiet",
+                             "--out", str(model), *limit, "--seed", str(seed), "--quiet",
                              *voxel_args(ds, args), *args.train_args], args.threads, log)
     t_seg = sparseseg(["segment", "--model", str(model), "--images", str(test_dir), "--out", str(out / "seg"),
                        *args.segment_args], args.threads, log)
@@ -189,6 +193,9 @@ def main() -> None:
     p.add_argument("--tag", default=None, help="name of this run (default: quick or full)")
     p.add_argument("--train-args", default="", help="extra options for sparseseg train, one string (ablations)")
     p.add_argument("--segment-args", default="", help="extra options for sparseseg segment, one string")
+    p.add_argument("--iterations-from", type=Path, default=None, metavar="SUITE_JSON",
+                   help="train each (dataset, seed) for the iterations that run took instead of the time budget: "
+                        "an A/B comparison that the host's speed does not confound")
     p.add_argument("--ignore-voxel-size", action="store_true",
                    help="train 3D stacks without their voxel size (z not zoomed; the protocol before it was used)")
     args = p.parse_args()
@@ -198,6 +205,9 @@ def main() -> None:
     args.budget_scale = args.budget_scale or (0.1 if args.quick else 1.0)
     args.tag = args.tag or ("quick" if args.quick else "full")
     args.train_args, args.segment_args = shlex.split(args.train_args), shlex.split(args.segment_args)
+    if args.iterations_from:
+        ref = json.loads(args.iterations_from.read_text())["results"]
+        args.iterations_from = {(r["dataset"], r["seed"]): r["iterations"] for r in ref}
     roots = {name: prepare(name, args.work) for name in args.datasets}
     # longest budgets first so that the two queues end together
     jobs = sorted(((n, s) for n in args.datasets for s in args.seeds), key=lambda j: -DATASETS[j[0]].budget)
