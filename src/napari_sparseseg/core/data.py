@@ -7,7 +7,6 @@ and colour jitter) are drawn independently for the view of f and the view of the
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -313,10 +312,6 @@ def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 #: log-amplitude (largest standard deviation) and grid of :func:`intensity_field`
 FIELD_SIGMA = 0.7
 FIELD_GRID = 4
-#: contrast of a photometric view: the crop's deviations from its mean are scaled by a factor drawn
-#: log-uniformly from [1 / CONTRAST, CONTRAST] (with the gain field, unlabeled objects several times
-#: brighter or dimmer than the labeled ones are seen in training; chosen on the benchmark suite)
-CONTRAST = 2.0
 
 
 def intensity_field(x: torch.Tensor, sigma: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -344,7 +339,7 @@ def photometric(x: torch.Tensor, generator: torch.Generator | None = None) -> to
 
     x = intensity_field(x, u(0.0, FIELD_SIGMA), generator)
     mean = x.mean(dim=tuple(range(2, x.ndim)), keepdim=True)
-    x = (x - mean) * torch.exp(u(-math.log(CONTRAST), math.log(CONTRAST))) + mean + u(-0.15, 0.15)
+    x = (x - mean) * u(0.7, 1.3) + mean + u(-0.15, 0.15)
     if c > 1:
         x = x * u(0.9, 1.1, (b, c) + (1,) * nd)
     out = []
