@@ -114,7 +114,7 @@ def run_job(name: str, seed: int, args, root: Path) -> dict:
             os.symlink((root / "test_images" / n).resolve(), test_dir / n)
     budget = ds.budget * args.budget_scale
     # an A/B comparison on a host whose speed drifts: the reference run's step count, time unbounded
-    steps = (getattr(args, "iterations_from", None) or {}).get((name, seed))
+    steps = args.reference_steps.get((name, seed))
     limit = ["--time-limit", str(budget)] if steps is None else ["--iterations", str(steps), "--time-limit", str(4 * budget)]
     sparseseg(["sparsify", "--labels", str(root / "train_gt"), "--fraction", str(args.fraction), "--seed", str(seed),
                "--out", str(out / "sparse")], 1, log)
@@ -205,9 +205,8 @@ def main() -> None:
     args.budget_scale = args.budget_scale or (0.1 if args.quick else 1.0)
     args.tag = args.tag or ("quick" if args.quick else "full")
     args.train_args, args.segment_args = shlex.split(args.train_args), shlex.split(args.segment_args)
-    if args.iterations_from:
-        ref = json.loads(args.iterations_from.read_text())["results"]
-        args.iterations_from = {(r["dataset"], r["seed"]): r["iterations"] for r in ref}
+    ref = json.loads(args.iterations_from.read_text())["results"] if args.iterations_from else []
+    args.reference_steps = {(r["dataset"], r["seed"]): r["iterations"] for r in ref}
     roots = {name: prepare(name, args.work) for name in args.datasets}
     # longest budgets first so that the two queues end together
     jobs = sorted(((n, s) for n in args.datasets for s in args.seeds), key=lambda j: -DATASETS[j[0]].budget)

@@ -114,10 +114,10 @@ def confident(a: torch.Tensor, region: torch.Tensor, alpha: float) -> torch.Tens
     step = flat_d.numel() // QUANTILE_SAMPLE + 1
     step += 1 - step % 2  # odd: an even stride could follow one column of the crop
     values = flat_d[::step][flat_r[::step]]
+    if values.numel() == 0:  # a region sparser than the stride
+        values = flat_d[flat_r]
     if values.numel() == 0:
-        values = flat_d[flat_r]  # a sparse region the stride missed
-        if values.numel() == 0:
-            return region
+        return region
     q = quantile(values.float(), alpha)
     return region & (d >= q)
 
