@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import platform
+import sys
 
 import torch
 
@@ -30,25 +33,26 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 def fast_bfloat16(device: torch.device) -> bool:
     """Whether bfloat16 convolutions are fast here: CUDA GPUs that support bfloat16, and CPUs with
-    AMX tiles (Intel Sapphire Rapids and later), where oneDNN runs them several times faster than
-    float32. Elsewhere bfloat16 is emulated and slower."""
+    native bfloat16 instructions (AVX512-BF16: AMD Zen 4 and later, Intel Cooper Lake; AMX tiles:
+    Intel Sapphire Rapids and later), where oneDNN runs them faster than float32 (docs/method.md).
+    Elsewhere bfloat16 is emulated and slower."""
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported())
     if device.type == "cpu":
-        check = getattr(torch.cpu, "_is_amx_tile_supported", None)
-        return bool(check and check())
+        checks = (getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+        return any(bool(check and check()) for check in checks)
     return False
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``precision`` on ``device`` (None: float32 throughout).
 
-    "auto" takes bfloat16 on CUDA GPUs that support it, float32 elsewhere: on AMX CPUs bfloat16
-    is faster per step but its effect on accuracy is not yet measured there (ask for it explicitly).
+    "auto" takes bfloat16 where it is fast (:func:`fast_bfloat16`: CUDA GPUs that support it, CPUs
+    with native bfloat16 instructions) and float32 elsewhere.
     """
     if precision not in PRECISIONS:
         raise SparseSegError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
-    if precision == "float32" or (precision == "auto" and not (device.type == "cuda" and fast_bfloat16(device))):
+    if precision == "float32" or (precision == "auto" and not fast_bfloat16(device)):
         return None
     return torch.bfloat16
 
@@ -58,3 +62,27 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+#: glibc ``mallopt`` parameters (malloc.h) and the values :func:`tune_allocator` sets
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD = 32 << 20  # glibc's maximum: arrays up to 32 MiB come from the heap
+TRIM_THRESHOLD = 256 << 20  # free memory kept at the heap's top for the next step
+
+
+def tune_allocator() -> bool:
+    """Let glibc's malloc reuse freed memory for the large arrays a CPU training step allocates.
+
+    By default glibc maps every block over a few MiB freshly from the kernel and unmaps it when
+    freed, so each of a step's tensors (and each gradient autograd zero-fills) pays page faults
+    on first touch: up to a fifth of a 3D step here (docs/method.md). With these thresholds freed
+    blocks go back to the heap and are reused. Process-wide and harmless elsewhere (at most
+    ``TRIM_THRESHOLD`` of free memory stays with the process); a no-op off glibc. Returns whether
+    the thresholds were set."""
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    except (OSError, AttributeError):
+        return False

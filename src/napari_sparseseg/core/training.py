@@ -23,7 +23,7 @@ import torch
 
 from . import checkpoint, scale as scales
 from .data import CropSampler, heldout_objects, hold_out, prepare
-from .device import resolve_device, resolve_precision
+from .device import resolve_device, resolve_precision, tune_allocator
 from .errors import SparseSegError
 from .io import normalize, to_channels_first
 from .crac_loss import CracLossConfig
@@ -217,6 +217,8 @@ class Trainer:
             cfg.base_channels = BASE_CHANNELS[ndim]
         self.device = resolve_device(cfg.device)
         self.autocast_dtype = resolve_precision(cfg.precision, self.device)
+        if self.device.type == "cpu":
+            tune_allocator()
         norm = NORMALIZATION if init is None else init.config["normalization"]
         # ``bounds``: per image, (C, 2) intensities mapped to 0 and 1 (regions of one stack share
         # the stack's, as its blockwise segmentation does); else each image's own percentiles
