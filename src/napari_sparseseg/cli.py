@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=None, help="crops per step (default: 2 in 2D, 1 in 3D)")
     t.add_argument("--base-channels", type=int, default=None, help="channels of the U-Net's first level (default: 16 in 2D, 8 in 3D)")
     t.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="auto: bfloat16 autocast where it is fast (CUDA, CPUs with AMX), else float32")
+                   help="auto: bfloat16 autocast where it is fast (CUDA, CPUs with AVX512-BF16 or AMX), else float32")
     t.add_argument("--patch-shape", type=_parse_shape, default=None, help="training crop, e.g. 256,256")
     t.add_argument("--lr", type=float, default=None, help=f"learning rate (default {LR:g}; {FINE_TUNE_LR:g} with --from)")
     t.add_argument("--diameter", type=float, default=None, metavar="PIXELS",
