@@ -45,6 +45,47 @@ def test_explicit_affinities_by_hand():
     assert np_a[0, 0].tolist() == pytest.approx([1.0, 1.0, 0.0, 0.0])
 
 
+def _explicit_affinities_by_slices(embeddings, offsets):
+    """The definition, written with autograd's own slicing (what the custom backward replaces)."""
+    from napari_sparseseg.core.losses import _pair_slices
+
+    b, _, *spatial = embeddings.shape
+    out = embeddings.new_zeros((b, len(offsets), *spatial))
+    unit = torch.nn.functional.normalize(embeddings, dim=1, eps=1e-8)
+    for k, off in enumerate(offsets):
+        if any(abs(o) >= s for o, s in zip(off, spatial)):
+            continue
+        a, c = _pair_slices(off, spatial)
+        cos = (unit[(slice(None), slice(None)) + a] * unit[(slice(None), slice(None)) + c]).sum(1)
+        out[(slice(None), k) + a] = cos.clamp(0.0, 1.0)
+    return out
+
+
+@pytest.mark.parametrize("shape, offsets", [
+    ((2, 4, 9, 11), [[0, 1], [1, 0], [-3, 2], [0, 20]]),  # the last leaves the block
+    ((1, 3, 5, 6, 7), [[1, 0, 0], [0, -2, 1], [2, 3, 3]]),
+])
+def test_explicit_affinities_value_and_gradient_match_the_definition(shape, offsets):
+    torch.manual_seed(0)
+    emb = torch.randn(shape, dtype=torch.double, requires_grad=True)
+    weights = torch.randn((shape[0], len(offsets)) + shape[2:], dtype=torch.double)
+    fast = explicit_affinities(emb, offsets)
+    ref = _explicit_affinities_by_slices(emb, offsets)
+    assert torch.allclose(fast, ref)
+    (g_fast,) = torch.autograd.grad((fast * weights).sum(), emb)
+    (g_ref,) = torch.autograd.grad((ref * weights).sum(), emb)
+    assert torch.allclose(g_fast, g_ref, atol=1e-12)
+    assert g_fast.abs().sum() > 0
+    assert torch.autograd.gradcheck(lambda e: explicit_affinities(e, offsets), (emb,))
+
+
+def test_explicit_affinities_pass_no_gradient_where_clamped():
+    # antiparallel neighbours: cos -1, clamped to 0, so moving them changes nothing
+    emb = torch.tensor([[[[1.0, -1.0]], [[0.0, 0.0]]]], requires_grad=True)
+    explicit_affinities(emb + torch.tensor([0.0, 0.1]).reshape(1, 2, 1, 1), [[0, -1]]).sum().backward()
+    assert emb.grad.abs().sum() == 0
+
+
 def test_pair_valid_marks_pairs_inside_and_not_ignored():
     valid = torch.ones(1, 2, 4, dtype=torch.bool)
     valid[0, 1, 3] = False

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from napari_sparseseg.core.network import UNet, build_network, ema_update, make_ema
+from napari_sparseseg.core.network import UNet, build_network, ema_update, make_ema, split_output
 
 
 @pytest.mark.parametrize("ndim,shape", [(2, (1, 3, 32, 48)), (3, (1, 1, 16, 16, 32))])
@@ -89,3 +89,26 @@ def test_slice_conv3d_matches_conv3d_and_loads_its_weights():
         g_ref = torch.autograd.grad(y_ref.square().sum(), [x, ref.weight])
         g = torch.autograd.grad(y.square().sum(), [x, fast.weight])
         assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(g, g_ref))
+
+
+@pytest.mark.parametrize("config, parts", [
+    ({"out_channels": 4, "foreground": True, "affinities": 3}, (4, 1, 3)),
+    ({"out_channels": 4, "affinities": 3}, (4, 0, 3)),
+    ({"out_channels": 4, "foreground": True}, (4, 1, 0)),
+    ({"out_channels": 4}, (4, 0, 0)),
+])
+def test_split_output_parts_and_their_gradients(config, parts):
+    d, f, k = parts
+    out = torch.randn(2, d + f + k, 5, 6, requires_grad=True)
+    emb, fg, aff = split_output(out, config)
+    assert emb.shape == (2, d, 5, 6) and torch.equal(emb, out[:, :d])
+    assert (fg is None) == (f == 0) and (aff is None) == (k == 0)
+    loss = emb.sum()
+    if f:
+        assert fg.shape == (2, 5, 6) and torch.equal(fg, out[:, d])
+        loss = loss + 2 * fg.sum()
+    if k:
+        assert torch.equal(aff, out[:, d + f:])
+        loss = loss + 3 * aff.sum()
+    loss.backward()
+    assert out.grad[0, :, 0, 0].tolist() == [1.0] * d + [2.0] * f + [3.0] * k

@@ -48,16 +48,48 @@ def explicit_affinities(embeddings: torch.Tensor, offsets) -> torch.Tensor:
     """Cosine similarity of the embeddings (B, D, *S) of each pixel pair i, i + o, clamped to
     [0, 1]: (B, K, *S), defined at the first pixel i of each pair (0 where the partner leaves the
     block)."""
-    b, _, *spatial = embeddings.shape
-    out = embeddings.new_zeros((b, len(offsets), *spatial))
     unit = torch.nn.functional.normalize(embeddings, dim=1, eps=1e-8)
-    for k, off in enumerate(offsets):
-        if any(abs(o) >= s for o, s in zip(off, spatial)):
-            continue
-        a, c = _pair_slices(off, spatial)
-        cos = (unit[(slice(None), slice(None)) + a] * unit[(slice(None), slice(None)) + c]).sum(1)
-        out[(slice(None), k) + a] = cos.clamp(0.0, 1.0)
-    return out
+    return _CosinePairs.apply(unit, tuple(tuple(int(o) for o in off) for off in offsets))
+
+
+class _CosinePairs(torch.autograd.Function):
+    """The clamped dot products of unit vectors (B, D, *S) across each offset, with a backward
+    that adds every offset's gradient into one buffer. Autograd's own backward of the pair slices
+    allocates and zero-fills a full-size gradient per slice (two per offset) and sums them: a
+    third of a 3D CRAC step on the CPU (docs/method.md, Precision and devices)."""
+
+    @staticmethod
+    def forward(ctx, unit: torch.Tensor, offsets: tuple) -> torch.Tensor:
+        b, _, *spatial = unit.shape
+        out = unit.new_zeros((b, len(offsets), *spatial))
+        passes = torch.zeros(out.shape, dtype=torch.bool, device=unit.device)
+        for k, off in enumerate(offsets):
+            if any(abs(o) >= s for o, s in zip(off, spatial)):
+                continue
+            a, c = _pair_slices(off, spatial)
+            cos = (unit[(slice(None), slice(None)) + a] * unit[(slice(None), slice(None)) + c]).sum(1)
+            out[(slice(None), k) + a] = cos.clamp(0.0, 1.0)
+            passes[(slice(None), k) + a] = (cos >= 0) & (cos <= 1)  # where clamp passes the gradient
+        ctx.save_for_backward(unit, passes)
+        ctx.offsets = offsets
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        unit, passes = ctx.saved_tensors
+        spatial = unit.shape[2:]
+        grad = torch.zeros_like(unit)
+        g = grad_out * passes
+        for k, off in enumerate(ctx.offsets):
+            if any(abs(o) >= s for o, s in zip(off, spatial)):
+                continue
+            a, c = _pair_slices(off, spatial)
+            ia, ic = (slice(None), slice(None)) + a, (slice(None), slice(None)) + c
+            gk = g[(slice(None), slice(k, k + 1)) + a]
+            grad[ia] += gk * unit[ic]
+            grad[ic] += gk * unit[ia]
+        return grad, None
 
 
 def pair_valid(valid: torch.Tensor, offsets) -> torch.Tensor:

@@ -193,7 +193,12 @@ def split_output(out: torch.Tensor, config: dict[str, Any]) -> Outputs:
     d = config["out_channels"]
     fg = bool(config.get("foreground"))
     k = int(config.get("affinities", 0))
-    return Outputs(out[:, :d], out[:, d] if fg else None, out[:, d + fg : d + fg + k] if k else None)
+    # torch.split, not slicing: its backward concatenates the parts' gradients, where each
+    # slice's backward would allocate and zero-fill a gradient the size of the whole output
+    sizes = [d, int(fg), k]
+    rest = out.shape[1] - sum(sizes)
+    parts = torch.split(out, sizes + [rest] if rest > 0 else sizes, dim=1)
+    return Outputs(parts[0], parts[1].squeeze(1) if fg else None, parts[2] if k else None)
 
 
 class TwinNet(nn.Module):
