@@ -145,3 +145,33 @@ def test_cluster_auto_takes_multicut_on_dense_images():
     e.f.foreground[:] = 0.0
     e.f.foreground[:20, :20] = 1.0  # a few objects on a background
     assert np.array_equal(cluster(model, e), cluster(model, e, "mws"))
+
+
+def test_dense_images_take_the_dense_background_rule(monkeypatch):
+    """On an image "auto" calls dense tissue, background "auto" means DENSE_BACKGROUND; a rule the
+    user names, a named clustering and images of objects on a background keep their own."""
+    from napari_sparseseg import TrainConfig, Trainer
+    from napari_sparseseg.core import segment as seg_mod
+    from napari_sparseseg.core.samples import synthetic_cells
+    from napari_sparseseg.core.segment import cluster, embed
+    from napari_sparseseg.core.sparsify import sparsify
+
+    img, gt = synthetic_cells((96, 96), seed=0)
+    model = Trainer([img], [sparsify(gt, 0.5)], TrainConfig(iterations=1, patch_shape=(64, 64), base_channels=8,
+                                                            depth=3, checkpoint_every=1e9)).model
+    model.config["foreground"] = {"c": 0.5}
+    e = embed(model, img, device="cpu")
+    e.f.foreground[:] = 1.0
+    e.f.foreground[:, :30] = 0.0  # 70 % foreground: dense; a band the head calls background
+    monkeypatch.setattr(seg_mod, "DENSE_BACKGROUND", "none")
+    dense = cluster(model, e)
+    assert (dense > 0).all()  # nothing removed
+    assert np.array_equal(dense, cluster(model, e, "multicut", background="none"))
+    assert (cluster(model, e, background="foreground")[:, :30] == 0).all()  # named: kept
+    assert (cluster(model, e, "multicut")[:, :30] == 0).all()
+    monkeypatch.setattr(seg_mod, "DENSE_BACKGROUND", "foreground")
+    assert (cluster(model, e)[:, :30] == 0).all()
+    e.f.foreground[:] = 0.0
+    e.f.foreground[:20, :20] = 1.0  # objects on a background: the foreground rule either way
+    monkeypatch.setattr(seg_mod, "DENSE_BACKGROUND", "none")
+    assert np.array_equal(cluster(model, e), cluster(model, e, "mws", background="foreground"))

@@ -50,6 +50,9 @@ BACKGROUNDS = ("auto", "foreground", "largest", "none")
 CLUSTERINGS = ("auto", *METHODS)
 #: "auto" calls an image dense tissue when at least this fraction of it is foreground
 DENSE_FRACTION = 0.5
+#: the background rule "auto" stands for on an image "auto" calls dense tissue (with a foreground
+#: head; a rule the user names is kept)
+DENSE_BACKGROUND = "foreground"
 #: CRAC models: which affinity map the mutex watershed reads (the affinity head's share of the
 #: weights): the explicit map from the embeddings (the paper's choice), the implicit one, or both
 AFFINITY_SOURCES = {"eam": 0.0, "iam": 1.0, "mean": 0.5}
@@ -254,9 +257,13 @@ def cluster(model: Model, embedded: Embedded, method: str = "auto", fg_threshold
     the model unless ``fg_threshold``), "largest" or "none".
     """
     pred = embedded.f
+    chosen = resolved_clustering(model, embedded, method, fg_threshold, **overrides)
+    if (method == "auto" and chosen == "multicut" and overrides.get("background") in (None, "auto")
+            and resolve_background(model.config) == "foreground"):
+        overrides = dict(overrides, background=DENSE_BACKGROUND)
     background, opts = resolve(model.config, method, pred.zoom, pred.z_zoom, **overrides)
     thr = fg_threshold if fg_threshold is not None else foreground_threshold(model.config)
-    method = resolved_clustering(model, embedded, method, fg_threshold, **overrides)
+    method = chosen
     if opts.get("mask") is not None:
         # a mask is given at the image's resolution; clustering runs at the model's scale
         mask = np.asarray(opts["mask"])
