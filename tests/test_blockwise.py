@@ -380,3 +380,18 @@ def test_open_volume_channel_axes(tmp_path):
     msg = r"rgb.zarr: shape \(4, 16, 16, 3\) does not fit the model \(expected 3 spatial axes, with 2 channel"
     with pytest.raises(SparseSegError, match=msg):
         B.open_volume(tmp_path / "rgb.zarr", 3, 2)
+
+
+def test_auto_on_a_dense_stack_keeps_every_voxel_unless_a_rule_is_named(oracle, tmp_path):
+    """As the whole-image path: "auto" on a stack the foreground head calls dense tissue takes the
+    multicut and segment.DENSE_BACKGROUND ("none"); a background rule the user names is kept."""
+    root, lab = oracle
+    outputs = oracle_outputs(lab)
+    outputs[D] = 6.0
+    outputs[D, :, :, :8] = -6.0  # a slab the head calls background: the stack is still 7/8 foreground
+    np.save(root / "outputs.npy", outputs)
+    kw = dict(predictor=OraclePredictor(root / "outputs.npy"), method="auto", block_shape=(12, 32, 32))
+    segment_blockwise(root / "model", root / "img.zarr", tmp_path / "auto.zarr", **kw)
+    assert (zarr.open_array(str(tmp_path / "auto.zarr"))[:] > 0).all()
+    segment_blockwise(root / "model", root / "img.zarr", tmp_path / "fg.zarr", background="foreground", **kw)
+    assert (zarr.open_array(str(tmp_path / "fg.zarr"))[:][:, :, :8] == 0).all()

@@ -157,7 +157,7 @@ def segment_blockwise(
     import zarr
 
     from .checkpoint import read_config
-    from .segment import DENSE_FRACTION, foreground_threshold, resolve, resolve_background
+    from .segment import DENSE_BACKGROUND, DENSE_FRACTION, foreground_threshold, resolve, resolve_background
 
     if int(zarr.__version__.split(".")[0]) < 3:
         raise SparseSegError(f"blockwise segmentation needs zarr >= 3 (installed: {zarr.__version__}); "
@@ -168,6 +168,7 @@ def segment_blockwise(
     if method not in BLOCKWISE_METHODS:
         raise SparseSegError(f"clustering {method!r}: blockwise segmentation supports "
                              f"{', '.join(BLOCKWISE_METHODS)} (graph methods that work on local neighbourhoods)")
+    background_arg = overrides.get("background")
     background = resolve_background(config, overrides.pop("background", None))
     if background == "largest":
         raise SparseSegError("background 'largest': blockwise segmentation cannot tell the largest segment of a "
@@ -236,6 +237,8 @@ def segment_blockwise(
             elif background == "foreground" and thr is not None:
                 frac = sum(s["foreground"] for s in stats) / max(1, sum(s["voxels"] for s in stats))
                 method = "multicut" if frac >= DENSE_FRACTION else "mws"
+                if method == "multicut" and background_arg in (None, "auto"):
+                    job.overrides = dict(job.overrides, background=DENSE_BACKGROUND)
             else:
                 method = "mws"
         job.method = method

@@ -51,8 +51,10 @@ CLUSTERINGS = ("auto", *METHODS)
 #: "auto" calls an image dense tissue when at least this fraction of it is foreground
 DENSE_FRACTION = 0.5
 #: the background rule "auto" stands for on an image "auto" calls dense tissue (with a foreground
-#: head; a rule the user names is kept)
-DENSE_BACKGROUND = "foreground"
+#: head; a rule the user names is kept): "none", every pixel in a cell. In dense tissue the
+#: positive-unlabeled head learns little (its unlabeled pixels are mostly cells) and removed whole
+#: cells where it dipped; chosen on the benchmark suite (docs/benchmarks.md)
+DENSE_BACKGROUND = "none"
 #: CRAC models: which affinity map the mutex watershed reads (the affinity head's share of the
 #: weights): the explicit map from the embeddings (the paper's choice), the implicit one, or both
 AFFINITY_SOURCES = {"eam": 0.0, "iam": 1.0, "mean": 0.5}
