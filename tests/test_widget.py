@@ -126,7 +126,7 @@ def test_segment_adds_new_layer_and_reclusters_without_network(qtbot, widget, er
     assert calls == [False]  # f only: the model's foreground head finds background, no EMA network needed
     # the status says what "auto" clustering chose for this image, as the engine decides it
     chosen = core_segment.resolved_clustering(w.session.model, w.segment.cache.embedded, "auto")
-    why = "dense tissue" if chosen == "multicut" else "objects on a background"
+    why = "dense tissue, no background" if chosen == "multicut" else "objects on a background"
     assert w.segment.status.value == f"{int(seg_layer.data.max())} objects (auto: {chosen}, {why})"
     first = np.array(seg_layer.data, copy=True)
     w.segment.min_size.value = 10_000_000  # removes every object: visible proof that clustering re-ran

@@ -369,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-size", type=int, default=None,
                    help="larger segments are background (default: no limit)")
     g.add_argument("--background", choices=("auto", "foreground", "largest", "none"), default="auto",
-                   help="auto (default): the model's foreground head if it has one, else largest; foreground: "
+                   help="auto (default): none on an image auto clustering calls dense tissue, else the model's "
+                        "foreground head if it has one, else largest; foreground: "
                         "pixels the foreground head calls background are 0; largest: the largest segment is "
                         "background; none: dense tissue")
     g.add_argument("--fg-threshold", type=float, default=None, metavar="P",

@@ -16,7 +16,8 @@ from ..core.clustering import GRAPH_METHODS
 from ..core.errors import SparseSegError
 from ..core.prediction import to_image_shape
 from ..core.segment import (
-    AFFINITY_SOURCES, AGREEMENT, BACKGROUNDS, BIAS, CLUSTERINGS, CRAC_AFFINITY_SOURCE, default_min_size, foreground_threshold, needs_g,
+    AFFINITY_SOURCES, AGREEMENT, BACKGROUNDS, BIAS, CLUSTERINGS, CRAC_AFFINITY_SOURCE, DENSE_BACKGROUND, default_min_size,
+    foreground_threshold, needs_g,
     PredictionCache, resolve, resolved_clustering,
 )
 from . import layers as L
@@ -40,7 +41,8 @@ class SegmentPanel(QWidget):
         self.min_size = L.count_box(value=-1, min=-1, max=10**9, tooltip="-1: from the model (1/4 of the median object)")
         self.max_size = L.count_box(value=0, min=0, max=10**12, tooltip="larger segments are background; 0: no limit")
         self.background = ComboBox(choices=list(BACKGROUNDS), value="auto",
-                                   tooltip="auto: the model's foreground head if it has one, else largest; "
+                                   tooltip="auto: none on an image auto clustering calls dense tissue, else "
+                                           "the model's foreground head if it has one, else largest; "
                                            "foreground: what the foreground head calls background is 0; "
                                            "largest: the largest segment is background; none: dense tissue")
         self.fg_threshold = FloatSpinBox(value=-1.0, min=-1.0, max=1.0, step=0.01,
@@ -306,6 +308,9 @@ class SegmentPanel(QWidget):
             chosen = resolved_clustering(self.session.model, self.cache.embedded, "auto", **self._overrides())
         except SparseSegError:
             return ""
-        return f" (auto: {chosen}, {'dense tissue' if chosen == 'multicut' else 'objects on a background'})"
+        if chosen != "multicut":
+            return f" (auto: {chosen}, objects on a background)"
+        kept = self.background.value == "auto" and DENSE_BACKGROUND == "none"
+        return f" (auto: {chosen}, dense tissue{', no background' if kept else ''})"
 
 
