@@ -308,3 +308,28 @@ def test_voxel_size_for_2d_images_is_an_error(data, tmp_path, capsys):
     assert "voxel_size (1.0, 1.0, 1.0): the images are 2D; a voxel size applies to 3D stacks only" in _err(
         capsys, ["train", "--images", str(data / "img" / "*.tif"), "--labels", str(data / "sparse" / "*.tif"),
                  "--out", str(tmp_path / "m"), "--iterations", "1", "--voxel-size", "1", "1", "1", *FAST])
+
+
+def test_segment_auto_on_dense_tissue_keeps_every_pixel(data, model, tmp_path, monkeypatch):
+    """`segment` with the defaults applies the engine's dense-tissue rule (segment.DENSE_BACKGROUND):
+    an image the foreground head calls mostly foreground gets the multicut and no background."""
+    from napari_sparseseg.core import segment as seg_mod
+
+    real = seg_mod.embed
+
+    def dense_embed(*a, **k):
+        e = real(*a, **k)
+        e.f.foreground[:] = 1.0
+        e.f.foreground[:, : e.f.foreground.shape[1] // 4] = 0.0  # 3/4 foreground: dense tissue
+        return e
+
+    monkeypatch.setattr(seg_mod, "embed", dense_embed)
+    img = str(data / "img" / "c0.tif")
+
+    def run(*extra):
+        out = tmp_path / "s"
+        assert main(["segment", "--model", str(model), "--images", img, "--out", str(out), *extra]) == 0
+        return tifffile.imread(out / "c0.tif")
+
+    assert run().min() > 0
+    assert (run("--background", "foreground") == 0).mean() > 0.15  # a named rule keeps the head's band

@@ -223,8 +223,8 @@ def cmd_segment(args) -> int:
         t0 = time.perf_counter()
         voxel = args.voxel_size or io.voxel_size(path)  # None: the model's
         embedded = embed(model, io.read(path), need_g, args.device, str(path), args.diameter, voxel)
-        how = resolved_clustering(model, embedded, args.clustering, **overrides)
-        seg = cluster(model, embedded, how, **overrides)  # "auto" decided once, on this image
+        how = resolved_clustering(model, embedded, args.clustering, **overrides)  # reported below
+        seg = cluster(model, embedded, args.clustering, **overrides)  # "auto" decides clustering and background
         dst = io.write(_out_path(out, path), seg.astype(np.uint32 if seg.max() > 65535 else np.uint16))
         print(f"{path} -> {dst}: {int(seg.max())} objects in {time.perf_counter() - t0:.2f} s ({how})")
     return 0
