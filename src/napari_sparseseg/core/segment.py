@@ -255,8 +255,10 @@ def cluster(model: Model, embedded: Embedded, method: str = "auto", fg_threshold
 
     ``method``: "auto" (default: :func:`choose_clustering` on this image; "multicut" with
     background "none") or one of :data:`.clustering.METHODS`. ``background`` (override): "auto"
-    (default), "foreground" (segments the foreground head calls background are 0; threshold from
-    the model unless ``fg_threshold``), "largest" or "none".
+    (default: "none" on an image "auto" clustering calls dense tissue, :data:`DENSE_BACKGROUND`;
+    else the foreground head, or the largest segment without one), "foreground" (segments the
+    foreground head calls background are 0; threshold from the model unless ``fg_threshold``),
+    "largest" or "none".
     """
     pred = embedded.f
     chosen = resolved_clustering(model, embedded, method, fg_threshold, **overrides)
