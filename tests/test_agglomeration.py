@@ -177,3 +177,39 @@ def test_dense_images_take_the_dense_background_rule(monkeypatch):
     e.f.foreground[:20, :20] = 1.0  # objects on a background: the foreground rule either way
     monkeypatch.setattr(seg_mod, "DENSE_BACKGROUND", "none")
     assert np.array_equal(cluster(model, e), cluster(model, e, "mws", background="foreground"))
+
+
+def test_each_clustering_takes_its_own_default_bias(monkeypatch):
+    """bias None: the mutex watershed and the multicut each take their own default (segment.BIAS,
+    per method), also when "auto" chooses between them; a bias the user names is kept for either."""
+    from napari_sparseseg import TrainConfig, Trainer
+    from napari_sparseseg.core import segment as seg_mod
+    from napari_sparseseg.core.samples import synthetic_cells
+    from napari_sparseseg.core.segment import cluster, clustering_options, embed
+    from napari_sparseseg.core.sparsify import sparsify
+
+    monkeypatch.setattr(seg_mod, "BIAS", {"crac": {"mws": 0.07, "multicut": -0.03}, "spoco": {"mws": 0.01}})
+    crac = {"method": "crac"}
+    assert clustering_options(crac, "mws")["bias"] == 0.07
+    assert clustering_options(crac, "multicut")["bias"] == -0.03
+    assert clustering_options(crac, "multicut", bias=0.2)["bias"] == 0.2
+    assert clustering_options({"method": "spoco"}, "mws")["bias"] == 0.01  # each method its own
+    assert clustering_options({"method": "spoco"}, "multicut")["bias"] == 0.0
+    seen = []
+    real = seg_mod.segment_embeddings
+    monkeypatch.setattr(seg_mod, "segment_embeddings",
+                        lambda emb, method, **kw: seen.append((method, kw["bias"])) or real(emb, method, **kw))
+    img, gt = synthetic_cells((96, 96), seed=0)
+    model = Trainer([img], [sparsify(gt, 0.5)], TrainConfig(iterations=1, patch_shape=(64, 64), base_channels=8,
+                                                            depth=3, checkpoint_every=1e9)).model
+    model.config["foreground"] = {"c": 0.5}
+    assert model.config["method"] == "crac"
+    e = embed(model, img, device="cpu")
+    e.f.foreground[:] = 1.0  # dense tissue: "auto" is the multicut
+    cluster(model, e)
+    cluster(model, e, bias=0.2)
+    e.f.foreground[:] = 0.0
+    e.f.foreground[:20, :20] = 1.0  # objects on a background: "auto" is the mutex watershed
+    cluster(model, e)
+    cluster(model, e, "mws", bias=-0.1)
+    assert seen == [("multicut", -0.03), ("multicut", 0.2), ("mws", 0.07), ("mws", -0.1)]

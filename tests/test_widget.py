@@ -259,6 +259,8 @@ def test_segment_knobs_show_what_auto_means(qtbot, widget, tmp_path, errors):
         assert knob.value == knob.min == -1
         assert knob.native.specialValueText() == "auto" and knob.native.text() == "auto"
     assert seg.max_size.value == 0 and seg.max_size.native.text() == "no limit"
+    assert seg.bias.value == seg.bias.min == -1 and seg.bias.native.text() == "auto"
+    assert seg._overrides()["bias"] is None
     # after training: the values the engine will use with this model
     _train(qtbot, w, iterations=2, preview_every=0)
     config = w.session.model.config
@@ -269,6 +271,18 @@ def test_segment_knobs_show_what_auto_means(qtbot, widget, tmp_path, errors):
     assert seg.fg_threshold.native.text() == f"auto ({threshold:.2f})"
     assert seg.agreement.native.text() == "auto (off)"  # background from the foreground head: no filter
     assert seg.max_size.native.text() == "no limit"
+    # the bias: each graph clustering's own default for this model's method
+    assert config["method"] == "crac"
+    bias = core_segment.BIAS["crac"]
+    assert seg.bias.native.text() == f"auto (mws {bias['mws']:+.2f}, multicut {bias['multicut']:+.2f})"
+    seg.method.value = "multicut"
+    assert seg.bias.native.text() == f"auto ({bias['multicut']:+.2f})"
+    seg.method.value = "hdbscan"
+    assert seg.bias.native.text() == "auto (not used)"
+    seg.method.value = "auto"
+    seg.bias.value = 0.1
+    assert seg.bias.native.text() == "0.10" and seg._overrides()["bias"] == pytest.approx(0.1)
+    seg.bias.value = -1
     # the background and method choices change what auto means
     seg.background.value = "largest"
     assert seg.fg_threshold.native.text() == "auto (not used)"

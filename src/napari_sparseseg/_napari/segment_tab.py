@@ -7,7 +7,7 @@ from pathlib import Path
 
 import napari
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, FloatSlider, FloatSpinBox, Label, PushButton
+from magicgui.widgets import CheckBox, ComboBox, FloatSpinBox, Label, PushButton
 from napari.qt.threading import create_worker
 from qtpy.QtWidgets import QVBoxLayout, QWidget
 
@@ -16,7 +16,7 @@ from ..core.clustering import GRAPH_METHODS
 from ..core.errors import SparseSegError
 from ..core.prediction import to_image_shape
 from ..core.segment import (
-    AFFINITY_SOURCES, AGREEMENT, BACKGROUNDS, BIAS, CLUSTERINGS, CRAC_AFFINITY_SOURCE, DENSE_BACKGROUND, default_min_size,
+    AFFINITY_SOURCES, AGREEMENT, BACKGROUNDS, CLUSTERINGS, CRAC_AFFINITY_SOURCE, DENSE_BACKGROUND, default_bias, default_min_size,
     foreground_threshold, needs_g,
     PredictionCache, resolve, resolved_clustering,
 )
@@ -36,8 +36,9 @@ class SegmentPanel(QWidget):
         self.method = ComboBox(choices=list(CLUSTERINGS), value="auto",
                                tooltip="auto: multicut on superpixels where the image is mostly foreground (dense "
                                        "tissue), mutex watershed (mws) for objects on a background")
-        self.bias = FloatSlider(value=BIAS, min=-0.5, max=0.5, step=0.01,
-                                tooltip="> 0 splits more, < 0 merges more (mws and multicut)")
+        self.bias = FloatSpinBox(value=-1.0, min=-1.0, max=0.49, step=0.01,
+                                 tooltip="> 0 splits more, < 0 merges more (mws and multicut); -1: the "
+                                         "clustering's default")
         self.min_size = L.count_box(value=-1, min=-1, max=10**9, tooltip="-1: from the model (1/4 of the median object)")
         self.max_size = L.count_box(value=0, min=0, max=10**12, tooltip="larger segments are background; 0: no limit")
         self.background = ComboBox(choices=list(BACKGROUNDS), value="auto",
@@ -94,10 +95,11 @@ class SegmentPanel(QWidget):
     def auto_values(self) -> dict[str, str]:
         """What "auto" means for min size, fg threshold and agreement with the current model, method
         and background choice, as the engine resolves it (core.segment); plain "auto" without a model."""
-        texts = {"min_size": "auto", "fg_threshold": "auto", "agreement": "auto"}
+        texts = {"min_size": "auto", "fg_threshold": "auto", "agreement": "auto", "bias": "auto"}
         model = self.session.model
         if model is None:
             return texts
+        texts["bias"] = self.bias_text(model.config)
         try:
             background, opts = resolve(model.config, self.method.value, background=self.background.value)
         except SparseSegError:  # e.g. background 'foreground' for a model without a foreground head
@@ -109,13 +111,21 @@ class SegmentPanel(QWidget):
         texts["agreement"] = f"auto ({opts['agreement']:.2f})" if opts.get("agreement") else "auto (off)"
         return texts
 
+    def bias_text(self, config: dict) -> str:
+        """The bias "auto" stands for with this model ``config`` and the current clustering choice
+        (core.segment.default_bias)."""
+        method = self.method.value
+        if method == "auto":
+            return "auto (" + ", ".join(f"{m} {default_bias(config, m):+.2f}" for m in GRAPH_METHODS) + ")"
+        return f"auto ({default_bias(config, method):+.2f})" if method in GRAPH_METHODS else "auto (not used)"
+
     def show_auto_values(self, *_) -> None:
         """Show each knob left at -1 as "auto (the value the model will use)"."""
         for name, text in self.auto_values().items():
             getattr(self, name).native.setSpecialValueText(text)
 
     def _overrides(self) -> dict:
-        return dict(bias=float(self.bias.value),
+        return dict(bias=None if self.bias.value <= -1 else float(self.bias.value),
                     min_size=None if self.min_size.value < 0 else int(self.min_size.value),
                     max_size=int(self.max_size.value) or None,
                     background=self.background.value,

@@ -34,8 +34,13 @@ FOREGROUND_FRACTION = {"spoco": 0.5, "crac": 0.25}
 #: pixels below this fraction of the segment threshold are not clustered at all (surely background);
 #: chosen on the benchmark suite (benchmarks/sweep.py, mean rank over its datasets)
 PREMASK_FRACTION = 1.0
-#: mutex-watershed bias of the default segmentation (> 0 splits more); suite mean rank
-BIAS = 0.0
+#: the bias (> 0 splits more, < 0 merges more) each graph clustering takes by default, per method.
+#: The two clusterings' scales differ (the mutex watershed shifts its weights, the multicut its
+#: boundary bias beta = 0.5 + bias), and re-clustering three suite runs' CRAC models pulls them
+#: apart: the mutex watershed on objects on a background wants a few more splits, the multicut on
+#: dense tissue a few more merges (docs/benchmarks.md; benchmarks/sweep.py). SPOCO's distances have
+#: another scale, and its CVPPP models scored best at 0: it keeps 0 until a suite run says otherwise
+BIAS = {"crac": {"mws": 0.05, "multicut": -0.05}, "spoco": {"mws": 0.0, "multicut": 0.0}}
 #: share of the affinity head in the repulsive (long-range) mutex-watershed weights (the rest:
 #: embedding distances); suite mean rank
 AFFINITY_MIX = 0.5
@@ -78,7 +83,7 @@ def clustering_options(config: dict[str, Any], method: str = "mws", zoom: float 
         "delta_dist": loss.get("delta_dist", 2.0),
         "offsets": config.get("offsets"),
         "min_size": int(med * MIN_SIZE_FRACTION),
-        "bias": BIAS,
+        "bias": default_bias(config, method),
         "agreement": AGREEMENT if method in GRAPH_METHODS or method == "auto" else None,
         "affinity_mix": AFFINITY_MIX,
         "attractive_mix": ATTRACTIVE_MIX,
@@ -103,6 +108,13 @@ def clustering_options(config: dict[str, Any], method: str = "mws", zoom: float 
             overrides[key] = int(round(overrides[key] * _zoom_area(zoom, z_zoom)))
     opts.update(overrides)
     return opts
+
+
+def default_bias(config: dict[str, Any], method: str) -> float:
+    """The bias clustering ``method`` takes by default for a model of this ``config``
+    (:data:`BIAS`; 0 for clusterings without one and for "auto", which :func:`cluster` resolves
+    first)."""
+    return float(BIAS.get(config.get("method", "spoco"), {}).get(method, 0.0))
 
 
 def default_min_size(config: dict[str, Any], zoom: float | None = None, z_zoom: float | None = None) -> int:
@@ -265,9 +277,9 @@ def cluster(model: Model, embedded: Embedded, method: str = "auto", fg_threshold
     if (method == "auto" and chosen == "multicut" and overrides.get("background") in (None, "auto")
             and resolve_background(model.config) == "foreground"):
         overrides = dict(overrides, background=DENSE_BACKGROUND)
+    method = chosen
     background, opts = resolve(model.config, method, pred.zoom, pred.z_zoom, **overrides)
     thr = fg_threshold if fg_threshold is not None else foreground_threshold(model.config)
-    method = chosen
     if opts.get("mask") is not None:
         # a mask is given at the image's resolution; clustering runs at the model's scale
         mask = np.asarray(opts["mask"])
