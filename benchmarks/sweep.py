@@ -5,9 +5,9 @@ predictions are computed once, then clustered with every setting of a grid.
 
 Every option of ``napari_sparseseg.core.segment.cluster`` can be swept (method, bias, affinity_mix,
 fg_threshold, background, min_size, agreement), and the module constants ``FOREGROUND_FRACTION``,
-``PREMASK_FRACTION`` and ``MIN_SIZE_FRACTION`` (upper case). Prints, per setting, each dataset's
-primary metric (mean over the run's seeds) and the mean rank across datasets, so a default is
-chosen on the whole suite, never on one dataset.
+``PREMASK_FRACTION``, ``MIN_SIZE_FRACTION`` and ``BIAS`` (upper case; a per-method table takes the
+value everywhere). Prints, per setting, each dataset's primary metric (mean over the run's seeds)
+and the mean rank across datasets, so a default is chosen on the whole suite, never on one dataset.
 """
 
 from __future__ import annotations
@@ -47,6 +47,11 @@ def _value(text: str):
         return text
 
 
+def _fill(table, value):
+    """``table`` (a constant, or a dict of them, nested) with every entry ``value``."""
+    return {k: _fill(v, value) for k, v in table.items()} if isinstance(table, dict) else value
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, required=True, help="a suite run folder (holds <dataset>-s<seed>/)")
@@ -77,8 +82,9 @@ def main() -> None:
             consts = {k: v for k, v in setting.items() if k.isupper()}
             saved = {k: getattr(seg_mod, k) for k in consts}
             for k, v in consts.items():
-                # a per-method table (e.g. FOREGROUND_FRACTION) takes the value for every method
-                setattr(seg_mod, k, dict.fromkeys(saved[k], v) if isinstance(saved[k], dict) else v)
+                # a per-method table (FOREGROUND_FRACTION; BIAS per method and clustering) takes the
+                # value everywhere
+                setattr(seg_mod, k, _fill(saved[k], v))
             try:
                 opts = {k: v for k, v in setting.items() if k.islower()}
                 vals = [score(seg_mod.cluster(model, e, **opts), gt)[key] for e, gt in cache]

@@ -16,8 +16,8 @@ from ..core.clustering import GRAPH_METHODS
 from ..core.errors import SparseSegError
 from ..core.prediction import to_image_shape
 from ..core.segment import (
-    AFFINITY_SOURCES, AGREEMENT, BACKGROUNDS, CLUSTERINGS, CRAC_AFFINITY_SOURCE, DENSE_BACKGROUND, default_bias, default_min_size,
-    foreground_threshold, needs_g,
+    AFFINITY_SOURCES, AGREEMENT, BACKGROUNDS, CLUSTERINGS, CRAC_AFFINITY_SOURCE, DENSE_BACKGROUND, default_bias,
+    default_min_size, foreground_threshold, needs_g,
     PredictionCache, resolve, resolved_clustering,
 )
 from . import layers as L
