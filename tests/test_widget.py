@@ -250,7 +250,7 @@ def test_3d_stack_trains_previews_a_slab_and_segments(qtbot, make_napari_viewer,
         w.cleanup_model_folder()
 
 
-def test_segment_knobs_show_what_auto_means(qtbot, widget, tmp_path, errors):
+def test_segment_knobs_show_what_auto_means(qtbot, widget, tmp_path, errors, monkeypatch):
     viewer, w = widget
     seg = w.segment
     auto_knobs = (seg.min_size, seg.fg_threshold, seg.agreement)
@@ -271,10 +271,11 @@ def test_segment_knobs_show_what_auto_means(qtbot, widget, tmp_path, errors):
     assert seg.fg_threshold.native.text() == f"auto ({threshold:.2f})"
     assert seg.agreement.native.text() == "auto (off)"  # background from the foreground head: no filter
     assert seg.max_size.native.text() == "no limit"
-    # the bias: each graph clustering's own default for this model's method
-    assert config["method"] == "crac"
-    bias = core_segment.BIAS["crac"]
-    assert seg.bias.native.text() == f"auto (mws {bias['mws']:+.2f}, multicut {bias['multicut']:+.2f})"
+    # the bias: each graph clustering's own default for this model's method (made distinct here)
+    bias = {"mws": 0.02, "multicut": -0.03}
+    monkeypatch.setitem(core_segment.BIAS, config["method"], bias)
+    seg.show_auto_values()
+    assert seg.bias.native.text() == f"auto ({bias['mws']:+.2f} / {bias['multicut']:+.2f})"  # mws / multicut
     seg.method.value = "multicut"
     assert seg.bias.native.text() == f"auto ({bias['multicut']:+.2f})"
     seg.method.value = "hdbscan"

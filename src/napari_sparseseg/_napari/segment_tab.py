@@ -37,8 +37,8 @@ class SegmentPanel(QWidget):
                                tooltip="auto: multicut on superpixels where the image is mostly foreground (dense "
                                        "tissue), mutex watershed (mws) for objects on a background")
         self.bias = FloatSpinBox(value=-1.0, min=-1.0, max=0.49, step=0.01,
-                                 tooltip="> 0 splits more, < 0 merges more (mws and multicut); -1: the "
-                                         "clustering's default")
+                                 tooltip="> 0 splits more, < 0 merges more (mws and multicut); -1: auto, each "
+                                         "clustering's default (with clustering auto: mws / multicut)")
         self.min_size = L.count_box(value=-1, min=-1, max=10**9, tooltip="-1: from the model (1/4 of the median object)")
         self.max_size = L.count_box(value=0, min=0, max=10**12, tooltip="larger segments are background; 0: no limit")
         self.background = ComboBox(choices=list(BACKGROUNDS), value="auto",
@@ -116,7 +116,7 @@ class SegmentPanel(QWidget):
         (core.segment.default_bias)."""
         method = self.method.value
         if method == "auto":
-            return "auto (" + ", ".join(f"{m} {default_bias(config, m):+.2f}" for m in GRAPH_METHODS) + ")"
+            return "auto (" + " / ".join(f"{default_bias(config, m):+.2f}" for m in GRAPH_METHODS) + ")"
         return f"auto ({default_bias(config, method):+.2f})" if method in GRAPH_METHODS else "auto (not used)"
 
     def show_auto_values(self, *_) -> None:
