@@ -364,9 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (default): multicut on superpixels where an image is mostly foreground (dense tissue: "
                         "membranes, EM), mutex watershed (mws) for objects on a background")
     g.add_argument("--bias", type=float, default=None,
-                   help="> 0 splits more, < 0 merges more (mws and multicut; default for CRAC models: "
-                        + ", ".join(f"{m} {b:+g}" for m, b in BIAS["crac"].items()) + "; for SPOCO models: "
-                        + ", ".join(f"{m} {b:+g}" for m, b in BIAS["spoco"].items()) + ")")
+                   help="> 0 splits more, < 0 merges more (mws and multicut; default: " + "; ".join(
+                       f"{name.upper()} models " + ", ".join(f"{m} {b:+g}" for m, b in table.items())
+                       for name, table in BIAS.items()) + ")")
     g.add_argument("--min-size", type=int, default=None, help="smaller objects are removed (default: 1/4 of the median annotated object)")
     g.add_argument("--max-size", type=int, default=None,
                    help="larger segments are background (default: no limit)")

@@ -30,7 +30,7 @@ class SliceConv3d(nn.Conv3d):
         kz = self.kernel_size[0]
         z = zp - kz + 1
         xt = x.transpose(1, 2)  # (B, Z, C, Y, X): a z-slice's channels are contiguous
-        stacked = xt[:, :z] if kz == 1 else torch.cat([xt[:, dz:dz + z] for dz in range(kz)], 2)
+        stacked = torch.cat([xt[:, dz:dz + z] for dz in range(kz)], 2)
         # weight (C_out, C_in, kz, ky, kx) -> (C_out, kz * C_in, ky, kx), in the order of the stack
         w = self.weight.transpose(1, 2).reshape(self.out_channels, kz * c, *self.kernel_size[1:])
         out = nn.functional.conv2d(stacked.reshape(b * z, kz * c, yp, xp), w, self.bias)
