@@ -191,3 +191,28 @@ def test_crops_mark_the_held_out_objects():
     assert 0 < seen < 40
     img_b, lab_b, val_b, held_b = sampler.batch(3)
     assert held_b.shape == lab_b.shape and held_b.dtype == torch.bool
+
+
+def test_object_contrast_fades_around_labeled_objects_without_an_edge():
+    from napari_sparseseg.core.data import object_contrast
+
+    img = np.full((1, 60, 60), 0.1, np.float32)
+    lab = np.zeros((60, 60), np.int64)
+    lab[5:15, 5:15], lab[40:50, 40:50] = 1, 2
+    img[0][lab > 0] = 0.5
+    out = object_contrast(img, lab, np.random.default_rng(0), gain=3.0, p=1.0)
+    assert out.shape == img.shape and out.dtype == np.float32
+    # each object's contrast to the median (0.1) is raised by its own factor within [1, 3]
+    g1, g2 = (out[0, 10, 10] - 0.1) / 0.4, (out[0, 45, 45] - 0.1) / 0.4
+    assert 1 <= g1 <= 3 and 1 <= g2 <= 3 and abs(g1 - g2) > 1e-3
+    # an unlabeled object beside a labeled one gets a share of its factor: no edge at the label
+    img2 = np.full((1, 40, 40), 0.1, np.float32)
+    img2[0, 5:15, 5:25] = 0.5
+    lab2 = np.zeros((40, 40), np.int64)
+    lab2[5:15, 5:15] = 1
+    out2 = object_contrast(img2, lab2, np.random.default_rng(1), gain=3.0, p=1.0)
+    step = abs(out2[0, 10, 14] - out2[0, 10, 15])
+    assert step < 0.25 * abs(out2[0, 10, 10] - 0.5)
+    # p = 0 leaves the crop as it was; the input is never modified
+    assert np.array_equal(object_contrast(img, lab, np.random.default_rng(0), 3.0, p=0.0), img)
+    assert np.allclose(img[0][lab > 0], 0.5)

@@ -151,3 +151,39 @@ def test_resuming_after_painting_more_keeps_the_held_out_objects(tmp_path):
     # a new run on the same labels draws its own (the seeded draw over twelve objects: two)
     fresh = Trainer([img], [more], TrainConfig(method="crac", iterations=1, **FAST), names=["cells"])
     assert len(fresh.model_config["heldout_objects"]["cells"]) == 2
+
+
+def test_object_contrast_is_opt_in_from_the_api_and_the_cli(tmp_path, capsys):
+    from napari_sparseseg.core.training import OBJECT_GAIN_ON
+
+    with pytest.raises(SparseSegError, match=r"object contrast must be a factor >= 1 \(1: off\), got 0.5"):
+        TrainConfig(object_gain=0.5)
+    img, gt = synthetic_cells((96, 96), seed=2)
+    labels = sparsify(gt, 1.0)
+    assert TrainConfig().object_gain == 1.0  # off by default
+    # the trainer's crops get it: with it on, a labeled object's contrast changes, off it does not
+    for gain, changed in ((1.0, False), (3.0, True)):
+        t = Trainer([img], [labels], TrainConfig(method="crac", iterations=1, object_gain=gain, **FAST))
+        assert t.sampler.object_gain == gain
+        t.sampler.p_object, t.sampler.elastic = 1.0, False
+        plain = Trainer([img], [labels], TrainConfig(method="crac", iterations=1, **FAST)).sampler
+        plain.p_object, plain.elastic = 1.0, False
+        diffs = [not np.allclose(t.sampler.crop()[0], plain.crop()[0]) for _ in range(6)]
+        assert any(diffs) == changed
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "img.tif", img)
+    tifffile.imwrite(tmp_path / "lab.tif", labels)
+    args = ["train", "--images", str(tmp_path / "img.tif"), "--labels", str(tmp_path / "lab.tif"), "--iterations", "1",
+            "--patch-shape", "64,64", "--quiet", "--base-channels", "4"]
+    import json
+
+    def used(folder):
+        return json.loads((tmp_path / folder / "config.json").read_text())["training"]["train_config"]["object_gain"]
+
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0 and used("a") == 1.0
+    assert main([*args, "--out", str(tmp_path / "b"), "--object-contrast"]) == 0 and used("b") == OBJECT_GAIN_ON
+    assert main([*args, "--out", str(tmp_path / "c"), "--object-contrast", "2"]) == 0 and used("c") == 2.0
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "d"), "--object-contrast", "0.5"]) == 2
+    assert "object contrast must be a factor >= 1 (1: off), got 0.5" in capsys.readouterr().err

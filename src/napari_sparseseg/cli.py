@@ -19,7 +19,7 @@ from .core import checkpoint, io
 from .core.errors import SparseSegError
 from .core.methods import METHOD_NAMES, describe_default
 from .core.segment import AFFINITY_SOURCES, AGREEMENT, BIAS, CLUSTERINGS, CRAC_AFFINITY_SOURCE
-from .core.training import FINE_TUNE_LR, FOREGROUND_HOLDOUT, LR
+from .core.training import FINE_TUNE_LR, FOREGROUND_HOLDOUT, LR, OBJECT_GAIN, OBJECT_GAIN_ON
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:
@@ -101,6 +101,7 @@ def cmd_train(args) -> int:
         loss=loss,
         checkpoint_every=args.checkpoint_every,
         foreground_holdout=args.foreground_holdout,
+        object_gain=args.object_contrast,
     )
     if args.base_channels is not None:
         config.base_channels = args.base_channels
@@ -347,6 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--foreground-holdout", type=float, default=FOREGROUND_HOLDOUT, metavar="FRACTION",
                    help="fraction of the labeled objects held out of the foreground loss, on which its threshold "
                         f"is calibrated (default {FOREGROUND_HOLDOUT:g}; none with fewer than 3 objects; 0: none)")
+    t.add_argument("--object-contrast", type=float, nargs="?", const=OBJECT_GAIN_ON, default=OBJECT_GAIN,
+                   metavar="FACTOR",
+                   help="raise the contrast of half the labeled objects of each crop by up to FACTOR (alone: "
+                        f"{OBJECT_GAIN_ON:g}), so that objects much brighter than the labeled ones are not called "
+                        "background: for objects on a background (nuclei); it costs objects that touch (leaves, "
+                        "cells in tissue). Default: off")
     t.add_argument("--anchor", choices=("pixel", "mean"), default="pixel", help="instance-selection anchor")
     t.add_argument("--coord-scale", type=float, default=None,
                    help="coordinate channels added to the embeddings (units per pixel at the model's scale); "

@@ -222,8 +222,10 @@ class CropSampler:
         p_object: float = 0.9,
         elastic: bool = True,
         zoom_jitter: float = 1.0,
+        object_gain: float = 1.0,
     ):
         self.samples = samples
+        self.object_gain = float(object_gain)
         self.patch = tuple(int(p) for p in patch_shape)
         self.rng = np.random.default_rng(seed)
         self.p_object = p_object
@@ -260,6 +262,8 @@ class CropSampler:
         if tuple(region) != self.patch:
             img, lab, val = _zoom_crop(img, lab, val, self.patch)
         img, lab, val = self._geometric(img, lab, val)
+        if self.object_gain > 1:
+            img = object_contrast(img, lab, self.rng, self.object_gain)
         held = np.isin(lab, smp.heldout)  # held-out ids are > 0
         return img, relabel_consecutive(lab), val, held
 
@@ -290,6 +294,50 @@ class CropSampler:
         """A batch as torch tensors: image (B, C, *P), labels, valid and heldout (B, *P)."""
         crops = [self.crop() for _ in range(size)]
         return tuple(torch.from_numpy(np.stack([c[k] for c in crops])) for k in range(4))
+
+
+#: share of annotated objects whose contrast :func:`object_contrast` changes
+OBJECT_GAIN_P = 0.5
+#: the width of :func:`object_contrast`'s bump in object radii
+OBJECT_GAIN_SPREAD = 2.0
+
+
+def object_contrast(img: np.ndarray, lab: np.ndarray, rng: np.random.Generator, gain: float,
+                    p: float = OBJECT_GAIN_P) -> np.ndarray:
+    """``img`` (C, *S) with the contrast to the crop's median raised around some annotated objects
+    of ``lab`` (*S), each (with probability ``p``) by its own factor, log-uniform in [1, gain].
+
+    The factor is a smooth bump on the object: a Gaussian at its centroid whose width along each
+    axis is :data:`OBJECT_GAIN_SPREAD` times the object's extent there (twice the standard deviation
+    of its coordinates, the radius of a disc), so it is nearly flat over the object and its
+    neighbours share most of it. Never toward the background: a dimmed object would teach the
+    foreground head that background can be an object.
+
+    Why: with a few labeled objects, the positive-unlabeled foreground head learns "as bright as the
+    labeled ones" and calls much brighter unlabeled objects background (docs/method.md). A gain
+    field on the whole crop (:func:`intensity_field`) does not break that: every real bright object
+    is unlabeled. Brightening the labeled objects themselves does, whatever the polarity (the
+    contrast is to the median: about the background on sparse images, the tissue on dense ones)."""
+    ids = np.unique(lab)
+    ids = ids[ids > 0]
+    ids = ids[rng.random(ids.size) < p]
+    if ids.size == 0:
+        return img
+    out = img.astype(np.float32, copy=True)
+    flat = out.reshape(out.shape[0], -1)
+    ref = np.median(flat[:, :: max(1, flat.shape[1] // 4096)], axis=1).reshape((-1,) + (1,) * lab.ndim)
+    log_gain = np.zeros(lab.shape, np.float32)
+    for i in ids:
+        coords = np.nonzero(lab == i)
+        bump = np.float32(rng.uniform(0.0, np.log(gain)))
+        for ax, c in enumerate(coords):
+            width = OBJECT_GAIN_SPREAD * 2 * max(float(c.std()), 0.5)
+            t = (np.arange(lab.shape[ax], dtype=np.float32) - float(c.mean())) / width
+            shape = [1] * lab.ndim
+            shape[ax] = -1
+            bump = bump * np.exp(-0.5 * t**2).reshape(shape)
+        log_gain += bump
+    return ref + np.exp(log_gain) * (out - ref)
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:

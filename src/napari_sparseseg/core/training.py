@@ -34,6 +34,12 @@ from .methods import METHOD_NAMES, get_method, resolve_method
 PATCH_DIAMETERS = 4
 #: each crop is zoomed by a random factor in [1/ZOOM_JITTER, ZOOM_JITTER]
 ZOOM_JITTER = 1.25
+#: the contrast of half the annotated objects of a crop is raised by up to this factor
+#: (data.object_contrast): opt-in (1: off). 3 helped nuclei and cost touching objects (CVPPP
+#: leaves) on the benchmark suite, so it is not the default (docs/method.md)
+OBJECT_GAIN = 1.0
+#: what ``--object-contrast`` without a value and the Train tab's check box use
+OBJECT_GAIN_ON = 3.0
 #: used when neither an iteration count nor a time limit is given
 DEFAULT_ITERATIONS = 5000
 #: learning rates: training from scratch, and fine-tuning a model on new data (10x lower)
@@ -91,6 +97,8 @@ class TrainConfig:
     affinities: bool = True
     elastic: bool = True
     zoom_jitter: float = ZOOM_JITTER
+    #: raise the contrast of annotated objects by up to this factor (data.object_contrast; 1: off)
+    object_gain: float = OBJECT_GAIN
     checkpoint_every: float = 60.0
     #: SPOCO's loss settings (method "spoco")
     loss: SpocoLossConfig = field(default_factory=SpocoLossConfig)
@@ -112,6 +120,8 @@ class TrainConfig:
             raise SparseSegError(f"batch size must be >= 1, got {self.batch_size}")
         if not 0 <= self.foreground_holdout < 1:
             raise SparseSegError(f"foreground holdout must be a fraction in [0, 1), got {self.foreground_holdout}")
+        if not self.object_gain >= 1:
+            raise SparseSegError(f"object contrast must be a factor >= 1 (1: off), got {self.object_gain}")
         if self.diameter is not None and not self.diameter > 0:
             raise SparseSegError(f"diameter must be a positive number of pixels, got {self.diameter}")
 
@@ -254,7 +264,7 @@ class Trainer:
         if any(p % d for p, d in zip(self.patch, self.method.divisor)):
             raise SparseSegError(f"patch shape {self.patch} must be a multiple of {self.method.divisor} per axis")
         self.sampler = CropSampler(self.samples, self.patch, seed=cfg.seed, elastic=cfg.elastic,
-                                   zoom_jitter=cfg.zoom_jitter)
+                                   zoom_jitter=cfg.zoom_jitter, object_gain=cfg.object_gain)
         if init is None and cfg.foreground:
             self._start_foreground_head()
         self.optimizer = torch.optim.Adam(self.method.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
