@@ -8,7 +8,7 @@ from pathlib import Path
 
 import napari
 import numpy as np
-from magicgui.widgets import ComboBox, FloatSpinBox, Label, PushButton, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, FloatSpinBox, Label, PushButton, SpinBox
 from napari.qt.threading import create_worker
 from napari.utils import progress
 from napari.utils.notifications import show_info
@@ -20,7 +20,7 @@ from ..core import checkpoint
 from ..core.errors import SparseSegError
 from ..core.losses import SpocoLossConfig
 from ..core.methods import METHOD_NAMES, describe_default
-from ..core.training import FINE_TUNE_LR, LR, TrainConfig
+from ..core.training import FINE_TUNE_LR, LR, OBJECT_GAIN_ON, TrainConfig
 from . import layers as L
 from . import workers
 from .annotate_tab import AnnotatePanel
@@ -47,7 +47,10 @@ class TrainPanel(QWidget):
         self.device = ComboBox(choices=["auto", "cpu", "cuda"], value="auto")
         self.lr = FloatSpinBox(value=0.0, min=0.0, max=1.0, step=1e-4,
                                tooltip=f"0: automatic ({LR:g}; {FINE_TUNE_LR:g} when fine-tuning a loaded model)")
-        self.batch = SpinBox(value=0, min=0, max=64, tooltip="crops per step; auto: 2 in 2D, 1 in 3D")
+        self.lr.native.setSpecialValueText("auto")
+        # a float spin box: superqt's integer one, magicgui's SpinBox, shows no special value text
+        self.batch = FloatSpinBox(value=0, min=0, max=64, step=1, tooltip="crops per step; auto: 2 in 2D, 1 in 3D")
+        self.batch.native.setDecimals(0)
         self.batch.native.setSpecialValueText("auto")
         self.consistency = FloatSpinBox(value=1.0, min=0.0, max=10.0, step=0.1)
         self.anchor = ComboBox(choices=["pixel", "mean"], value="pixel")
@@ -56,6 +59,11 @@ class TrainPanel(QWidget):
         self.diameter = FloatSpinBox(value=0.0, min=0.0, max=10_000.0, step=1.0,
                                      tooltip="typical object diameter in pixels; auto: measured on the painted objects")
         self.diameter.native.setSpecialValueText("auto")
+        self.object_contrast = CheckBox(value=False, text="brighter objects than the painted ones",
+                                        tooltip=f"raise the contrast of half the painted objects of each crop by up "
+                                                f"to {OBJECT_GAIN_ON:g}x, so that much brighter objects are not called "
+                                                "background: for objects on a background (nuclei); it costs objects "
+                                                "that touch (leaves, cells in tissue)")
         self.start_btn = PushButton(text="Train")
         self.stop_btn = PushButton(text="Stop", enabled=False)
         self.load_btn = QPushButton("Load model…")
@@ -70,7 +78,7 @@ class TrainPanel(QWidget):
         advanced.addWidget(L.form(("learning rate", self.lr), ("batch size", self.batch),
                                  ("consistency weight", self.consistency), ("anchor", self.anchor),
                                   ("seed", self.seed), ("preview every (s)", self.preview_every),
-                                  ("object diameter", self.diameter)))
+                                  ("object diameter", self.diameter), ("object contrast", self.object_contrast)))
         lay = QVBoxLayout(self)
         lay.addWidget(L.form(("method", self.method), ("budget", self.preset), ("iterations", self.iterations), ("device", self.device)))
         lay.addWidget(advanced)
@@ -142,6 +150,7 @@ class TrainPanel(QWidget):
             device=self.device.value,
             background_id=self.annotate.background_id,
             diameter=float(self.diameter.value) or None,
+            object_gain=OBJECT_GAIN_ON if self.object_contrast.value else 1.0,
             loss=SpocoLossConfig(anchor=self.anchor.value, w_consistency=float(self.consistency.value)),
             checkpoint_every=30.0,
         )
