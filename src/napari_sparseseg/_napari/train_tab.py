@@ -62,8 +62,8 @@ class TrainPanel(QWidget):
         self.object_contrast = CheckBox(value=False, text="brighter objects than the painted ones",
                                         tooltip=f"raise the contrast of half the painted objects of each crop by up "
                                                 f"to {OBJECT_GAIN_ON:g}x, so that much brighter objects are not called "
-                                                "background: for objects on a background (nuclei); it costs objects "
-                                                "that touch (leaves, cells in tissue)")
+                                                "background: for objects on a background (nuclei); on the benchmark "
+                                                "suite it cost CVPPP leaves and ovule cells")
         self.start_btn = PushButton(text="Train")
         self.stop_btn = PushButton(text="Stop", enabled=False)
         self.load_btn = QPushButton("Load model…")
