@@ -327,12 +327,14 @@ def object_contrast(img: np.ndarray, lab: np.ndarray, rng: np.random.Generator, 
     flat = out.reshape(out.shape[0], -1)
     ref = np.median(flat[:, :: max(1, flat.shape[1] // 4096)], axis=1).reshape((-1,) + (1,) * lab.ndim)
     log_gain = np.zeros(lab.shape, np.float32)
+    boxes = ndimage.find_objects(lab)
     for i in ids:
-        coords = np.nonzero(lab == i)
+        box = boxes[i - 1]
+        coords = np.nonzero(lab[box] == i)  # within the object's box, not the whole crop
         bump = np.float32(rng.uniform(0.0, np.log(gain)))
         for ax, c in enumerate(coords):
             width = OBJECT_GAIN_SPREAD * 2 * max(float(c.std()), 0.5)
-            t = (np.arange(lab.shape[ax], dtype=np.float32) - float(c.mean())) / width
+            t = (np.arange(lab.shape[ax], dtype=np.float32) - (box[ax].start + float(c.mean()))) / width
             shape = [1] * lab.ndim
             shape[ax] = -1
             bump = bump * np.exp(-0.5 * t**2).reshape(shape)

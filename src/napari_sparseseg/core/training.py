@@ -35,8 +35,8 @@ PATCH_DIAMETERS = 4
 #: each crop is zoomed by a random factor in [1/ZOOM_JITTER, ZOOM_JITTER]
 ZOOM_JITTER = 1.25
 #: the contrast of half the annotated objects of a crop is raised by up to this factor
-#: (data.object_contrast): opt-in (1: off). 3 helped nuclei and cost touching objects (CVPPP
-#: leaves) on the benchmark suite, so it is not the default (docs/method.md)
+#: (data.object_contrast): opt-in (1: off). 3 helped five datasets of the benchmark suite and
+#: cost CVPPP and the ovule, so it is not the default (docs/method.md)
 OBJECT_GAIN = 1.0
 #: what ``--object-contrast`` without a value and the Train tab's check box use
 OBJECT_GAIN_ON = 3.0
