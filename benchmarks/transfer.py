@@ -1,7 +1,8 @@
 """Does fine-tuning a model from another dataset pay off? Fine-tuned vs trained from scratch.
 
     python benchmarks/transfer.py                            # two 2D pairs, 1/5/10 %, seeds 0 1
-    python benchmarks/transfer.py --pairs ovule:gala --source-budget 600 --budget 300   # 3D
+    python benchmarks/transfer.py --pairs ovule:gala --source-budget 480 --budget 240   # 3D
+    python benchmarks/transfer.py --finetune-args="--lr 0.001" --work <other>   # another fine-tuning rule
 
 Per pair SOURCE:TARGET and seed, exactly as a user runs the command line:
 1. *source*: ``sparseseg train`` on every object of the source's training part (``sparsify
@@ -20,6 +21,7 @@ Prints one table (mean and sd over seeds) and writes ``<work>/transfer.json``.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -74,7 +76,7 @@ def run_job(pair: str, seed: int, args) -> dict:
         sparseseg(["sparsify", "--labels", str(tgt / "train_gt"), "--fraction", str(p), "--seed", str(seed),
                    "--out", str(labels)], 1, log)
         row = {"objects": _labeled(labels)}
-        for arm, extra in (("scratch", []), ("finetuned", ["--from", str(model_src)])):
+        for arm, extra in (("scratch", []), ("finetuned", ["--from", str(model_src), *args.finetune_args])):
             model = out / f"{arm}-{p}"
             if not (model / "config.json").exists():
                 sparseseg(["train", "--images", str(tgt / "train_images"), "--labels", str(labels), "--out", str(model),
@@ -93,6 +95,8 @@ def main() -> None:
     p.add_argument("--fractions", nargs="+", type=float, default=[0.01, 0.05, 0.1])
     p.add_argument("--source-budget", type=float, default=240.0, help="seconds to train the source model")
     p.add_argument("--budget", type=float, default=90.0, help="seconds per target run, scratch and fine-tuned alike")
+    p.add_argument("--finetune-args", type=shlex.split, default=[],
+                   help='more `sparseseg train` options for the fine-tuned arm, e.g. "--lr 0.001"')
     add_run_options(p, "/tmp/sparseseg-transfer")
     args = p.parse_args()
     for pair in args.pairs:
