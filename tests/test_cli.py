@@ -77,7 +77,7 @@ def test_train_from_other_model(data, model):
     assert main(["train", "--images", str(data / "img" / "*.tif"), "--labels", str(data / "sparse" / "*.tif"),
                  "--out", str(out), "--iterations", "1", "--from", str(model), *FAST]) == 0
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["parent"] == str(model) and cfg["training"]["train_config"]["lr"] == pytest.approx(1e-4)
+    assert cfg["parent"] == str(model) and cfg["training"]["train_config"]["lr"] == pytest.approx(1e-3)
 
 
 def test_train_errors(data, tmp_path, capsys):

@@ -336,7 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="auto: bfloat16 autocast where it is fast (CUDA, CPUs with AVX512-BF16 or AMX), else float32")
     t.add_argument("--patch-shape", type=_parse_shape, default=None, help="training crop, e.g. 256,256")
-    t.add_argument("--lr", type=float, default=None, help=f"learning rate (default {LR:g}; {FINE_TUNE_LR:g} with --from)")
+    t.add_argument("--lr", type=float, default=None,
+                   help=f"learning rate (default {LR:g}"
+                        + (f"; {FINE_TUNE_LR:g} with --from)" if FINE_TUNE_LR != LR else ", also with --from)"))
     t.add_argument("--diameter", type=float, default=None, metavar="PIXELS",
                    help="typical object diameter in pixels (default: measured on each image's labeled objects)")
     t.add_argument("--voxel-size", type=float, nargs=3, default=None, metavar=("Z", "Y", "X"),
