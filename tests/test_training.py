@@ -160,6 +160,14 @@ def test_user_errors():
         Trainer([img], [lab], TrainConfig(device="cuda"))
 
 
+def test_coordinate_scale_with_crac_is_an_error_not_ignored():
+    img, lab = np.zeros((32, 32), np.uint8), np.zeros((32, 32), int)
+    lab[:5, :5] = 1
+    with pytest.raises(SparseSegError, match=r"coord_scale 0.2: CRAC's networks have no coordinate channels; "
+                                             r"it applies to SPOCO \(--method spoco\)"):
+        Trainer([img], [lab], TrainConfig(method="crac", coord_scale=0.2, iterations=1))
+
+
 def test_worker_generator_previews_periodically_and_at_the_end_but_not_after_stop(cells2d):
     from napari_sparseseg.core.training_process import Preview, train_steps
 

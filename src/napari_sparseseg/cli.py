@@ -358,8 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "leaves and ovule cells. Default: off")
     t.add_argument("--anchor", choices=("pixel", "mean"), default="pixel", help="instance-selection anchor")
     t.add_argument("--coord-scale", type=float, default=None,
-                   help="coordinate channels added to the embeddings (units per pixel at the model's scale); "
-                        "0: a plain U-Net (default: 4 units per object diameter)")
+                   help="SPOCO only (CRAC's networks have none): coordinate channels added to the embeddings "
+                        "(units per pixel at the model's scale); 0: a plain U-Net (default: 4 units per object "
+                        "diameter)")
     t.add_argument("--consistency-weight", type=float, default=1.0, help="weight of the embedding consistency term")
     t.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS")
     t.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -103,7 +103,8 @@ def image_diameters(labels: list[np.ndarray], background_id: int | None = None) 
 
 #: coordinate channels: embedding units across one object of the target diameter (objects are
 #: zoomed to it, so the scale follows the annotation), so that the centres of two touching objects
-#: start 2 dd apart (the push margin)
+#: start 2 dd apart (the push margin). SPOCO's network only: CRAC's (the default) has no coordinate
+#: channels, so the suite's CRAC runs cannot choose this constant (docs/benchmarks.md, run s33)
 COORD_UNITS = 4.0
 
 

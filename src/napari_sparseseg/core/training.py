@@ -259,6 +259,9 @@ class Trainer:
         if init is not None:
             cfg.method = init.config.get("method", "spoco")
         cfg.method = resolve_method(cfg.method, ndim)
+        if cfg.method == "crac" and cfg.coord_scale:
+            raise SparseSegError(f"coord_scale {cfg.coord_scale:g}: CRAC's networks have no coordinate channels; "
+                                 "it applies to SPOCO (--method spoco)")
         if cfg.lr is None:
             cfg.lr = FINE_TUNE_LR if (init is not None and not resume) else LR
         method_cls = get_method(cfg.method)
