@@ -19,7 +19,7 @@ from .core import checkpoint, io
 from .core.errors import SparseSegError
 from .core.methods import METHOD_NAMES, describe_default
 from .core.segment import AFFINITY_SOURCES, AGREEMENT, BIAS, CLUSTERINGS, CRAC_AFFINITY_SOURCE
-from .core.training import FINE_TUNE_LR, FOREGROUND_HOLDOUT, LR, OBJECT_GAIN, OBJECT_GAIN_ON
+from .core.training import FINE_TUNE_LR, FOREGROUND_HOLDOUT, OBJECT_GAIN, OBJECT_GAIN_ON, default_lr_text
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:
@@ -337,8 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bfloat16 autocast where it is fast (CUDA, CPUs with AVX512-BF16 or AMX), else float32")
     t.add_argument("--patch-shape", type=_parse_shape, default=None, help="training crop, e.g. 256,256")
     t.add_argument("--lr", type=float, default=None,
-                   help=f"learning rate (default {LR:g}"
-                        + (f"; {FINE_TUNE_LR:g} with --from)" if FINE_TUNE_LR != LR else ", also with --from)"))
+                   help=f"learning rate (default {default_lr_text('with --from')})")
     t.add_argument("--diameter", type=float, default=None, metavar="PIXELS",
                    help="typical object diameter in pixels (default: measured on each image's labeled objects)")
     t.add_argument("--voxel-size", type=float, nargs=3, default=None, metavar=("Z", "Y", "X"),

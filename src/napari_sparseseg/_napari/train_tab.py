@@ -20,7 +20,7 @@ from ..core import checkpoint
 from ..core.errors import SparseSegError
 from ..core.losses import SpocoLossConfig
 from ..core.methods import METHOD_NAMES, describe_default
-from ..core.training import FINE_TUNE_LR, LR, OBJECT_GAIN_ON, TrainConfig
+from ..core.training import FINE_TUNE_LR, OBJECT_GAIN_ON, TrainConfig, default_lr_text
 from . import layers as L
 from . import workers
 from .annotate_tab import AnnotatePanel
@@ -46,8 +46,7 @@ class TrainPanel(QWidget):
         self.iterations = SpinBox(value=500, min=1, max=10_000_000, tooltip="used with 'Fixed iterations'")
         self.device = ComboBox(choices=["auto", "cpu", "cuda"], value="auto")
         self.lr = FloatSpinBox(value=0.0, min=0.0, max=1.0, step=1e-4,
-                               tooltip=f"0: automatic ({LR:g}; {FINE_TUNE_LR:g} when fine-tuning a loaded model)"
-                               if FINE_TUNE_LR != LR else f"0: automatic ({LR:g}, also when fine-tuning a loaded model)")
+                               tooltip=f"0: automatic ({default_lr_text('when fine-tuning a loaded model')})")
         self.lr.native.setSpecialValueText("auto")
         # a float spin box: superqt's integer one, magicgui's SpinBox, shows no special value text
         self.batch = FloatSpinBox(value=0, min=0, max=64, step=1, tooltip="crops per step; auto: 2 in 2D, 1 in 3D")

@@ -48,6 +48,11 @@ LR = 1e-3
 #: before) won within EM but lost badly across modalities (ovule -> EM VOI 3.66 vs 1.60 from
 #: scratch); the full rate ranked best over three pairs of benchmarks/transfer.py (docs/benchmarks.md §8)
 FINE_TUNE_LR = LR
+
+
+def default_lr_text(when: str) -> str:
+    """The default learning rates in words, ``when`` naming fine-tuning (for help texts)."""
+    return f"{LR:g}, also {when}" if FINE_TUNE_LR == LR else f"{LR:g}; {FINE_TUNE_LR:g} {when}"
 #: the fraction of annotated objects held out of the foreground loss to calibrate its threshold
 FOREGROUND_HOLDOUT = 0.2
 #: per dimensionality: a 3D crop holds ~30x the voxels of a 2D one, so 3D trains a narrower network
@@ -259,9 +264,6 @@ class Trainer:
         if init is not None:
             cfg.method = init.config.get("method", "spoco")
         cfg.method = resolve_method(cfg.method, ndim)
-        if cfg.method == "crac" and cfg.coord_scale:
-            raise SparseSegError(f"coord_scale {cfg.coord_scale:g}: CRAC's networks have no coordinate channels; "
-                                 "it applies to SPOCO (--method spoco)")
         if cfg.lr is None:
             cfg.lr = FINE_TUNE_LR if (init is not None and not resume) else LR
         method_cls = get_method(cfg.method)

@@ -16,6 +16,7 @@ import torch
 from ..crac_loss import crac_loss, pair_valid
 from ..data import photometric
 from ..device import autocast
+from ..errors import SparseSegError
 from ..losses import affinity_targets, foreground_term
 from ..network import TwinNet, set_foreground_prior, split_output
 from ..offsets import crac_offsets
@@ -30,6 +31,9 @@ class CracMethod(Method):
         return crac_offsets(ndim)
 
     def __init__(self, config, ndim, channels, offsets, device, autocast_dtype=None, init=None):
+        if config.coord_scale:
+            raise SparseSegError(f"coord_scale {config.coord_scale:g}: CRAC's networks have no coordinate channels; "
+                                 "it applies to SPOCO (--method spoco)")
         super().__init__(config, ndim, channels, offsets, device, autocast_dtype, init)
         if init is not None:
             self.net = init.net
