@@ -173,6 +173,8 @@ def test_segment_errors(data, model, tmp_path, capsys):
     tifffile.imwrite(stack, np.zeros((12, 40, 40), np.uint8))
     assert "is 3D but the model was trained on 2D images" in _err(
         capsys, ["segment", "--model", str(model), "--images", str(stack), "--out", str(tmp_path / "o")])
+    assert "split ratio -1: expected 0 (off) or a ratio of diameters" in _err(
+        capsys, ["segment", "--model", str(model), "--images", img, "--out", str(tmp_path / "o"), "--split-ratio", "-1"])
     tampered = tmp_path / "tampered"
     import shutil
 

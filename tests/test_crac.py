@@ -252,6 +252,10 @@ def test_crac_segmentation_options_and_errors(tmp_path):
     spoco = Trainer([img], [sparsify(gt, 0.5)], TrainConfig(method="spoco", iterations=1, **FAST)).model
     for source in ("eam", "iam", "mean"):
         assert segment(crac, img, device="cpu", affinity_source=source).shape == img.shape
+    for ratio in (0, 1.0):
+        assert segment(crac, img, "mws", device="cpu", split_ratio=ratio).shape == img.shape
+    with pytest.raises(SparseSegError, match=r"split ratio -2: expected 0 \(off\)"):
+        segment(crac, img, device="cpu", split_ratio=-2)
     with pytest.raises(SparseSegError, match="affinity source 'both': expected one of eam, iam, mean"):
         segment(crac, img, device="cpu", affinity_source="both")
     with pytest.raises(SparseSegError, match="only CRAC models have a choice of affinity maps"):

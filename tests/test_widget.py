@@ -253,7 +253,7 @@ def test_3d_stack_trains_previews_a_slab_and_segments(qtbot, make_napari_viewer,
 def test_segment_knobs_show_what_auto_means(qtbot, widget, tmp_path, errors, monkeypatch):
     viewer, w = widget
     seg = w.segment
-    auto_knobs = (seg.min_size, seg.fg_threshold, seg.agreement)
+    auto_knobs = (seg.min_size, seg.fg_threshold, seg.agreement, seg.split_ratio)
     # before a model exists: plain "auto" on the sentinel -1 (the spin box's minimum), no numbers
     for knob in auto_knobs:
         assert knob.value == knob.min == -1
@@ -292,6 +292,21 @@ def test_segment_knobs_show_what_auto_means(qtbot, widget, tmp_path, errors, mon
     assert seg.agreement.native.text() == "auto (off)"
     seg.method.value, seg.background.value = "mws", "auto"
     assert seg.agreement.native.text() == "auto (off)"
+    # splitting large segments: the mutex watershed on a CRAC model only (this model is SPOCO's)
+    assert config["method"] == "spoco" and seg.split_ratio.native.text() == "auto (off)"
+    monkeypatch.setitem(core_segment.SPLIT_RATIO, "spoco", 1.5)
+    seg.show_auto_values()
+    ratio = core_segment.split_ratio(config, "mws")
+    if config["network"].get("affinities"):
+        assert ratio == 1.5
+    assert seg.split_ratio.native.text() == (f"auto ({ratio:.2f}, mws)" if ratio else "auto (off)")
+    assert seg._overrides()["split_ratio"] is None
+    seg.method.value = "multicut"
+    assert seg.split_ratio.native.text() == "auto (off)"
+    seg.method.value = "mws"
+    seg.split_ratio.value = 0
+    assert seg._overrides()["split_ratio"] == 0
+    seg.split_ratio.value = -1
     # a number the user sets is shown as such; back at -1 the auto text returns
     seg.min_size.value = 30
     assert seg.min_size.native.text() == "30"

@@ -18,7 +18,7 @@ import numpy as np
 from .core import checkpoint, io
 from .core.errors import SparseSegError
 from .core.methods import METHOD_NAMES, describe_default
-from .core.segment import AFFINITY_SOURCES, AGREEMENT, BIAS, CLUSTERINGS, CRAC_AFFINITY_SOURCE
+from .core.segment import AFFINITY_SOURCES, AGREEMENT, BIAS, CLUSTERINGS, CRAC_AFFINITY_SOURCE, SPLIT_RATIO
 from .core.training import FINE_TUNE_LR, FOREGROUND_HOLDOUT, OBJECT_GAIN, OBJECT_GAIN_ON, default_lr_text
 
 
@@ -191,7 +191,7 @@ def cmd_segment_blockwise(args, files: list[Path]) -> int:
                 scheduler=args.scheduler, method=args.clustering, device=args.device, diameter=args.diameter,
                 voxel_size=args.voxel_size, progress=progress, fg_threshold=args.fg_threshold, bias=args.bias, min_size=args.min_size,
                 max_size=args.max_size, background=args.background, agreement=args.agreement,
-                affinity_source=args.affinities)
+                affinity_source=args.affinities, split_ratio=args.split_ratio)
         except KeyboardInterrupt:
             print(f"interrupted (Ctrl-C); finished blocks are kept in {default_work(dst)}: run the same command "
                   "again to resume", file=sys.stderr)
@@ -218,7 +218,8 @@ def cmd_segment(args) -> int:
     model = checkpoint.load(args.model)
     out = Path(args.out)
     overrides = dict(bias=args.bias, min_size=args.min_size, max_size=args.max_size, background=args.background,
-                     agreement=args.agreement, fg_threshold=args.fg_threshold, affinity_source=args.affinities)
+                     agreement=args.agreement, fg_threshold=args.fg_threshold, affinity_source=args.affinities,
+                     split_ratio=args.split_ratio)
     need_g = needs_g(args.clustering, model.config, **overrides)
     for path in files:
         t0 = time.perf_counter()
@@ -392,6 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--affinities", choices=tuple(AFFINITY_SOURCES), default=None,
                    help=f"CRAC models: the affinity map the mutex watershed reads: eam (from the embeddings), iam "
                         f"(predicted directly) or mean (default {CRAC_AFFINITY_SOURCE})")
+    g.add_argument("--split-ratio", type=float, default=None, metavar="R",
+                   help="mws on CRAC models: segments more than R median annotated diameters across are clustered "
+                        "again, where either affinity map sees a border (default: " + ", ".join(
+                            f"{m.upper()} {r:.2f}" for m, r in SPLIT_RATIO.items()) + "; 0: off)")
     g.add_argument("--diameter", type=float, default=None, metavar="PIXELS",
                    help="typical object diameter in these images, in pixels (default: the model's, or estimated "
                         "per image for a model trained on objects of mixed sizes)")

@@ -17,7 +17,7 @@ from ..core.errors import SparseSegError
 from ..core.prediction import to_image_shape
 from ..core.segment import (
     AFFINITY_SOURCES, AGREEMENT, BACKGROUNDS, CLUSTERINGS, CRAC_AFFINITY_SOURCE, DENSE_BACKGROUND, default_bias,
-    default_min_size, foreground_threshold, needs_g,
+    default_min_size, foreground_threshold, needs_g, split_ratio,
     PredictionCache, resolve, resolved_clustering,
 )
 from . import layers as L
@@ -59,6 +59,10 @@ class SegmentPanel(QWidget):
         self.affinities = ComboBox(choices=["auto", *AFFINITY_SOURCES], value="auto",
                                    tooltip="CRAC models: the affinity map the mutex watershed reads: eam (from the "
                                            f"embeddings), iam (predicted directly) or mean; auto: {CRAC_AFFINITY_SOURCE}")
+        self.split_ratio = FloatSpinBox(value=-1.0, min=-1.0, max=10.0, step=0.05,
+                                        tooltip="mutex watershed on CRAC models: segments more than this many median "
+                                                "annotated diameters across are clustered again where either "
+                                                "affinity map sees a border; 0: off; -1: auto")
         self.pca = CheckBox(value=False, text="show embeddings (PCA as RGB)")
         self.run_btn = PushButton(text="Segment")
         self.stack_btn = PushButton(text="Segment whole stack (block by block)",
@@ -72,13 +76,14 @@ class SegmentPanel(QWidget):
                              ("bias", self.bias),
                             ("min size", self.min_size), ("max size", self.max_size),
                             ("background", self.background), ("fg threshold", self.fg_threshold),
-                            ("agreement", self.agreement), ("affinities (CRAC)", self.affinities), (None, self.pca), (None, self.run_btn),
+                            ("agreement", self.agreement), ("affinities (CRAC)", self.affinities),
+                             ("split large (CRAC)", self.split_ratio), (None, self.pca), (None, self.run_btn),
                             (None, self.stack_btn), (None, self.status)))
         lay.addStretch()
         self.run_btn.changed.connect(self.run)
         self.stack_btn.changed.connect(self.segment_stack)
         for knob in (self.bias, self.min_size, self.max_size, self.background, self.fg_threshold, self.agreement,
-                     self.method, self.affinities):
+                     self.method, self.affinities, self.split_ratio):
             knob.changed.connect(self.recluster)
         self.diameter.changed.connect(self._diameter_changed)
         self.region.changed.connect(self._diameter_changed)  # another region: predict again
@@ -95,7 +100,7 @@ class SegmentPanel(QWidget):
     def auto_values(self) -> dict[str, str]:
         """What "auto" means for min size, fg threshold and agreement with the current model, method
         and background choice, as the engine resolves it (core.segment); plain "auto" without a model."""
-        texts = {"min_size": "auto", "fg_threshold": "auto", "agreement": "auto", "bias": "auto"}
+        texts = {"min_size": "auto", "fg_threshold": "auto", "agreement": "auto", "bias": "auto", "split_ratio": "auto"}
         model = self.session.model
         if model is None:
             return texts
@@ -109,6 +114,9 @@ class SegmentPanel(QWidget):
         texts["fg_threshold"] = (f"auto ({threshold:.2f})" if background == "foreground" and threshold is not None
                                  else "auto (not used)")
         texts["agreement"] = f"auto ({opts['agreement']:.2f})" if opts.get("agreement") else "auto (off)"
+        methods = GRAPH_METHODS if self.method.value == "auto" else (self.method.value,)
+        ratio = max(split_ratio(model.config, m) for m in methods)
+        texts["split_ratio"] = f"auto ({ratio:.2f}, mws)" if ratio else "auto (off)"
         return texts
 
     def bias_text(self, config: dict) -> str:
@@ -132,7 +140,8 @@ class SegmentPanel(QWidget):
                     fg_threshold=None if self.fg_threshold.value < 0 else float(self.fg_threshold.value),
                     agreement=float(self.agreement.value) if self.method.value in ("auto", *GRAPH_METHODS) and self.agreement.value >= 0
                     else None,
-                    affinity_source=None if self.affinities.value == "auto" else self.affinities.value)
+                    affinity_source=None if self.affinities.value == "auto" else self.affinities.value,
+                    split_ratio=None if self.split_ratio.value < 0 else float(self.split_ratio.value))
 
     def _key(self, image, region=None):
         m = self.session.model

@@ -125,16 +125,22 @@ def mutex_watershed(
     ``bias`` > 0 favours splits (adds to the repulsive and subtracts from the attractive
     weights), < 0 favours merges.
     """
+    offsets = offsets or default_offsets(embeddings.ndim - 1)
+    w = mws_weights(embeddings, offsets, delta_dist, affinities, affinity_mix, attractive_mix, embedding_metric)
+    return mws_on_weights(w, offsets, bias, strides, mask)
+
+
+def mws_on_weights(w: np.ndarray, offsets: list[list[int]], bias: float = 0.0, strides: list[int] | None = None,
+                   mask: np.ndarray | None = None) -> np.ndarray:
+    """The mutex watershed (python-elf) on disaffinities ``w`` (K, *S), one channel per offset
+    (:func:`mws_weights`); ``bias`` > 0 favours splits."""
     from elf.segmentation.mutex_watershed import mutex_watershed as elf_mws
 
-    ndim = embeddings.ndim - 1
-    offsets = offsets or default_offsets(ndim)
-    w = mws_weights(embeddings, offsets, delta_dist, affinities, affinity_mix, attractive_mix, embedding_metric)
     if bias:
         # w is a disaffinity in every channel, so one shift raises repulsion and lowers attraction
         w = np.clip(w + bias, 0.0, 1.0)
     # elf expects "disaffinities" for every channel and flips the first ndim (attractive) itself
-    strides = list(strides) if strides is not None else [1] * ndim
+    strides = list(strides) if strides is not None else [1] * (w.ndim - 1)
     seg = elf_mws(w, offsets, strides=strides, randomize_strides=False, mask=mask)
     return seg.astype(np.int64)
 

@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import Model
-from .clustering import GRAPH_METHODS, METHODS, segment_embeddings
+from .clustering import GRAPH_METHODS, METHODS, default_offsets, segment_embeddings
 from .errors import SparseSegError
 from .prediction import Prediction, predict_scaled
+from .resplit import split_area, split_large
 
 #: segments smaller than this fraction of the median annotated object are fragments: dropped
 MIN_SIZE_FRACTION = 1 / 4
@@ -66,6 +67,25 @@ DENSE_BACKGROUND = "none"
 #: weights): the explicit map from the embeddings (the paper's choice), the implicit one, or both
 AFFINITY_SOURCES = {"eam": 0.0, "iam": 1.0, "mean": 0.5}
 CRAC_AFFINITY_SOURCE = "eam"
+#: the mutex watershed's segments larger than this many median annotated diameters are clustered
+#: again with either affinity map's repulsion (:mod:`.resplit`), per method (CRAC: two maps); 0 off.
+#: Chosen on the benchmark suite (benchmarks/sweep.py, docs/benchmarks.md): sqrt(2) (twice the
+#: area in 2D) ranked best of sqrt(2) / 1.5 against off
+SPLIT_RATIO = {"crac": 2 ** 0.5}
+#: a piece of a segment split again is kept apart when it has at least this fraction of the median
+#: annotated object's area (volume)
+SPLIT_MIN_PIECE = 0.5
+
+
+def split_ratio(config: dict[str, Any], method: str, ratio: float | None = None) -> float:
+    """The diameter ratio above which clustering ``method`` splits a segment again for a model of
+    this ``config`` (:data:`SPLIT_RATIO`; ``ratio`` overrides, 0 turns it off): 0 for clusterings
+    other than the mutex watershed and for models without an affinity head."""
+    if ratio is not None and ratio < 0:
+        raise SparseSegError(f"split ratio {ratio:g}: expected 0 (off) or a ratio of diameters, e.g. 1.41")
+    if method != "mws" or not config.get("network", {}).get("affinities"):
+        return 0.0
+    return float(SPLIT_RATIO.get(config.get("method", "spoco"), 0.0) if ratio is None else ratio)
 
 
 def _zoom_area(zoom: float, z_zoom: float = 1.0) -> float:
@@ -272,9 +292,13 @@ def cluster(model: Model, embedded: Embedded, method: str = "auto", fg_threshold
     (default: "none" on an image "auto" clustering calls dense tissue, :data:`DENSE_BACKGROUND`;
     else the foreground head, or the largest segment without one), "foreground" (segments the
     foreground head calls background are 0; threshold from the model unless ``fg_threshold``),
-    "largest" or "none".
+    "largest" or "none". ``split_ratio`` (override): the mutex watershed's segments more than this
+    many median annotated diameters across are clustered again (:mod:`.resplit`; default
+    :data:`SPLIT_RATIO` for the model's method, 0 off).
     """
     pred = embedded.f
+    overrides = dict(overrides)
+    ratio = overrides.pop("split_ratio", None)
     chosen = resolved_clustering(model, embedded, method, fg_threshold, **overrides)
     if (method == "auto" and chosen == "multicut" and overrides.get("background") in (None, "auto")
             and resolve_background(model.config) == "foreground"):
@@ -301,6 +325,13 @@ def cluster(model: Model, embedded: Embedded, method: str = "auto", fg_threshold
     seg = segment_embeddings(pred.embeddings, method, embeddings_g=None if g is None else g.embeddings,
                              background=background, affinities=pred.affinities,
                              affinities_g=None if g is None else g.affinities, **opts)
+    ratio = split_ratio(model.config, method, ratio)
+    median = model.config.get("object_area_median") or 0
+    if ratio > 0 and median > 0 and pred.affinities is not None:
+        seg = split_large(seg, pred.embeddings, pred.affinities, opts["offsets"] or default_offsets(seg.ndim),
+                          split_area(ratio, median, seg.ndim), SPLIT_MIN_PIECE * median, opts["bias"],
+                          **{k: opts[k] for k in ("delta_dist", "affinity_mix", "attractive_mix", "embedding_metric")
+                             if k in opts})
     return resize_labels(seg, pred.shape)
 
 
