@@ -295,3 +295,22 @@ def test_crac_cli_train_segment_resume_and_fine_tune(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", *common, "--out", str(tmp_path / "x"), "--method", "crack", *fast])
     assert "argument --method: invalid choice: 'crack'" in capsys.readouterr().err
+
+
+def test_large_segments_are_split_again_only_by_the_mutex_watershed_on_objects_on_a_background(monkeypatch):
+    from napari_sparseseg.core import segment as seg_mod
+
+    img, gt = synthetic_cells((64, 64), seed=0)
+    crac = Trainer([img], [sparsify(gt, 0.5)], TrainConfig(method="crac", iterations=1, **FAST)).model
+    calls = []
+    monkeypatch.setattr(seg_mod, "split_large", lambda seg, *a, **k: calls.append(a[3:5]) or seg)
+    median = crac.config["object_area_median"]
+    segment(crac, img, "mws", device="cpu", background="largest")
+    assert calls == [(pytest.approx(2 * median), pytest.approx(seg_mod.SPLIT_MIN_PIECE * median))]
+    segment(crac, img, "mws", device="cpu", background="largest", split_ratio=3)
+    assert calls[-1][0] == pytest.approx(9 * median)
+    n = len(calls)
+    segment(crac, img, "mws", device="cpu", background="none")  # dense tissue: left as it is
+    segment(crac, img, "multicut", device="cpu")
+    segment(crac, img, "mws", device="cpu", split_ratio=0)
+    assert len(calls) == n

@@ -294,7 +294,8 @@ def cluster(model: Model, embedded: Embedded, method: str = "auto", fg_threshold
     foreground head calls background are 0; threshold from the model unless ``fg_threshold``),
     "largest" or "none". ``split_ratio`` (override): the mutex watershed's segments more than this
     many median annotated diameters across are clustered again (:mod:`.resplit`; default
-    :data:`SPLIT_RATIO` for the model's method, 0 off).
+    :data:`SPLIT_RATIO` for the model's method, 0 off), with a background rule other than "none"
+    (objects on a background, where it was measured).
     """
     pred = embedded.f
     overrides = dict(overrides)
@@ -327,7 +328,7 @@ def cluster(model: Model, embedded: Embedded, method: str = "auto", fg_threshold
                              affinities_g=None if g is None else g.affinities, **opts)
     ratio = split_ratio(model.config, method, ratio)
     median = model.config.get("object_area_median") or 0
-    if ratio > 0 and median > 0 and pred.affinities is not None:
+    if ratio > 0 and median > 0 and pred.affinities is not None and background != "none":
         seg = split_large(seg, pred.embeddings, pred.affinities, opts["offsets"] or default_offsets(seg.ndim),
                           split_area(ratio, median, seg.ndim), SPLIT_MIN_PIECE * median, opts["bias"],
                           **{k: opts[k] for k in ("delta_dist", "affinity_mix", "attractive_mix", "embedding_metric")
