@@ -50,7 +50,7 @@ def split_large(seg: np.ndarray, embeddings: np.ndarray, affinities: np.ndarray,
         kept = pid[pcount >= min_piece]
         if kept.size <= 1:
             continue
-        largest = kept[np.argmax(pcount[np.isin(pid, kept)])]
+        largest = pid[np.argmax(pcount)]  # the largest piece is among the kept ones
         view = seg[box]
         for p in kept:
             if p != largest:
