@@ -245,21 +245,16 @@ def _logit(p: float) -> float:
 
 
 @torch.no_grad()
-def set_foreground_prior(net: nn.Module, prior: float, current: float | None = None) -> None:
+def set_foreground_prior(net: nn.Module, prior: float) -> None:
     """Start the foreground logit of a fresh network at the log-odds of ``prior``, the annotated
     share of the pixels its loss sees: the prior initialisation of Lin et al. (ICCV 2017) for a
     head trained by cross-entropy. Started at probability 1/2, a head spends its first hundreds of
     Adam steps only moving its bias: in 3D, where a CPU budget buys a few hundred steps, the
-    foreground head was still near its starting point when training stopped.
-
-    A trained head being fine-tuned (``current``: its mean probability on the new data) keeps its
-    weights and moves its bias by the difference of the log-odds, so that it starts near the new
-    data's prior instead of the one it learned on another data set."""
+    foreground head was still near its starting point when training stopped."""
     unet = net.iam if isinstance(net, TwinNet) else net
     if not unet.config["foreground"]:
         return
-    i = unet.config["out_channels"]
-    unet.head.bias[i] = _logit(prior) if current is None else unet.head.bias[i] + _logit(prior) - _logit(current)
+    unet.head.bias[unet.config["out_channels"]] = _logit(prior)
 
 
 def build_network(config: dict[str, Any]) -> nn.Module:

@@ -274,8 +274,8 @@ class Trainer:
             raise SparseSegError(f"patch shape {self.patch} must be a multiple of {self.method.divisor} per axis")
         self.sampler = CropSampler(self.samples, self.patch, seed=cfg.seed, elastic=cfg.elastic,
                                    zoom_jitter=cfg.zoom_jitter, object_gain=cfg.object_gain)
-        if cfg.foreground and not resume:
-            self._start_foreground_head(fine_tune=init is not None)
+        if init is None and cfg.foreground:
+            self._start_foreground_head()
         self.optimizer = torch.optim.Adam(self.method.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.iteration = 0
         self.seconds = 0.0
@@ -306,16 +306,13 @@ class Trainer:
         self._stop = False
         self.last_losses: dict[str, float] = {}
 
-    def _start_foreground_head(self, crops: int = 16, fine_tune: bool = False) -> None:
-        """Start the foreground head at the annotated share of ``crops`` training crops
+    def _start_foreground_head(self, crops: int = 16) -> None:
+        """Start a fresh network's foreground head at the annotated share of ``crops`` training crops
         (Method.start_heads), drawn by a sampler of their own so the training crops stay those of
-        the seed: a fresh head there, a fine-tuned one shifted there from its mean on the crops."""
+        the seed."""
         probe = CropSampler(self.samples, self.patch, seed=self.config.seed + 1, elastic=False)
-        img, lab, val, held = probe.batch(crops)
-        current = self.method.foreground_mean(img, val & ~held, self.config.batch_size) if fine_tune else None
-        if fine_tune and current is None:
-            return
-        self.method.start_heads(foreground_prior(lab, val, held), current)
+        _, lab, val, held = probe.batch(crops)
+        self.method.start_heads(foreground_prior(lab, val, held))
 
     @property
     def net(self) -> torch.nn.Module:

@@ -65,34 +65,10 @@ class Method(ABC):
         run is through its budget (for schedules). ``heldout`` (B, *P) bool: pixels of objects
         held out of the foreground loss (:func:`..data.hold_out`); every other term uses them."""
 
-    def start_heads(self, foreground: float, current: float | None = None) -> None:
-        """Called once before training (not when resuming) with the annotated share of the pixels
-        on training crops: start a foreground head there (:func:`..network.set_foreground_prior`;
-        ``current``: a fine-tuned head's mean probability on those crops,
-        :meth:`foreground_mean`). A method without one ignores it."""
-
-    @torch.no_grad()
-    def foreground_mean(self, image: torch.Tensor, valid: torch.Tensor, batch: int) -> float | None:
-        """The trained network's mean foreground probability on the ``valid`` pixels of ``image``
-        (B, C, *P), ``batch`` crops at a time; None without a foreground head."""
-        from ..network import split_output
-
-        net = self.networks["f"]
-        was = net.training
-        net.eval()
-        total, count = 0.0, 0
-        try:
-            for i in range(0, image.shape[0], batch):
-                out = net(image[i:i + batch].to(self.device)).float()
-                fg = split_output(out, net.config).foreground
-                if fg is None:
-                    return None
-                v = valid[i:i + batch].to(fg.device)
-                total += float(torch.sigmoid(fg)[v].sum())
-                count += int(v.sum())
-        finally:
-            net.train(was)
-        return total / count if count else None
+    def start_heads(self, foreground: float) -> None:
+        """Called once for a fresh network (not when fine-tuning or resuming) with the annotated
+        share of the pixels on training crops: start a foreground head there
+        (:func:`..network.set_foreground_prior`). A method without one ignores it."""
 
     def after_step(self, iteration: int) -> None:
         """Called after each optimizer step (e.g. to update an EMA network), never at evaluation."""

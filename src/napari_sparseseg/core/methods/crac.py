@@ -48,8 +48,8 @@ class CracMethod(Method):
     def networks(self) -> dict[str, torch.nn.Module]:
         return {"f": self.net}
 
-    def start_heads(self, foreground, current=None):
-        set_foreground_prior(self.net, foreground, current)
+    def start_heads(self, foreground):
+        set_foreground_prior(self.net, foreground)
 
     def losses(self, image, labels, valid, generator, progress, heldout=None):
         x = photometric(image, generator).to(self.device)

@@ -39,9 +39,9 @@ class SpocoMethod(Method):
     def networks(self) -> dict[str, torch.nn.Module]:
         return {"f": self.net, "g": self.ema}
 
-    def start_heads(self, foreground, current=None):
-        set_foreground_prior(self.net, foreground, current)
-        set_foreground_prior(self.ema, foreground, current)
+    def start_heads(self, foreground):
+        set_foreground_prior(self.net, foreground)
+        set_foreground_prior(self.ema, foreground)
 
     def losses(self, image, labels, valid, generator, progress, heldout=None):
         # two photometric views: f sees one, its EMA g the other (the consistency term)
