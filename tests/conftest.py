@@ -17,6 +17,15 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1, int(os.environ.get("OMP
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
 
+@pytest.fixture(autouse=True)
+def _temporary_folders_in_tmp_path(tmp_path, monkeypatch):
+    """Folders the widgets make with :mod:`tempfile` (a model in training, a large stack's
+    annotations or labels) go under the test's own tmp_path, which pytest clears, not /tmp."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+
 @pytest.fixture(scope="session")
 def cells2d():
     """Four small synthetic 2D images with dense labels."""
