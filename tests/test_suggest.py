@@ -45,10 +45,26 @@ def test_suggest_leaves_out_fragments_and_spreads_out():
     u[seg == 7] = 0.85
     got = [s.label for s in suggest(u, seg, None, n=6)]
     assert 5 not in got  # smaller than a quarter of the median segment
-    assert got == [1, 4, 6, 2, 3, 7]  # 7 (0.85) overlaps 1's box: listed after the spread-out ones
+    # 4 (0.8, 96 px) is 2.7 times the median segment (36 px): ranked as 0.8 * 36 / 96 = 0.3;
+    # 7 (0.85) overlaps 1's box: listed after the spread-out ones
+    assert got == [1, 6, 2, 3, 4, 7]
     annotation = np.zeros_like(seg)
     annotation[12:18, 2:8] = 1  # a painted object of 36 px: fragments are now judged against it
-    assert [s.label for s in suggest(u, seg, annotation, n=3)] == [1, 4, 6]
+    assert [s.label for s in suggest(u, seg, annotation, n=3)] == [1, 6, 2]
+
+
+def test_suggest_ranks_typical_objects_before_clumps():
+    seg = np.zeros((40, 40), np.int32)
+    seg[2:8, 2:8], seg[2:8, 12:18], seg[12:18, 2:8] = 1, 2, 3  # 36 px each, the size painted
+    seg[22:38, 22:38] = 4  # a clump of 256 px, 7 times a painted object
+    u = np.zeros(seg.shape, np.float32)
+    u[seg == 4], u[seg == 2], u[seg == 3] = 0.9, 0.5, 0.2
+    annotation = np.zeros_like(seg)
+    annotation[2:8, 2:8] = 1
+    got = suggest(u, seg, annotation, n=3)
+    # mean uncertainty times min(size, painted) / max(size, painted): 0.5, 0.2, 0.9 * 36 / 256 = 0.13
+    assert [s.label for s in got] == [2, 3, 4]
+    assert got[2].score == pytest.approx(0.9)  # the score shown stays the mean uncertainty
 
 
 def test_suggest_checks_shapes():

@@ -101,6 +101,7 @@ class SuggestPanel(QWidget):
             self.status.value = "No unannotated object predicted: paint more objects or train longer."
             return
         where = "; ".join(f"{i + 1}: ({', '.join(f'{c:.0f}' for c in s.centroid)})" for i, s in enumerate(suggestions))
-        self.status.value = (f"Paint these predicted objects next, most uncertain first — {where}. "
-                             f"Uncertainty {suggestions[0].score:.2f}–{suggestions[-1].score:.2f}; "
+        scores = [s.score for s in suggestions]
+        self.status.value = (f"Paint these predicted objects next, uncertain objects of the painted size first — "
+                             f"{where}. Uncertainty {min(scores):.2f}–{max(scores):.2f}; "
                              f"{int(seg.max())} objects predicted.")

@@ -9,8 +9,11 @@ that it and its partner at each offset belong to one object), each a model alrea
   similarities of the embeddings (explicit), the two representations CRAC trains to agree.
 
 Where they disagree the network has not learnt what the labels say; one more painted object
-there teaches it most. :func:`suggest` ranks the predicted segments by their mean uncertainty,
-skipping those the annotation already covers and fragments much smaller than a painted object, and
+there teaches it most. :func:`suggest` ranks the predicted segments by their mean uncertainty
+times their typicality (min / max of the segment's size and the median painted object's: a clump
+or a fragment teaches less than a typical object, the cold start of active learning; chosen on the
+benchmark, docs/benchmarks.md section 7), skipping those the annotation already covers and
+fragments much smaller than a painted object, and
 spreads the list out: a segment whose box overlaps a box already suggested waits until the spread-out
 ones are listed (uncertain segments cluster, and five suggestions on one tangle teach less than five
 places).
@@ -103,8 +106,9 @@ def _overlap(a: Suggestion, b: Suggestion) -> bool:
 
 def suggest(uncertainty_map: np.ndarray, segmentation: np.ndarray, annotation: np.ndarray | None = None,
             n: int = 5) -> list[Suggestion]:
-    """The ``n`` predicted segments with the highest mean uncertainty that the ``annotation``
-    (labels, 0 = unpainted; same shape) does not already cover, most uncertain first; fragments
+    """The ``n`` predicted segments with the highest mean uncertainty times typicality (see the
+    module) that the ``annotation`` (labels, 0 = unpainted; same shape) does not already cover,
+    highest first (``score``: the mean uncertainty alone); fragments
     (:data:`MIN_SIZE_FRACTION`) are left out and segments overlapping an earlier suggestion's box come
     after the ones that do not."""
     u, seg = np.asarray(uncertainty_map, np.float32), np.asarray(segmentation)
@@ -129,8 +133,12 @@ def suggest(uncertainty_map: np.ndarray, segmentation: np.ndarray, annotation: n
             reference = float(np.median(objects[objects > 0]))
     centroids = ndimage.center_of_mass(np.ones_like(u), seg, index)
     boxes = ndimage.find_objects(seg.astype(np.int64))
+    # typical objects first: an atypical segment (a clump, a fragment) is ranked down by how many
+    # times larger or smaller than the painted median it is
+    sizes_ = np.asarray(sizes, np.float64)
+    typical = np.minimum(sizes_, reference) / np.maximum(np.maximum(sizes_, reference), 1e-9)
     spread, crowded = [], []
-    for k in np.argsort(-np.asarray(scores), kind="stable"):
+    for k in np.argsort(-(np.asarray(scores) * typical), kind="stable"):
         if painted[k] >= ANNOTATED_FRACTION or sizes[k] < MIN_SIZE_FRACTION * reference:
             continue
         box = boxes[index[k] - 1]
