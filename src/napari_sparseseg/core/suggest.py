@@ -135,8 +135,7 @@ def suggest(uncertainty_map: np.ndarray, segmentation: np.ndarray, annotation: n
     boxes = ndimage.find_objects(seg.astype(np.int64))
     # typical objects first: an atypical segment (a clump, a fragment) is ranked down by how many
     # times larger or smaller than the painted median it is
-    sizes_ = np.asarray(sizes, np.float64)
-    typical = np.minimum(sizes_, reference) / np.maximum(np.maximum(sizes_, reference), 1e-9)
+    typical = np.minimum(sizes, reference) / np.maximum(sizes, reference)  # both >= 1 pixel
     spread, crowded = [], []
     for k in np.argsort(-(np.asarray(scores) * typical), kind="stable"):
         if painted[k] >= ANNOTATED_FRACTION or sizes[k] < MIN_SIZE_FRACTION * reference:
