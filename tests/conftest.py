@@ -20,10 +20,13 @@ SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "dat
 @pytest.fixture(autouse=True)
 def _temporary_folders_in_tmp_path(tmp_path, monkeypatch):
     """Folders the widgets make with :mod:`tempfile` (a model in training, a large stack's
-    annotations or labels) go under the test's own tmp_path, which pytest clears, not /tmp."""
+    annotations or labels) go under the test's own tmp_path, which pytest clears, not /tmp; so
+    does the cache of downloaded samples."""
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    # downloaded samples go to the test's folder, never the user's cache
+    monkeypatch.setenv("SPARSESEG_CACHE", str(tmp_path / "sample-cache"))
 
 
 @pytest.fixture(scope="session")

@@ -335,3 +335,34 @@ def test_segment_auto_on_dense_tissue_keeps_every_pixel(data, model, tmp_path, m
 
     assert run().min() > 0
     assert (run("--background", "foreground") == 0).mean() > 0.15  # a named rule keeps the head's band
+
+
+def test_sample_writes_image_at_its_voxel_size_painted_objects_and_ground_truth(tmp_path, monkeypatch, capsys):
+    from napari_sparseseg.core import io, real_samples
+
+    stack = np.random.default_rng(0).integers(0, 255, (4, 16, 16), dtype=np.uint8)
+    gt = np.zeros((4, 16, 16), np.int32)
+    gt[:, :8], gt[:, 8:] = 1, 2
+    painted = np.where(gt == 2, 2, 0).astype(np.int32)
+    sample = real_samples.REAL_SAMPLES["ovule"]
+    monkeypatch.setattr(real_samples, "load_real_sample", lambda name: (stack, painted, gt, sample))
+    assert main(["sample", "ovule", "--out", str(tmp_path / "s")]) == 0
+    assert io.voxel_size(tmp_path / "s" / "images" / "ovule.tif") == pytest.approx((0.235, 0.15, 0.15))
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "s" / "labels" / "ovule.tif"), painted)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "s" / "gt" / "ovule.tif"), gt)
+    out = capsys.readouterr().out
+    assert "1 of 2 objects painted" in out and "MIT licence" in out
+
+
+def test_sample_without_network_says_what_to_copy_where(tmp_path, monkeypatch, capsys):
+    import pooch
+
+    def offline(*a, **k):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(pooch, "retrieve", offline)
+    monkeypatch.setenv("SPARSESEG_CACHE", str(tmp_path / "cache"))
+    err = _err(capsys, ["sample", "fibsem", "--out", str(tmp_path / "s")])
+    assert "could not download https://raw.githubusercontent.com/jni/gala/" in err
+    assert str(tmp_path / "cache" / "gala-975ed783-train-image.h5") in err
+    assert not (tmp_path / "s").exists()

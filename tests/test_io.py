@@ -101,3 +101,12 @@ def test_voxel_size_from_tiff_and_ome_zarr_metadata(tmp_path):
     assert io.voxel_size(tmp_path / "img.zarr") == pytest.approx((0.5, 0.2, 0.2))
     assert io.voxel_size(tmp_path / "img.zarr", level=1) == pytest.approx((0.5, 0.4, 0.4))
     assert io.voxel_size(tmp_path / "nothing.zarr") is None
+
+
+def test_write_states_a_stacks_voxel_size(tmp_path):
+    a = np.arange(4 * 8 * 8, dtype=np.uint8).reshape(4, 8, 8)
+    io.write(tmp_path / "v.tif", a, voxel_size=(0.235, 0.15, 0.125))
+    assert io.voxel_size(tmp_path / "v.tif") == pytest.approx((0.235, 0.15, 0.125))
+    np.testing.assert_array_equal(io.read(tmp_path / "v.tif"), a)
+    io.write(tmp_path / "plain.tif", a)
+    assert io.voxel_size(tmp_path / "plain.tif") is None

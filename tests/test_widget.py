@@ -75,6 +75,21 @@ def test_sample_data_histology_opens_as_rgb_with_nuclei_painted(make_napari_view
     assert labels.data.shape == (512, 512) and len(np.unique(labels.data)) - 1 == len(HISTOLOGY_POINTS)
 
 
+def test_sample_data_ovule_opens_at_its_voxel_size_with_cells_painted(make_napari_viewer, monkeypatch):
+    from napari_sparseseg._napari import sample_data
+    from napari_sparseseg.core.real_samples import REAL_SAMPLES
+
+    stack = np.random.default_rng(0).integers(0, 255, (4, 8, 8), dtype=np.uint8)
+    painted = np.zeros((4, 8, 8), np.int32)
+    painted[1:3, 2:5, 2:5] = 7
+    monkeypatch.setattr(sample_data, "load_real_sample", lambda key: (stack, painted, painted, REAL_SAMPLES[key]))
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-sparseseg", "ovule")
+    image, labels = viewer.layers["ovule cells"], viewer.layers["ovule cells annotations"]
+    np.testing.assert_array_equal(labels.data, painted)
+    assert L.voxel_size(image) == pytest.approx((0.235, 0.15, 0.15)) == tuple(labels.scale)
+    assert "plant-seg" in image.metadata["source"] and "MIT" in image.metadata["source"]
+
 def test_training_in_worker_gives_model_preview_and_curve(qtbot, widget, errors):
     viewer, w = widget
     before = np.array(viewer.layers["cells 2D annotations"].data, copy=True)

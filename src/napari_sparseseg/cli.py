@@ -304,6 +304,19 @@ def cmd_demo(args) -> int:
     return main(["evaluate", "--pred", str(out / "seg" / "*.tif"), "--gt", str(out / "test_gt" / "*.tif")])
 
 
+def cmd_sample(args) -> int:
+    from .core.real_samples import load_real_sample
+
+    image, sparse, gt, sample = load_real_sample(args.name)
+    out = Path(args.out)
+    io.write(out / "images" / f"{args.name}.tif", image, voxel_size=sample.voxel_size)
+    io.write(out / "labels" / f"{args.name}.tif", sparse)
+    io.write(out / "gt" / f"{args.name}.tif", gt)
+    print(f"{sample.title}: {len(np.unique(sparse)) - 1} of {len(np.unique(gt[gt > 0]))} objects painted -> "
+          f"{out}/images, {out}/labels (all objects: {out}/gt)\nsource: {sample.attribution}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sparseseg",
@@ -444,6 +457,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--n-train", type=int, default=6)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
+
+    m = sub.add_parser("sample", help="download a real 3D sample (once) and write it with a few objects painted")
+    m.add_argument("name", choices=["ovule", "fibsem"], help="ovule: confocal, cell boundaries; fibsem: neuropil")
+    m.add_argument("--out", default="sparseseg-sample")
+    m.set_defaults(func=cmd_sample)
     return p
 
 

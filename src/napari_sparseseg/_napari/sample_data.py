@@ -1,13 +1,15 @@
 """Sample data for File > Open Sample: an image plus a Labels layer with a few objects painted.
 
 The cell images are synthetic (generated on the fly), so no licence restricts them; the histology
-image is a real one that ships with scikit-image (:func:`..core.samples.histology_nuclei`).
+image is a real one that ships with scikit-image (:func:`..core.samples.histology_nuclei`); the
+ovule and FIB-SEM stacks are real ones downloaded on first use (:mod:`..core.real_samples`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from ..core.real_samples import load_real_sample
 from ..core.samples import histology_nuclei, synthetic_cells
 from ..core.sparsify import sparsify
 
@@ -39,3 +41,22 @@ def histology():
          "image"),
         (sparse, {"name": f"{name} annotations"}, "labels"),
     ]
+
+
+def _real(key: str, name: str):
+    img, sparse, _, sample = load_real_sample(key)
+    meta = {"metadata": {"source": sample.attribution}}
+    if sample.voxel_size is not None:
+        meta["scale"] = sample.voxel_size
+    return [
+        (img, {"name": name, **meta}, "image"),
+        (sparse, {"name": f"{name} annotations", **meta}, "labels"),
+    ]
+
+
+def ovule():
+    return _real("ovule", "ovule cells")
+
+
+def fibsem():
+    return _real("fibsem", "FIB-SEM neurons")

@@ -111,14 +111,23 @@ def read_labels(path: str | os.PathLike) -> np.ndarray:
     return arr.astype(np.int64 if arr.max() > np.iinfo(np.int32).max else np.int32)
 
 
-def write(path: str | os.PathLike, arr: np.ndarray) -> Path:
-    """Write an array as a compressed TIFF, atomically (no half-written file is left behind)."""
+def write(path: str | os.PathLike, arr: np.ndarray, voxel_size: tuple[float, float, float] | None = None) -> Path:
+    """Write an array as a compressed TIFF, atomically (no half-written file is left behind).
+
+    ``voxel_size`` (z, y, x, micrometres) for a 3D stack: written as ImageJ metadata (spacing and
+    resolution; the ImageJ format takes uint8, uint16 and float32), which :func:`voxel_size` reads.
+    """
     import tifffile
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tifffile.imwrite(tmp, arr, compression="zlib", photometric="minisblack")
+    if voxel_size is not None:
+        z, y, x = (float(v) for v in voxel_size)
+        tifffile.imwrite(tmp, arr, imagej=True, resolution=(1 / x, 1 / y), compression="zlib",
+                         metadata={"spacing": z, "unit": "um", "axes": "ZYX"})
+    else:
+        tifffile.imwrite(tmp, arr, compression="zlib", photometric="minisblack")
     os.replace(tmp, path)
     return path
 
