@@ -252,15 +252,21 @@ def test_3d_stack_trains_previews_a_slab_and_segments(qtbot, make_napari_viewer,
     try:
         stack = viewer.layers["cells 3D"]
         assert w.annotate.image.value is stack
+        # a stack at its voxel size, placed off the origin: every layer the plugin adds lies on it
+        for layer in (stack, viewer.layers["cells 3D annotations"]):
+            layer.scale, layer.translate = (0.5, 0.25, 0.25), (2.0, 0.0, 1.0)
         _train(qtbot, w, iterations=3, preview_every=0.01)
         assert not errors
         assert w.session.model.ndim == 3
-        preview = viewer.layers[W.PREVIEW_LAYER].data
-        assert preview.shape == stack.data.shape  # a slab placed into a full-size layer
+        preview = viewer.layers[W.PREVIEW_LAYER]
+        assert preview.data.shape == stack.data.shape  # a slab placed into a full-size layer
+        np.testing.assert_allclose([preview.scale, preview.translate], [stack.scale, stack.translate])
         w.segment.run()
         qtbot.waitUntil(lambda: "cells 3D segmentation" in viewer.layers and w.segment.worker is None,
                         timeout=TIMEOUT)
-        assert viewer.layers["cells 3D segmentation"].data.shape == stack.data.shape
+        seg = viewer.layers["cells 3D segmentation"]
+        assert seg.data.shape == stack.data.shape
+        np.testing.assert_allclose([seg.scale, seg.translate], [stack.scale, stack.translate])
     finally:
         w.cleanup_model_folder()
 

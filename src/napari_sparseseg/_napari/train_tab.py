@@ -226,10 +226,15 @@ class TrainPanel(QWidget):
             full = np.zeros(shape, np.int32)
             full[ev.z_start : ev.z_start + data.shape[0]] = data
             data = full
+        # on the image: its voxel size and position (a region preview, if one came first, moved the layer)
+        nd = data.ndim
+        scale = np.asarray(image.scale[-nd:], float) if image is not None else np.ones(nd)
+        translate = np.asarray(image.translate[-nd:], float) if image is not None else np.zeros(nd)
         if PREVIEW_LAYER in self.viewer.layers:
-            self.viewer.layers[PREVIEW_LAYER].data = data
+            layer = self.viewer.layers[PREVIEW_LAYER]
+            layer.data, layer.scale, layer.translate = data, scale, translate
         else:
-            layer = self.viewer.add_labels(data, name=PREVIEW_LAYER, opacity=0.5)
+            layer = self.viewer.add_labels(data, name=PREVIEW_LAYER, opacity=0.5, scale=scale, translate=translate)
             layer.editable = False
 
     def _show_region_preview(self, image, data: np.ndarray, origin: tuple[int, ...], z_start: int) -> None:
