@@ -72,12 +72,23 @@ def test_train_resume_and_refusal_to_overwrite(data, model, capsys):
     assert json.loads((model / "config.json").read_text())["training"]["iteration"] == 5
 
 
-def test_train_from_other_model(data, model):
+def test_train_from_other_model(data, model, capsys):
     out = data / "tuned"
     assert main(["train", "--images", str(data / "img" / "*.tif"), "--labels", str(data / "sparse" / "*.tif"),
-                 "--out", str(out), "--iterations", "1", "--from", str(model), *FAST]) == 0
+                 "--out", str(out), "--iterations", "1", "--from", str(model), "--finetune", "always", *FAST]) == 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["parent"] == str(model) and cfg["training"]["train_config"]["lr"] == pytest.approx(1e-3)
+    assert "fine_tune" not in cfg and cfg["training"]["train_config"]["finetune"] == "always"
+    # auto (the default): the model's own segmentation of the painted objects decides, and says so
+    capsys.readouterr()
+    assert main(["train", "--images", str(data / "img" / "*.tif"), "--labels", str(data / "sparse" / "*.tif"),
+                 "--out", str(data / "auto"), "--iterations", "1", "--from", str(model), *FAST]) == 0
+    cfg = json.loads((data / "auto" / "config.json").read_text())
+    decision = cfg["fine_tune"]
+    assert decision["parent"] == str(model) and decision["kept"] == (decision["recovery"] >= 0.2)
+    assert ("parent" in cfg) == decision["kept"]
+    said = "it already finds the painted objects" if decision["kept"] else "does not find the painted objects"
+    assert f"{said} (mean best IoU {decision['recovery']:.2f}" in capsys.readouterr().out
 
 
 def test_train_errors(data, tmp_path, capsys):

@@ -116,7 +116,7 @@ def test_unknown_real_sample_lists_the_choices():
 
 SHARED = {  # the published arrays, as ../shared/data holds them
     "ovule": ("ovule_sample/sample_ovule_raw.tif", "ovule_sample/sample_ovule_label.tif", 5),
-    "fibsem": ("fibsem_gala/train_raw.tif", "fibsem_gala/train_gt.tif", 4),
+    "fibsem": ("fibsem_gala/train_raw.tif", "fibsem_gala/train_gt.tif", 9),
 }
 
 

@@ -138,10 +138,84 @@ def test_fine_tune_from_model_checks_dimensionality(cells2d, tmp_path):
     rgb = np.stack([img] * 3, -1)
     with pytest.raises(SparseSegError, match="has 3 channel.s. but the model expects 1; convert it to greyscale first"):
         Trainer([rgb], [gt], TrainConfig(iterations=1), init=base)
-    tuned = Trainer([img], [gt], TrainConfig(iterations=1, **FAST), init=base)
+    tuned = Trainer([img], [gt], TrainConfig(iterations=1, finetune="always", **FAST), init=base)
     # fine-tuning keeps the network; the new images get the zooms of their own objects
     assert tuned.iteration == 0 and tuned.model.config["network"] == base.config["network"]
     assert tuned.model_config["scale"]["target_diameter"] == base.config["scale"]["target_diameter"]
+
+
+def test_fine_tuning_sets_aside_a_model_that_does_not_find_the_painted_objects(cells2d, tmp_path, monkeypatch):
+    """``finetune="auto"``: a parent whose own segmentation misses the painted objects is dropped and
+    the run is exactly a fresh one (same seed, same data); one that finds them is fine-tuned."""
+    from napari_sparseseg.core import transfer
+
+    img, gt = cells2d[0]
+    sparse = sparsify(gt, 0.3)
+    Trainer([img], [sparse], TrainConfig(iterations=1, **FAST), out=tmp_path / "p").save()
+    parent = load_model(tmp_path / "p")
+    seen = []
+
+    def recovery(value):
+        def fake(model, images, labels, diameters, voxel_sizes=None, background_id=None):
+            seen.append((model, len(images), diameters))
+            return value
+        return fake
+
+    monkeypatch.setattr(transfer, "painted_recovery", recovery(0.05))
+    dropped = Trainer([img], [sparse], TrainConfig(iterations=3, seed=4, **FAST), init=parent)
+    assert seen and seen[0][0] is parent and seen[0][2][0] == pytest.approx(float(dropped.scale_config["diameter"]))
+    assert "parent" not in dropped.model_config
+    assert dropped.model_config["fine_tune"] == {"parent": str(tmp_path / "p"), "recovery": 0.05,
+                                                 "min_recovery": transfer.MIN_RECOVERY, "kept": False}
+    events = list(dropped.run())
+    assert "does not find the painted objects (mean best IoU 0.05, below 0.2)" in events[0].note
+    assert "a fresh network is trained instead" in events[0].note and not events[1].note
+    fresh = Trainer([img], [sparse], TrainConfig(iterations=3, seed=4, **FAST))
+    list(fresh.run())
+    for a, b in zip(dropped.net.state_dict().values(), fresh.net.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+    monkeypatch.setattr(transfer, "painted_recovery", recovery(0.6))
+    kept = Trainer([img], [sparse], TrainConfig(iterations=1, **FAST), init=parent)
+    assert kept.model_config["parent"] == str(tmp_path / "p") and kept.model_config["fine_tune"]["kept"]
+    assert kept.note.startswith(f"fine-tuning {tmp_path / 'p'}: it already finds the painted objects (mean best IoU 0.60)")
+    for a, b in zip(kept.net.state_dict().values(), parent.net.state_dict().values()):
+        torch.testing.assert_close(a, b)  # starts from the parent's weights
+
+    # "always" and resuming never ask
+    monkeypatch.setattr(transfer, "painted_recovery", lambda *a, **k: pytest.fail("asked"))
+    assert Trainer([img], [sparse], TrainConfig(iterations=1, finetune="always", **FAST), init=parent).note == ""
+    assert Trainer([img], [sparse], TrainConfig(iterations=1, **FAST), init=load_model(tmp_path / "p"),
+                   resume=True).note == ""
+
+
+def test_painted_recovery_matches_each_painted_object_with_its_best_segment(monkeypatch):
+    from napari_sparseseg.core import segment as seg_mod, transfer
+
+    lab = np.zeros((6, 6), int)
+    lab[:2, :2] = 3   # 4 px, found exactly
+    lab[3:, 3:] = 9   # 9 px; the segment covers 6 of them and 3 more: IoU 6 / 12
+    seg = np.zeros((6, 6), int)
+    seg[:2, :2] = 1
+    seg[3:5, 3:] = 2
+    seg[5, :3] = 2
+    seg[5, 3:] = 0
+    np.testing.assert_allclose(transfer.best_ious(seg, lab), [1.0, 0.5])
+    np.testing.assert_allclose(transfer.best_ious(np.zeros_like(seg), lab), [0.0, 0.0])  # background is no match
+    np.testing.assert_allclose(transfer.best_ious(seg, np.where(lab == 9, 9, 0), background_id=9), [])
+    calls = []
+    monkeypatch.setattr(seg_mod, "segment", lambda model, image, diameter, voxel_size, name: calls.append(
+        (int(image[0, 0]), diameter)) or seg)
+    empty = np.zeros_like(lab)
+    images = [np.full((6, 6), i) for i in range(3)]
+    # the images with the most painted objects first, at most max_images; unpainted ones never
+    r = transfer.painted_recovery(None, images, [empty, np.where(lab == 3, 3, 0), lab], [5.0, 6.0, 7.0],
+                                  max_images=1)
+    assert calls == [(2, 7.0)] and r == pytest.approx(0.75)
+    calls.clear()
+    assert transfer.painted_recovery(None, images, [empty, np.where(lab == 3, 3, 0), lab], [5.0, 6.0, 7.0]) == \
+        pytest.approx((1 + 0.5 + 1) / 3)
+    assert calls == [(2, 7.0), (1, 6.0)]
 
 
 def test_user_errors():
@@ -324,6 +398,8 @@ def test_ignore_mask_removes_pixels_from_training(cells2d):
 def test_unknown_method_is_named_in_the_error():
     with pytest.raises(SparseSegError, match="method 'crack': expected auto or one of spoco, crac"):
         TrainConfig(method="crack")
+    with pytest.raises(SparseSegError, match="finetune 'never': expected auto or always"):
+        TrainConfig(finetune="never")
 
 
 def test_learning_rate_rule_lives_in_the_engine(cells2d, tmp_path):
@@ -333,7 +409,8 @@ def test_learning_rate_rule_lives_in_the_engine(cells2d, tmp_path):
     first = Trainer([img], [sparsify(gt, 0.3)], TrainConfig(iterations=1, **FAST), out=tmp_path / "a")
     list(first.run())
     assert first.config.lr == LR
-    tuned = Trainer([img], [sparsify(gt, 0.3)], TrainConfig(iterations=1, **FAST), init=load_model(tmp_path / "a"))
+    tuned = Trainer([img], [sparsify(gt, 0.3)], TrainConfig(iterations=1, finetune="always", **FAST),
+                    init=load_model(tmp_path / "a"))
     assert tuned.config.lr == FINE_TUNE_LR and tuned.optimizer.param_groups[0]["lr"] == FINE_TUNE_LR
     resumed = Trainer([img], [sparsify(gt, 0.3)], TrainConfig(iterations=1, **FAST), init=load_model(tmp_path / "a"),
                       resume=True)

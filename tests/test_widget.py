@@ -207,7 +207,9 @@ def test_new_annotation_layer_and_warnings(widget):
     assert "1 object annotated" in w.annotate.status.value and "separate pieces" in w.annotate.status.value
 
 
-def test_save_and_load_model_roundtrip(qtbot, widget, tmp_path, errors):
+def test_save_and_load_model_roundtrip(qtbot, widget, tmp_path, errors, monkeypatch):
+    from napari_sparseseg._napari import train_tab
+
     viewer, w = widget
     w.train.save_model(tmp_path / "m")
     assert "no model to save" in errors[-1]
@@ -215,6 +217,15 @@ def test_save_and_load_model_roundtrip(qtbot, widget, tmp_path, errors):
     w.train.save_model(tmp_path / "m")
     w.train.load_model(tmp_path / "m")
     assert w.session.origin == "loaded" and "3 iterations" in w.train.status.value
+    # training a loaded model: the engine decides whether to fine-tune it, and the user reads why
+    notes = []
+    monkeypatch.setattr(train_tab, "show_info", notes.append)
+    n_errors = len(errors)
+    _train(qtbot, w, iterations=2, preview_every=0)
+    assert len(errors) == n_errors, errors
+    decision = load_model(w.session.folder).config["fine_tune"]
+    assert decision["parent"] == str(tmp_path / "m")
+    assert any(f"painted objects (mean best IoU {decision['recovery']:.2f}" in n for n in notes), notes
     w.train.load_model(tmp_path / "missing")
     assert "not found" in errors[-1]
 

@@ -20,6 +20,7 @@ from .core.errors import SparseSegError
 from .core.methods import METHOD_NAMES, describe_default
 from .core.segment import AFFINITY_SOURCES, AGREEMENT, BIAS, CLUSTERINGS, CRAC_AFFINITY_SOURCE, SPLIT_RATIO
 from .core.training import FINE_TUNE_LR, FOREGROUND_HOLDOUT, OBJECT_GAIN, OBJECT_GAIN_ON, default_lr_text
+from .core.transfer import MIN_RECOVERY
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:
@@ -102,6 +103,7 @@ def cmd_train(args) -> int:
         checkpoint_every=args.checkpoint_every,
         foreground_holdout=args.foreground_holdout,
         object_gain=args.object_contrast,
+        finetune=args.finetune,
     )
     if args.base_channels is not None:
         config.base_channels = args.base_channels
@@ -121,6 +123,8 @@ def cmd_train(args) -> int:
         + (f"; {trainer.heldout} object(s) held out of the foreground loss to calibrate its threshold"
            if trainer.heldout else "")
     )
+    if trainer.note:
+        print(trainer.note)
     # SIGTERM (e.g. a batch system's time limit) stops like Ctrl-C, after the current step
     signal.signal(signal.SIGTERM, lambda *_: trainer.stop())
     iters, _ = trainer.limits()
@@ -342,7 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training method; auto: " + describe_default()
                         + " (a model given with --from or --resume keeps its own)")
     t.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    t.add_argument("--from", dest="init", default=None, metavar="MODEL", help=f"fine-tune this model (lr {FINE_TUNE_LR:g} by default)")
+    t.add_argument("--from", dest="init", default=None, metavar="MODEL",
+                   help=f"fine-tune this model (lr {FINE_TUNE_LR:g} by default) if it already finds the painted "
+                        "objects, else train a fresh network (see --finetune)")
+    t.add_argument("--finetune", choices=["auto", "always"], default="auto",
+                   help="with --from: auto (default) keeps the model only if its own segmentation recovers the "
+                        f"painted objects (mean best IoU >= {MIN_RECOVERY:g}); always fine-tunes it")
     t.add_argument("--resume", action="store_true", help="continue training the model already in --out")
     t.add_argument("--background-id", type=int, default=None, help="this label is background (full supervision)")
     t.add_argument("--batch-size", type=int, default=None, help="crops per step (default: 2 in 2D, 1 in 3D)")

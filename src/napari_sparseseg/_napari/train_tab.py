@@ -119,7 +119,8 @@ class TrainPanel(QWidget):
         self.session.model, self.session.origin, self.session.folder = model, "loaded", Path(folder)
         self._describe()
         self.model_changed.emit()
-        show_info(f"Loaded model from {folder}; training now fine-tunes it (learning rate {FINE_TUNE_LR:g}).")
+        show_info(f"Loaded model from {folder}; training now fine-tunes it (learning rate {FINE_TUNE_LR:g}) "
+                  "if it already finds your painted objects, else trains a fresh network.")
 
     def save_model(self, folder) -> None:
         if self.session.model is None:
@@ -205,6 +206,9 @@ class TrainPanel(QWidget):
             return
         if ev.done:
             return
+        if ev.note:
+            show_info(ev.note)
+            self.status.value = ev.note
         self.plot.add(ev.losses.get("loss", float("nan")))
         pos = int(100 * ev.progress)
         if self._pbar is not None and pos > self._pbar_pos:

@@ -66,7 +66,7 @@ REAL_SAMPLES = {
                      "06a4c19c597739a31678389b6f7c6926dbce5e90c9179fe3d23c3b7d9cb5f931"),
         labels=Remote(_GALA + "train-gt.lzf.h5", "stack",
                       "fd2707d401373f99d55d0da97900fc2ce3f3b3bc04c987aa5cff4ac67ac84b20", labels=True),
-        voxel_size=None, fraction=0.05, seed=0,
+        voxel_size=None, fraction=0.1, seed=0,
         attribution=("gala test data, Janelia FlyEM (Nunez-Iglesias et al., PLoS ONE 2013; "
                      "github.com/jni/gala, BSD licence, Copyright 2012 HHMI)")),
 }

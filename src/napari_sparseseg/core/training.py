@@ -76,6 +76,9 @@ class TrainConfig:
     patch_shape: tuple[int, ...] | None = None
     #: None: LR from scratch or when resuming, FINE_TUNE_LR when fine-tuning another model
     lr: float | None = None
+    #: with a model to start from: "auto" fine-tunes it only if it already finds the painted
+    #: objects, else trains a fresh network (:mod:`.transfer`); "always" fine-tunes it
+    finetune: str = "auto"
     weight_decay: float = 1e-5
     seed: int = 0
     device: str = "auto"
@@ -133,6 +136,8 @@ class TrainConfig:
             raise SparseSegError(f"object contrast must be a factor >= 1 (1: off), got {self.object_gain}")
         if self.diameter is not None and not self.diameter > 0:
             raise SparseSegError(f"diameter must be a positive number of pixels, got {self.diameter}")
+        if self.finetune not in ("auto", "always"):
+            raise SparseSegError(f"finetune {self.finetune!r}: expected auto or always")
 
 
 @dataclass
@@ -148,6 +153,19 @@ class TrainEvent:
     checkpoint: Path | None = None
     done: bool = False
     reason: str = ""
+    #: on the first event: what the trainer decided at its start (:attr:`Trainer.note`)
+    note: str = ""
+
+
+def _channels_first(images: list[np.ndarray], names: list[str], ndim: int, chans: int | None) -> list[np.ndarray]:
+    """Each image as (C, *spatial); ``chans``: a model's input channels (grey repeated into RGB)."""
+    imgs = [to_channels_first(img, ndim, name, chans) for img, name in zip(images, names)]
+    if chans is None and {i.shape[0] for i in imgs} == {1, 3}:
+        imgs = [np.repeat(i, 3, axis=0) if i.shape[0] == 1 else i for i in imgs]  # grey and RGB mixed: all RGB
+    for img, name in zip(imgs, names):
+        if img.shape[0] != imgs[0].shape[0]:
+            raise SparseSegError(f"{name}: has {img.shape[0]} channel(s) but {names[0]} has {imgs[0].shape[0]}")
+    return imgs
 
 
 def _patch_shape(ndim: int, shapes: list[tuple[int, ...]], divisor: tuple[int, ...]) -> tuple[int, ...]:
@@ -220,16 +238,21 @@ class Trainer:
         for lab, name in zip(labels, names):
             if lab.ndim != ndim:
                 raise SparseSegError(f"{name}: labels are {lab.ndim}D but {names[0]} is {ndim}D; mix no dimensionalities")
-        chans = None if init is None else init.in_channels
-        imgs = [to_channels_first(img, ndim, name, chans) for img, name in zip(images, names)]
-        if chans is None and {i.shape[0] for i in imgs} == {1, 3}:
-            imgs = [np.repeat(i, 3, axis=0) if i.shape[0] == 1 else i for i in imgs]  # grey and RGB mixed: all RGB
+        imgs = _channels_first(images, names, ndim, None if init is None else init.in_channels)
         channels = imgs[0].shape[0]
-        for img, name in zip(imgs, names):
-            if img.shape[0] != channels:
-                raise SparseSegError(f"{name}: has {img.shape[0]} channel(s) but {names[0]} has {channels}")
+        #: what the trainer decided at its start, for the user (the first TrainEvent carries it)
+        self.note = ""
+        self.fine_tune: dict[str, Any] | None = None
         if init is not None:
             checkpoint.check_compatible(init.config, ndim, channels, names[0])
+            if not resume and cfg.finetune == "auto":
+                from .transfer import keep_parent
+
+                keep, self.fine_tune, self.note = keep_parent(init, images, labels, cfg, voxel_sizes)
+                if not keep:
+                    init = None
+                    imgs = _channels_first(images, names, ndim, None)
+                    channels = imgs[0].shape[0]
         if cfg.batch_size is None:
             cfg.batch_size = BATCH_SIZE[ndim]
         if cfg.base_channels is None:
@@ -303,6 +326,8 @@ class Trainer:
         }
         if init is not None:
             self.model_config["parent"] = str(init.path) if init.path else None
+        if self.fine_tune is not None:
+            self.model_config["fine_tune"] = self.fine_tune
         self._stop = False
         self.last_losses: dict[str, float] = {}
 
@@ -445,6 +470,7 @@ class Trainer:
                     lr=lr,
                     progress=progress_at(now),
                     checkpoint=ckpt,
+                    note=self.note if self.iteration == start_it + 1 else "",
                 )
         finally:
             # also on Ctrl-C, generator close and errors: keep the last good state
