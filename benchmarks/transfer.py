@@ -10,8 +10,9 @@ Per pair SOURCE:TARGET and seed, exactly as a user runs the command line:
    (source only).
 2. for each target fraction p (SPOCO@p, ``sparsify --fraction p --seed S``; at least one object per
    image): *scratch* trains on those labels for ``--budget`` seconds; *fine-tuned* trains the same
-   labels, same budget, ``--from`` the source model (the default fine-tuning rule). Both are scored
-   on the target's test part.
+   labels, same budget, ``--from`` the source model (the default fine-tuning rule: the source is
+   kept only if it already finds the painted objects, core/transfer.py; ``--finetune-args
+   "--finetune always"`` always keeps it). Both are scored on the target's test part.
 
 Datasets are the suite's (benchmarks/suite_data.py) plus ``gala2d``: the FIB-SEM gala volumes as 2D
 slices (every 5th slice; train / test volumes), so a 2D EM model can transfer to it.
@@ -21,6 +22,7 @@ Prints one table (mean and sd over seeds) and writes ``<work>/transfer.json``.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -82,9 +84,14 @@ def run_job(pair: str, seed: int, args) -> dict:
                 sparseseg(["train", "--images", str(tgt / "train_images"), "--labels", str(labels), "--out", str(model),
                            "--time-limit", str(args.budget), "--seed", str(seed), "--quiet", *extra], args.threads, log)
             row[arm] = score_test_part(model, tgt, out / f"seg-{arm}-{p}", args.threads, log)
+        # what `--from` decided (transfer.keep_parent): the source's recovery of the painted objects
+        row["decision"] = json.loads((out / f"finetuned-{p}" / "config.json").read_text()).get("fine_tune")
         result[str(p)] = row
         key = PRIMARY[target]
-        print(f"{pair} seed {seed} @{p}: scratch {row['scratch'][key]:.3f}, fine-tuned {row['finetuned'][key]:.3f}",
+        said = "" if not row["decision"] else (
+            f" (source recovers the painted objects at IoU {row['decision']['recovery']:.2f}: "
+            f"{'fine-tuned' if row['decision']['kept'] else 'set aside, trained fresh'})")
+        print(f"{pair} seed {seed} @{p}: scratch {row['scratch'][key]:.3f}, fine-tuned {row['finetuned'][key]:.3f}{said}",
               flush=True)
     return result
 

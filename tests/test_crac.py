@@ -286,7 +286,7 @@ def test_crac_cli_train_segment_resume_and_fine_tune(tmp_path, capsys):
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert cfg["method"] == "crac" and cfg["training"]["iteration"] == 6
     assert main(["train", *common, "--out", str(tmp_path / "t"), "--iterations", "1", "--from", str(tmp_path / "m"),
-                 *fast]) == 0
+                 "--finetune", "always", *fast]) == 0
     assert json.loads((tmp_path / "t" / "config.json").read_text())["method"] == "crac"
     capsys.readouterr()
     assert main(["segment", "--model", str(tmp_path / "m"), "--images", str(tmp_path / "img" / "c0.tif"),

@@ -144,7 +144,7 @@ def test_cli_export_then_segment_and_finetune_from_package(data, spoco, tmp_path
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "seg_pkg" / "t.tif"), tifffile.imread(tmp_path / "seg_dir" / "t.tif"))
     tuned = tmp_path / "tuned"
     assert main(["train", "--images", str(data / "img" / "*.tif"), "--labels", str(data / "lab" / "*.tif"),
-                 "--out", str(tuned), "--from", str(pkg), *TINY]) == 0
+                 "--out", str(tuned), "--from", str(pkg), "--finetune", "always", *TINY]) == 0
     cfg = json.loads((tuned / "config.json").read_text())
     assert cfg["parent"] == str(pkg) and cfg["method"] == "spoco"
     # a package exports again (from the zip) to the same network

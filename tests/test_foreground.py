@@ -128,7 +128,7 @@ def test_fine_tuning_without_held_out_objects_drops_the_parents_held_out_constan
     list(parent.run())
     assert parent.method.fg.heldout is not None
     two = np.where(np.isin(gt, np.unique(gt[gt > 0])[:2]), gt, 0)  # two objects: none can be held out
-    child = Trainer([img], [two], TrainConfig(iterations=3, **FAST), init=parent.model)
+    child = Trainer([img], [two], TrainConfig(iterations=3, finetune="always", **FAST), init=parent.model)
     assert child.heldout == 0
     list(child.run())
     # c is measured on this run's objects, not the parent's held-out ones

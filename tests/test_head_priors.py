@@ -79,5 +79,5 @@ def test_fine_tuning_keeps_the_parents_heads():
     bias = parent.net.iam.head.bias.detach().clone()
     with torch.no_grad():
         parent.net.iam.head.bias.add_(0.5)  # a trained head, away from any prior
-    child = Trainer([img], [sparsify(gt, 0.5)], TrainConfig(iterations=1, **FAST), init=parent.model)
+    child = Trainer([img], [sparsify(gt, 0.5)], TrainConfig(iterations=1, finetune="always", **FAST), init=parent.model)
     assert torch.allclose(child.net.iam.head.bias, bias + 0.5)
