@@ -96,6 +96,12 @@ def test_read_remote_names_a_missing_dataset(monkeypatch, tmp_path):
         read_remote(Remote(URL, "raw", "0" * 64), tmp_path)
 
 
+def test_read_remote_names_a_file_that_is_not_hdf5(tmp_path):
+    (tmp_path / "repo-01234567-sample.h5").write_text("<html>rate limited</html>")
+    with pytest.raises(SparseSegError, match=r"sample\.h5: not a readable HDF5 file .*delete it to download it again"):
+        read_remote(Remote(URL, "raw", "0" * 64), tmp_path)
+
+
 def test_download_failure_says_where_to_put_the_file(monkeypatch, tmp_path):
     def offline(*args, **kwargs):
         raise ConnectionError("no route to host")
