@@ -216,6 +216,8 @@ def test_painted_recovery_matches_each_painted_object_with_its_best_segment(monk
     assert transfer.painted_recovery(None, images, [empty, np.where(lab == 3, 3, 0), lab], [5.0, 6.0, 7.0]) == \
         pytest.approx((1 + 0.5 + 1) / 3)
     assert calls == [(2, 7.0), (1, 6.0)]
+    # only background painted (dense labels' background id): nothing to recover, no NaN
+    assert transfer.painted_recovery(None, images[:1], [np.where(lab == 9, 9, 0)], [5.0], background_id=9) == 0.0
 
 
 def test_user_errors():

@@ -58,7 +58,8 @@ def painted_recovery(model, images: list[np.ndarray], labels: list[np.ndarray], 
     for i in order:
         seg = segment(model, images[i], diameter=diameters[i], voxel_size=voxel_sizes[i], name=f"image {i}")
         ious.append(best_ious(seg, labels[i], background_id))
-    return float(np.mean(np.concatenate(ious))) if ious else 0.0
+    ious = np.concatenate(ious) if ious else np.zeros(0)
+    return float(ious.mean()) if ious.size else 0.0  # nothing painted but background: nothing found
 
 
 def keep_parent(init, images: list[np.ndarray], labels: list[np.ndarray], cfg, voxel_sizes: list | None = None
