@@ -20,6 +20,7 @@ from .core.errors import SparseSegError
 from .core.methods import METHOD_NAMES, describe_default
 from .core.segment import AFFINITY_SOURCES, AGREEMENT, BIAS, CLUSTERINGS, CRAC_AFFINITY_SOURCE, SPLIT_RATIO
 from .core.training import FINE_TUNE_LR, FOREGROUND_HOLDOUT, OBJECT_GAIN, OBJECT_GAIN_ON, default_lr_text
+from .core.real_samples import REAL_SAMPLES
 from .core.transfer import MIN_RECOVERY
 
 
@@ -316,7 +317,7 @@ def cmd_sample(args) -> int:
     io.write(out / "images" / f"{args.name}.tif", image, voxel_size=sample.voxel_size)
     io.write(out / "labels" / f"{args.name}.tif", sparse)
     io.write(out / "gt" / f"{args.name}.tif", gt)
-    print(f"{sample.title}: {len(np.unique(sparse)) - 1} of {len(np.unique(gt[gt > 0]))} objects painted -> "
+    print(f"{sample.title}: {len(np.unique(sparse)) - 1} of {gt.max()} objects painted -> "
           f"{out}/images, {out}/labels (all objects: {out}/gt)\nsource: {sample.attribution}")
     return 0
 
@@ -468,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     m = sub.add_parser("sample", help="download a real 3D sample (once) and write it with a few objects painted")
-    m.add_argument("name", choices=["ovule", "fibsem"], help="ovule: confocal, cell boundaries; fibsem: neuropil")
+    m.add_argument("name", choices=list(REAL_SAMPLES), help="ovule: confocal, cell boundaries; fibsem: neuropil")
     m.add_argument("--out", default="sparseseg-sample")
     m.set_defaults(func=cmd_sample)
     return p

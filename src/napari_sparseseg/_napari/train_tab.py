@@ -232,14 +232,10 @@ class TrainPanel(QWidget):
             data = full
         # on the image: its voxel size and position (a region preview, if one came first, moved the layer)
         nd = data.ndim
-        scale = np.asarray(image.scale[-nd:], float) if image is not None else np.ones(nd)
-        translate = np.asarray(image.translate[-nd:], float) if image is not None else np.zeros(nd)
-        if PREVIEW_LAYER in self.viewer.layers:
-            layer = self.viewer.layers[PREVIEW_LAYER]
-            layer.data, layer.scale, layer.translate = data, scale, translate
+        if image is None:
+            self._set_preview(data, np.ones(nd), np.zeros(nd))
         else:
-            layer = self.viewer.add_labels(data, name=PREVIEW_LAYER, opacity=0.5, scale=scale, translate=translate)
-            layer.editable = False
+            self._set_preview(data, np.asarray(image.scale[-nd:], float), np.asarray(image.translate[-nd:], float))
 
     def _show_region_preview(self, image, data: np.ndarray, origin: tuple[int, ...], z_start: int) -> None:
         offset = np.array(origin, float)
@@ -247,10 +243,12 @@ class TrainPanel(QWidget):
             offset[0] += z_start
         nd = data.ndim
         scale = np.asarray(image.scale[-nd:], float)
-        translate = np.asarray(image.translate[-nd:], float) + offset * scale
+        self._set_preview(data, scale, np.asarray(image.translate[-nd:], float) + offset * scale)
+
+    def _set_preview(self, data: np.ndarray, scale: np.ndarray, translate: np.ndarray) -> None:
         if PREVIEW_LAYER in self.viewer.layers:
             layer = self.viewer.layers[PREVIEW_LAYER]
-            layer.data, layer.translate, layer.scale = data, translate, scale
+            layer.data, layer.scale, layer.translate = data, scale, translate
         else:
             layer = self.viewer.add_labels(data, name=PREVIEW_LAYER, opacity=0.5, scale=scale, translate=translate)
             layer.editable = False
