@@ -32,6 +32,16 @@ def test_bfloat16_is_not_assumed_on_other_devices():
     assert device.resolve_precision("auto", torch.device("mps")) is None
 
 
+def test_auto_is_float32_on_cuda_gpus_even_with_bfloat16(monkeypatch):
+    # measured on an H200 (benchmarks/gpu.py, docs/benchmarks.md): the networks are small enough
+    # that GPU steps are bound by kernel launches, and autocast's casts made them slower
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    cuda = torch.device("cuda")
+    assert device.fast_bfloat16(cuda) is False
+    assert device.resolve_precision("auto", cuda) is None
+    assert device.resolve_precision("bfloat16", cuda) == torch.bfloat16
+
+
 def test_unknown_precision_is_an_error_naming_the_choices():
     with pytest.raises(SparseSegError, match=r"precision 'half': expected one of auto, float32, bfloat16"):
         device.resolve_precision("half", torch.device("cpu"))

@@ -358,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=None, help="crops per step (default: 2 in 2D, 1 in 3D)")
     t.add_argument("--base-channels", type=int, default=None, help="channels of the U-Net's first level (default: 16 in 2D, 8 in 3D)")
     t.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="auto: bfloat16 autocast where it is fast (CUDA, CPUs with AVX512-BF16 or AMX), else float32")
+                   help="auto: bfloat16 autocast on CPUs with AVX512-BF16 or AMX (faster there), else float32 "
+                        "(also on CUDA GPUs, where it was slower)")
     t.add_argument("--patch-shape", type=_parse_shape, default=None, help="training crop, e.g. 256,256")
     t.add_argument("--lr", type=float, default=None,
                    help=f"learning rate (default {default_lr_text('with --from')})")

@@ -32,12 +32,15 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def fast_bfloat16(device: torch.device) -> bool:
-    """Whether bfloat16 convolutions are fast here: CUDA GPUs that support bfloat16, and CPUs with
-    native bfloat16 instructions (AVX512-BF16: AMD Zen 4 and later, Intel Cooper Lake; AMX tiles:
-    Intel Sapphire Rapids and later), where oneDNN runs them faster than float32 (docs/method.md).
-    Elsewhere bfloat16 is emulated and slower."""
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
+    """Whether bfloat16 autocast makes this package's networks faster here: CPUs with native
+    bfloat16 instructions (AVX512-BF16: AMD Zen 4 and later, Intel Cooper Lake; AMX tiles: Intel
+    Sapphire Rapids and later), where oneDNN runs the convolutions faster than float32
+    (docs/method.md). Elsewhere bfloat16 is emulated and slower.
+
+    Not CUDA GPUs, although they support it: the networks are small enough that a GPU step is
+    bound by kernel launches, and autocast's casts add launches. On an H200 bfloat16 made training
+    steps 10-24 % slower and prediction 3-7 % faster, with no better segmentations
+    (benchmarks/gpu.py, docs/benchmarks.md §11); ``precision="bfloat16"`` still asks for it."""
     if device.type == "cpu":
         checks = (getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
         return any(bool(check and check()) for check in checks)
@@ -47,8 +50,8 @@ def fast_bfloat16(device: torch.device) -> bool:
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``precision`` on ``device`` (None: float32 throughout).
 
-    "auto" takes bfloat16 where it is fast (:func:`fast_bfloat16`: CUDA GPUs that support it, CPUs
-    with native bfloat16 instructions) and float32 elsewhere.
+    "auto" takes bfloat16 where it is faster (:func:`fast_bfloat16`: CPUs with native bfloat16
+    instructions) and float32 elsewhere, CUDA GPUs included.
     """
     if precision not in PRECISIONS:
         raise SparseSegError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")

@@ -82,7 +82,8 @@ class TrainConfig:
     weight_decay: float = 1e-5
     seed: int = 0
     device: str = "auto"
-    #: "auto": bfloat16 autocast on CUDA GPUs that support it, float32 elsewhere
+    #: "auto": bfloat16 autocast on CPUs with native bfloat16 instructions, float32 elsewhere
+    #: (CUDA GPUs too: slower there, device.fast_bfloat16)
     precision: str = "auto"
     ema_momentum: float = 0.999
     background_id: int | None = None
