@@ -377,3 +377,28 @@ def test_sample_without_network_says_what_to_copy_where(tmp_path, monkeypatch, c
     assert "could not download https://raw.githubusercontent.com/jni/gala/" in err
     assert str(tmp_path / "cache" / "gala-975ed783-train-image.h5") in err
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("blockwise", [False, True])
+def test_segment_precision_reaches_every_prediction(data, model, tmp_path, monkeypatch, blockwise):
+    """--precision picks the autocast of segmentation's network passes, f and g, whole image or blockwise."""
+    import torch
+
+    from napari_sparseseg.core import prediction
+
+    seen = []
+    real = prediction.predict_normalized
+
+    def spy(net, xs, device, dtype=None, *args, **kwargs):
+        seen.append(dtype)
+        return real(net, xs, device, dtype, *args, **kwargs)
+
+    monkeypatch.setattr(prediction, "predict_normalized", spy)
+    extra = ["--block-shape", "64", "64", "--workers", "0"] if blockwise else []
+    for precision, dtype in (("bfloat16", torch.bfloat16), ("float32", None)):
+        seen.clear()
+        assert main(["segment", "--model", str(model), "--images", str(data / "img" / "c0.tif"),
+                     "--out", str(tmp_path / precision), "--precision", precision, "--clustering", "mws",
+                     # the agreement filter predicts g too (whole image); blockwise: one pass per block
+                     *(extra if blockwise else ["--agreement", "0.5"])]) == 0
+        assert (len(seen) >= 1 if blockwise else len(seen) == 2) and all(d == dtype for d in seen), (precision, seen)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .core import checkpoint, io
+from .core.device import PRECISIONS
 from .core.errors import SparseSegError
 from .core.methods import METHOD_NAMES, describe_default
 from .core.segment import AFFINITY_SOURCES, AGREEMENT, BIAS, CLUSTERINGS, CRAC_AFFINITY_SOURCE, SPLIT_RATIO
@@ -55,6 +56,9 @@ def cmd_sparsify(args) -> int:
 
 # -- train ---------------------------------------------------------------------------------------
 #: loss terms shown beside the total in the training progress bar, when the method has them
+#: the help of --precision (train and segment)
+PRECISION_HELP = ("auto: bfloat16 autocast on CPUs with AVX512-BF16 or AMX (faster there), else float32 "
+                  "(also on CUDA GPUs, where it was slower)")
 PROGRESS_TERMS = ("obj", "consistency", "supervised_eam", "cross")
 
 
@@ -193,7 +197,8 @@ def cmd_segment_blockwise(args, files: list[Path]) -> int:
         try:
             res = segment_blockwise(
                 args.model, path, dst, level=args.level, block_shape=args.block_shape, workers=workers,
-                scheduler=args.scheduler, method=args.clustering, device=args.device, diameter=args.diameter,
+                scheduler=args.scheduler, method=args.clustering, device=args.device, precision=args.precision,
+                diameter=args.diameter,
                 voxel_size=args.voxel_size, progress=progress, fg_threshold=args.fg_threshold, bias=args.bias, min_size=args.min_size,
                 max_size=args.max_size, background=args.background, agreement=args.agreement,
                 affinity_source=args.affinities, split_ratio=args.split_ratio)
@@ -229,7 +234,7 @@ def cmd_segment(args) -> int:
     for path in files:
         t0 = time.perf_counter()
         voxel = args.voxel_size or io.voxel_size(path)  # None: the model's
-        embedded = embed(model, io.read(path), need_g, args.device, str(path), args.diameter, voxel)
+        embedded = embed(model, io.read(path), need_g, args.device, str(path), args.diameter, voxel, args.precision)
         how = resolved_clustering(model, embedded, args.clustering, **overrides)  # reported below
         seg = cluster(model, embedded, args.clustering, **overrides)  # "auto" decides clustering and background
         dst = io.write(_out_path(out, path), seg.astype(np.uint32 if seg.max() > 65535 else np.uint16))
@@ -357,9 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--background-id", type=int, default=None, help="this label is background (full supervision)")
     t.add_argument("--batch-size", type=int, default=None, help="crops per step (default: 2 in 2D, 1 in 3D)")
     t.add_argument("--base-channels", type=int, default=None, help="channels of the U-Net's first level (default: 16 in 2D, 8 in 3D)")
-    t.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="auto: bfloat16 autocast on CPUs with AVX512-BF16 or AMX (faster there), else float32 "
-                        "(also on CUDA GPUs, where it was slower)")
+    t.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     t.add_argument("--patch-shape", type=_parse_shape, default=None, help="training crop, e.g. 256,256")
     t.add_argument("--lr", type=float, default=None,
                    help=f"learning rate (default {default_lr_text('with --from')})")
@@ -428,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="3D: voxel size of these stacks (default: what the file states, else the model's training "
                         "voxel size)")
     g.add_argument("--device", default="auto")
+    g.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help=PRECISION_HELP + "; bfloat16 predictions differ from float32 ones by a few hundredths")
     b = g.add_argument_group(
         "blockwise (stacks larger than memory)",
         "used for zarr / OME-Zarr input, or for any input with --block-shape or --scheduler (docs/large-data.md); "

@@ -39,7 +39,8 @@ def fast_bfloat16(device: torch.device) -> bool:
 
     Not CUDA GPUs, although they support it: the networks are small enough that a GPU step is
     bound by kernel launches, and autocast's casts add launches. On an H200 bfloat16 made training
-    steps 10-24 % slower and prediction 3-7 % faster, with no better segmentations
+    steps 9-24 % slower in three settings of four (8 % faster in the fourth), prediction 3-7 %
+    faster, and segmentations no better
     (benchmarks/gpu.py, docs/benchmarks.md §11); ``precision="bfloat16"`` still asks for it."""
     if device.type == "cpu":
         checks = (getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))

@@ -237,11 +237,14 @@ class PredictionCache:
 
 
 def embed(model: Model, image: np.ndarray, need_g: bool = False, device: str = "auto", name: str = "image",
-          diameter: float | None = None, voxel_size=None) -> Embedded:
+          diameter: float | None = None, voxel_size=None, precision: str = "auto") -> Embedded:
     """Predict f (and g when ``need_g``) at the model's scale; ``diameter`` (pixels) sets the zoom,
-    a stack's ``voxel_size`` (z, y, x) its z zoom (default: the model's)."""
-    f = predict_scaled(model, image, device=device, name=name, diameter=diameter, voxel_size=voxel_size)
-    g = (predict_scaled(model, image, device=device, name=name, use_ema=True, zoom=f.zoom, z_zoom=f.z_zoom)
+    a stack's ``voxel_size`` (z, y, x) its z zoom (default: the model's); ``precision`` the autocast
+    (:func:`.device.resolve_precision`)."""
+    f = predict_scaled(model, image, device=device, name=name, diameter=diameter, voxel_size=voxel_size,
+                       precision=precision)
+    g = (predict_scaled(model, image, device=device, name=name, use_ema=True, zoom=f.zoom, z_zoom=f.z_zoom,
+                        precision=precision)
          if need_g else None)
     return Embedded(f, g)
 
@@ -337,7 +340,8 @@ def cluster(model: Model, embedded: Embedded, method: str = "auto", fg_threshold
 
 
 def segment(model: Model, image: np.ndarray, method: str = "auto", device: str = "auto", name: str = "image",
-            diameter: float | None = None, voxel_size=None, **overrides) -> np.ndarray:
+            diameter: float | None = None, voxel_size=None, precision: str = "auto", **overrides) -> np.ndarray:
     """Instance labels for ``image``: :func:`embed`, then :func:`cluster`."""
-    embedded = embed(model, image, needs_g(method, model.config, **overrides), device, name, diameter, voxel_size)
+    embedded = embed(model, image, needs_g(method, model.config, **overrides), device, name, diameter, voxel_size,
+                     precision)
     return cluster(model, embedded, method, **overrides)
