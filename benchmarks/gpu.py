@@ -86,6 +86,21 @@ def dataset(ndim: int, n: int, seed: int, quick: bool):
     return [synthetic_cells(shape, seed=seed + i) for i in range(n)]
 
 
+def painted(ndim: int, quick: bool, fraction: float = 0.3):
+    """Two synthetic images and sparse labels (``fraction`` of their objects)."""
+    data = dataset(ndim, 2, 0, quick)
+    return [d[0] for d in data], sparsify_many([d[1] for d in data], fraction)
+
+
+def step_seconds(trainer: Trainer, args) -> float:
+    """Run ``trainer`` to its end; the mean seconds per step after ``args.warmup`` steps."""
+    times = []
+    for _ in trainer.run():
+        sync(args.device)
+        times.append(time.perf_counter())
+    return float(np.mean(np.diff(times[args.warmup:-1])))
+
+
 def config(method: str, precision: str, device: str, iterations: int, seed: int = 0) -> TrainConfig:
     return TrainConfig(method=method, precision=precision, device=device, iterations=iterations, seed=seed,
                        checkpoint_every=1e9)
@@ -97,8 +112,7 @@ def sync(device: str) -> None:
 
 
 def memory(args, out: dict) -> None:
-    data = dataset(3, 2, 0, args.quick)
-    imgs, labs = [d[0] for d in data], sparsify_many([d[1] for d in data], 0.3)
+    imgs, labs = painted(3, args.quick)
     cfg = config("crac", "auto", args.device, args.memory_iterations)
     res = out["memory"] = {"before_mib": gpu_used_mib()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -130,18 +144,13 @@ def memory(args, out: dict) -> None:
 def train_speed(args, out: dict) -> None:
     rows = out["train_speed"] = []
     for ndim in (2, 3):
-        data = dataset(ndim, 2, 0, args.quick)
-        imgs, labs = [d[0] for d in data], sparsify_many([d[1] for d in data], 0.3)
+        imgs, labs = painted(ndim, args.quick)
         for method in ("crac", "spoco"):
             for precision in PRECISIONS:
                 trainer = Trainer(imgs, labs, config(method, precision, args.device, args.warmup + args.steps))
                 if args.device.startswith("cuda"):
                     torch.cuda.reset_peak_memory_stats()
-                times = []
-                for ev in trainer.run():
-                    sync(args.device)
-                    times.append(time.perf_counter())
-                step = float(np.mean(np.diff(times[args.warmup:-1])))
+                step = step_seconds(trainer, args)
                 t0 = time.perf_counter()
                 for _ in range(args.steps):
                     trainer.sampler.batch(trainer.config.batch_size)
@@ -233,19 +242,12 @@ def batch(args, out: dict) -> None:
     """Step time against batch size, then a fixed time budget at the default batch and 4x it."""
     rows = out["batch"] = []
     for ndim in (2, 3):
-        data = dataset(ndim, 2, 0, args.quick)
-        imgs, labs = [d[0] for d in data], sparsify_many([d[1] for d in data], 0.3)
+        imgs, labs = painted(ndim, args.quick)
         for bs in (1, 2, 4, 8, 16):
             cfg = config("crac", "float32", args.device, args.warmup + args.steps)
             cfg.batch_size = bs
-            trainer = Trainer(imgs, labs, cfg)
-            times = []
-            for _ in trainer.run():
-                sync(args.device)
-                times.append(time.perf_counter())
-            rows.append({"ndim": ndim, "batch_size": bs, "step_s": float(np.mean(np.diff(times[args.warmup:-1])))})
+            rows.append({"ndim": ndim, "batch_size": bs, "step_s": step_seconds(Trainer(imgs, labs, cfg), args)})
             args.save(rows[-1])
-            del trainer
     for ndim in (2, 3):
         n_train, n_test = (4, 4) if ndim == 2 else (2, 2)
         train, test = dataset(ndim, n_train, 100, args.quick), dataset(ndim, n_test, 200, args.quick)

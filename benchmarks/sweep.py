@@ -59,6 +59,8 @@ def main() -> None:
     p.add_argument("--grid", nargs="+", required=True, help="key=v1,v2,... (several keys: all combinations)")
     p.add_argument("--datasets", nargs="+", default=None)
     p.add_argument("--max-images", type=int, default=6, help="test images per run (2D datasets)")
+    p.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="autocast of the predictions (as sparseseg segment --precision)")
     args = p.parse_args()
     grid = parse_grid(args.grid)
     runs = sorted(d for d in args.run.iterdir() if (d / "model" / "config.json").exists())
@@ -77,7 +79,7 @@ def main() -> None:
             need_g = any(seg_mod.needs_g(s.get("method", "auto"), model.config,
                                          **{k: v for k, v in s.items() if k.islower() and k != "method"})
                          for s in grid)
-            cache.append((seg_mod.embed(model, img, need_g, "cpu"), io.read_labels(root / "test_gt" / n)))
+            cache.append((seg_mod.embed(model, img, need_g, "cpu", precision=args.precision), io.read_labels(root / "test_gt" / n)))
         for i, setting in enumerate(grid):
             consts = {k: v for k, v in setting.items() if k.isupper()}
             saved = {k: getattr(seg_mod, k) for k in consts}
@@ -103,7 +105,7 @@ def main() -> None:
     for i, setting in enumerate(grid):
         label = " ".join(f"{k}={v}" for k, v in setting.items())
         print(f"{label:<50}" + "".join(f"{np.mean(table[n][i]):11.3f}" for n in table) + f"{ranks[i] / len(table):11.2f}")
-    out = args.run / "sweep.json"
+    out = args.run / ("sweep.json" if args.precision == "auto" else f"sweep-{args.precision}.json")
     out.write_text(json.dumps({"grid": grid, "table": {n: {str(i): v for i, v in per.items()} for n, per in table.items()}},
                               indent=1))
 
