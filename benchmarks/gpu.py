@@ -45,7 +45,7 @@ from napari_sparseseg.core.metrics import evaluate, mean_scores
 from napari_sparseseg.core.prediction import predict_scaled
 from napari_sparseseg.core.samples import synthetic_cells
 from napari_sparseseg.core.sparsify import sparsify_many
-from napari_sparseseg.core.training import TrainConfig, Trainer
+from napari_sparseseg.core.training import BATCH_SIZE, TrainConfig, Trainer
 from napari_sparseseg.core.training_process import TrainingProcess, TrainJob
 
 PRECISIONS = ("float32", "bfloat16")
@@ -165,36 +165,41 @@ def train_speed(args, out: dict) -> None:
 
 
 def segment_with(model, image, precision: str, device: str):
-    f = predict_scaled(model, image, device=device, precision=precision)
-    g = None
-    if seg_mod.needs_g("auto", model.config):
-        g = predict_scaled(model, image, device=device, precision=precision, use_ema=True, zoom=f.zoom, z_zoom=f.z_zoom)
-    return f, seg_mod.cluster(model, seg_mod.Embedded(f, g))
+    """(f's prediction, default segmentation) of ``image`` under ``precision``."""
+    embedded = seg_mod.embed(model, image, seg_mod.needs_g("auto", model.config), device, precision=precision)
+    return embedded.f, seg_mod.cluster(model, embedded)
+
+
+def split(ndim: int, quick: bool):
+    """Synthetic (image, labels) pairs to train on and others to test on."""
+    n = 4 if ndim == 2 else 2
+    return dataset(ndim, n, 100, quick), dataset(ndim, n, 200, quick)
+
+
+def train_and_score(train, labs, cfg: TrainConfig, test, device: str) -> tuple[Trainer, dict]:
+    """Train on ``train`` with ``labs`` to the end of ``cfg``'s budget; mean scores on ``test``
+    (segmented under ``cfg.precision``), VOI as split + merge."""
+    trainer = Trainer([d[0] for d in train], labs, cfg)
+    for _ in trainer.run():
+        pass
+    m = mean_scores([evaluate(segment_with(trainer.model, img, cfg.precision, device)[1], gt) for img, gt in test])
+    return trainer, {k: m[k] for k in ("sbd", "ap50", "arand")} | {"voi": m["voi_split"] + m["voi_merge"]}
 
 
 def quality(args, out: dict) -> None:
     rows = out["quality"] = []
     for ndim in (2, 3):
-        n_train, n_test = (4, 4) if ndim == 2 else (2, 2)
-        train = dataset(ndim, n_train, 100, args.quick)
-        test = dataset(ndim, n_test, 200, args.quick)
+        train, test = split(ndim, args.quick)
         iterations = args.quality_iterations[ndim - 2]
         for seed in (0, 1):
             labs = sparsify_many([d[1] for d in train], 0.1, seed=seed)
             models = {}
             for precision in PRECISIONS:
-                t0 = time.perf_counter()
-                trainer = Trainer([d[0] for d in train], labs, config("auto", precision, args.device, iterations, seed))
-                for _ in trainer.run():
-                    pass
-                seconds = time.perf_counter() - t0
-                model = trainer.model
-                models[precision] = model
-                scores = [evaluate(segment_with(model, img, precision, args.device)[1], gt) for img, gt in test]
-                m = mean_scores(scores)
+                trainer, scores = train_and_score(train, labs, config("auto", precision, args.device, iterations, seed),
+                                                  test, args.device)
+                models[precision] = trainer.model
                 rows.append({"ndim": ndim, "seed": seed, "precision": precision, "iterations": iterations,
-                             "train_s": seconds, **{k: m[k] for k in ("sbd", "ap50", "arand")},
-                             "voi": m["voi_split"] + m["voi_merge"]})
+                             "train_s": trainer.seconds, **scores})
                 args.save(rows[-1])
                 del trainer
             # one model, two precisions at prediction: how far apart are embeddings and segmentations
@@ -249,24 +254,16 @@ def batch(args, out: dict) -> None:
             rows.append({"ndim": ndim, "batch_size": bs, "step_s": step_seconds(Trainer(imgs, labs, cfg), args)})
             args.save(rows[-1])
     for ndim in (2, 3):
-        n_train, n_test = (4, 4) if ndim == 2 else (2, 2)
-        train, test = dataset(ndim, n_train, 100, args.quick), dataset(ndim, n_test, 200, args.quick)
+        train, test = split(ndim, args.quick)
         for seed in (0, 1):
             labs = sparsify_many([d[1] for d in train], 0.1, seed=seed)
             for factor in (1, 4):
                 cfg = TrainConfig(precision="float32", device=args.device, time_limit=args.batch_budget, seed=seed,
-                                  checkpoint_every=1e9)
-                cfg.batch_size = factor * (2 if ndim == 2 else 1)
-                trainer = Trainer([d[0] for d in train], labs, cfg)
-                for _ in trainer.run():
-                    pass
-                model = trainer.model
-                m = mean_scores([evaluate(segment_with(model, img, "float32", args.device)[1], gt) for img, gt in test])
-                row = {"ndim": ndim, "seed": seed, "batch_size": cfg.batch_size, "seconds": args.batch_budget,
-                       "iterations": trainer.iteration, "sbd": m["sbd"], "ap50": m["ap50"],
-                       "voi": m["voi_split"] + m["voi_merge"]}
-                rows.append(row)
-                args.save(row)
+                                  checkpoint_every=1e9, batch_size=factor * BATCH_SIZE[ndim])
+                trainer, scores = train_and_score(train, labs, cfg, test, args.device)
+                rows.append({"ndim": ndim, "seed": seed, "batch_size": cfg.batch_size, "seconds": args.batch_budget,
+                             "iterations": trainer.iteration, **scores})
+                args.save(rows[-1])
                 del trainer
 
 

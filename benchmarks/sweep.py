@@ -27,6 +27,7 @@ from suite_data import DATASETS, LOWER_IS_BETTER  # noqa: E402
 
 from napari_sparseseg.core import checkpoint, io  # noqa: E402
 from napari_sparseseg.core import segment as seg_mod  # noqa: E402
+from napari_sparseseg.core.device import PRECISIONS  # noqa: E402
 
 
 def parse_grid(items: list[str]) -> list[dict]:
@@ -59,7 +60,7 @@ def main() -> None:
     p.add_argument("--grid", nargs="+", required=True, help="key=v1,v2,... (several keys: all combinations)")
     p.add_argument("--datasets", nargs="+", default=None)
     p.add_argument("--max-images", type=int, default=6, help="test images per run (2D datasets)")
-    p.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"),
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="autocast of the predictions (as sparseseg segment --precision)")
     args = p.parse_args()
     grid = parse_grid(args.grid)
@@ -79,7 +80,8 @@ def main() -> None:
             need_g = any(seg_mod.needs_g(s.get("method", "auto"), model.config,
                                          **{k: v for k, v in s.items() if k.islower() and k != "method"})
                          for s in grid)
-            cache.append((seg_mod.embed(model, img, need_g, "cpu", precision=args.precision), io.read_labels(root / "test_gt" / n)))
+            embedded = seg_mod.embed(model, img, need_g, "cpu", precision=args.precision)
+            cache.append((embedded, io.read_labels(root / "test_gt" / n)))
         for i, setting in enumerate(grid):
             consts = {k: v for k, v in setting.items() if k.isupper()}
             saved = {k: getattr(seg_mod, k) for k in consts}

@@ -55,10 +55,10 @@ def cmd_sparsify(args) -> int:
 
 
 # -- train ---------------------------------------------------------------------------------------
-#: loss terms shown beside the total in the training progress bar, when the method has them
 #: the help of --precision (train and segment)
 PRECISION_HELP = ("auto: bfloat16 autocast on CPUs with AVX512-BF16 or AMX (faster there), else float32 "
                   "(also on CUDA GPUs, where it was slower)")
+#: loss terms shown beside the total in the training progress bar, when the method has them
 PROGRESS_TERMS = ("obj", "consistency", "supervised_eam", "cross")
 
 
