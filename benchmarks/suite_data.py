@@ -32,6 +32,7 @@ class Dataset:
     primary: str  # the metric the suite ranks by
     budget: float  # training seconds (one CPU thread) in the full suite
     voxel: tuple[float, ...] | None = None  # physical voxel size (z, y, x) where known
+    polarity_per_image: bool = False  # floor: each image's polarity its own (modalities mixed)
     note: str = ""
 
 
@@ -45,7 +46,17 @@ DATASETS = {
     "nuclei3d": Dataset("nuclei3d", 3, "blobs", "ap50", 480, voxel=(0.284, 0.127, 0.127),
                         note="PlantSeg nuclei crops: 1135 / 1136 (1137 holds no signal: in/out mean 127/125)"),
     "gala": Dataset("gala", 3, "membranes", "voi", 480, note="FIB-SEM gala train / test volumes"),
+    # a stand-in for a mixed nuclei collection (fluorescence, brightfield, histology; nuclei of
+    # different sizes), rendered from the DSB image's own nuclei: see render_nuclei
+    "nuclei_mix": Dataset("nuclei_mix", 2, "blobs", "ap50", 300,
+                          polarity_per_image=True,
+                          note="DSB image rendered as fluorescence / brightfield / H&E at zooms 0.6-2, "
+                               "left half (3 images) / right half (4 images)"),
 }
+
+#: nuclei_mix: (rendering, zoom) of the training images (left half) and test images (right half)
+MIX_TRAIN = (("fluorescence", 1.0), ("brightfield", 2.0), ("histology", 1.0))
+MIX_TEST = (("fluorescence", 2.0), ("brightfield", 1.0), ("histology", 1.5), ("fluorescence", 0.6))
 
 #: metrics where lower is better
 LOWER_IS_BETTER = {"voi", "arand", "abs_dic", "voi_split", "voi_merge"}
@@ -107,10 +118,47 @@ def prepare(name: str, work: Path, quick: bool = False) -> Path:
         for part in ("train", "test"):
             _write(root / f"{part}_images" / "gala.tif", tifffile.imread(src / "fibsem_gala" / f"{part}_raw.tif"))
             _write(root / f"{part}_gt" / "gala.tif", tifffile.imread(src / "fibsem_gala" / f"{part}_gt.tif"))
+    elif name == "nuclei_mix":
+        img = tifffile.imread(src / "nuclei_2d_sample" / "nuclei2d_image.tif")
+        lab = tifffile.imread(src / "nuclei_2d_sample" / "nuclei2d_labels.tif")
+        h = img.shape[1] // 2
+        for part, cols, views in (("train", slice(0, h), MIX_TRAIN), ("test", slice(h, None), MIX_TEST)):
+            for i, (kind, zoom) in enumerate(views):
+                im, gt = render_nuclei(img[:, cols], lab[:, cols], kind, zoom, seed=i)
+                _write(root / f"{part}_images" / f"{i}-{kind}-x{zoom:g}.tif", im)
+                _write(root / f"{part}_gt" / f"{i}-{kind}-x{zoom:g}.tif", gt)
     else:
         raise KeyError(name)
     (root / ".ready").touch()
     return root
+
+
+def render_nuclei(img: np.ndarray, lab: np.ndarray, kind: str, zoom: float, seed: int = 0):
+    """One view of a fluorescence nuclei image as another modality, zoomed: ``fluorescence``
+    (bright nuclei, grey), ``brightfield`` (dark nuclei on a bright, uneven field, grey) or
+    ``histology`` (purple nuclei on a pink, textured stroma, RGB). Returns (uint8 image, labels)."""
+    rng = np.random.default_rng(seed)
+    g = np.clip(img.astype(np.float32) / np.percentile(img, 99.8), 0, 1)
+    if zoom != 1:
+        g = ndimage.zoom(g, zoom, order=1)
+        lab = ndimage.zoom(lab, zoom, order=0)
+    shape = g.shape
+    smooth = ndimage.gaussian_filter(rng.standard_normal(shape), 8 * zoom)
+    smooth /= np.abs(smooth).max() + 1e-9  # slow variation in [-1, 1]
+    if kind == "fluorescence":
+        out = g + 0.02 * rng.standard_normal(shape)
+    elif kind == "brightfield":
+        yy, xx = np.mgrid[: shape[0], : shape[1]] / max(shape)
+        out = 0.8 + 0.08 * (yy - xx) - 0.55 * g ** 0.8 + 0.03 * smooth + 0.02 * rng.standard_normal(shape)
+    elif kind == "histology":
+        t = np.clip(1.6 * g, 0, 1)[..., None] ** 0.7
+        stroma = np.array([0.93, 0.72, 0.84]) - 0.12 * np.clip(smooth, 0, 1)[..., None] * np.array([0.2, 1, 0.6])
+        nucleus = np.array([0.36, 0.22, 0.55])
+        out = stroma * (1 - t) + nucleus * t + 0.03 * rng.standard_normal(shape + (3,))
+    else:
+        raise ValueError(kind)
+    im = (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
+    return im, relabel_sequential(lab)[0].astype(np.uint32)
 
 
 def test_files(root: Path, quick: bool) -> list[str]:
@@ -198,6 +246,14 @@ def _min_size(seg: np.ndarray, diam: float, ndim: int) -> np.ndarray:
 
 def classical(ds: Dataset, train_images, sparse, test_images) -> list[np.ndarray]:
     """The classical floor of dataset ``ds`` on its test images, tuned only by the sparse labels."""
+    if ds.polarity_per_image:
+        diam = _annotation_stats([_gray(i, ds.ndim) for i in train_images], sparse, ds.ndim, ds.kind)[0]
+        return [blob_floor(g, diam, _minority_polarity(g), ds.ndim) for g in (_gray(i, ds.ndim) for i in test_images)]
     diam, w = _annotation_stats(train_images, sparse, ds.ndim, ds.kind)
     floor = blob_floor if ds.kind == "blobs" else membrane_floor
     return [floor(img, diam, w, ds.ndim) for img in test_images]
+
+
+def _minority_polarity(gray: np.ndarray) -> np.ndarray:
+    """+1 if the pixels above Otsu's threshold are the fewer (bright objects), else -1."""
+    return np.array([1.0 if (gray > threshold_otsu(gray)).mean() <= 0.5 else -1.0])

@@ -8,6 +8,10 @@ fg_threshold, background, min_size, agreement), and the module constants ``FOREG
 ``PREMASK_FRACTION``, ``MIN_SIZE_FRACTION`` and ``BIAS`` (upper case; a per-method table takes the
 value everywhere). Prints, per setting, each dataset's primary metric (mean over the run's seeds)
 and the mean rank across datasets, so a default is chosen on the whole suite, never on one dataset.
+
+One key changes the predictions themselves: ``zoom_factor`` multiplies the zoom the model would
+choose for each image (its common zoom, or its size model's estimate); 1.25 shows every object 1.25x
+larger, 0.8 smaller. Each of its values predicts every image again.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from suite import score  # noqa: E402
 from suite_data import DATASETS, LOWER_IS_BETTER  # noqa: E402
 
 from napari_sparseseg.core import checkpoint, io  # noqa: E402
+from napari_sparseseg.core import prediction  # noqa: E402
 from napari_sparseseg.core import segment as seg_mod  # noqa: E402
 from napari_sparseseg.core.device import PRECISIONS  # noqa: E402
 
@@ -53,6 +58,23 @@ def _fill(table, value):
     return {k: _fill(v, value) for k, v in table.items()} if isinstance(table, dict) else value
 
 
+class zoomed:
+    """Within this block the engine's zoom choice (no user diameter) is multiplied by ``factor``."""
+
+    def __init__(self, factor: float):
+        self.factor, self.saved = float(factor), prediction.resolve_zoom
+
+    def __enter__(self):
+        saved, factor = self.saved, self.factor
+
+        def resolve(model, x, diameter=None, device="cpu"):
+            return saved(model, x, diameter, device) * (factor if diameter is None else 1.0)
+        prediction.resolve_zoom = resolve
+
+    def __exit__(self, *exc):
+        prediction.resolve_zoom = self.saved
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, required=True, help="a suite run folder (holds <dataset>-s<seed>/)")
@@ -74,15 +96,17 @@ def main() -> None:
         model = checkpoint.load(run / "model")
         root = args.work / name
         names = sorted(p.name for p in (run / "test_images").iterdir())[: args.max_images]
-        cache = []
-        for n in names:
-            img = io.read(root / "test_images" / n)
-            need_g = any(seg_mod.needs_g(s.get("method", "auto"), model.config,
-                                         **{k: v for k, v in s.items() if k.islower() and k != "method"})
-                         for s in grid)
-            embedded = seg_mod.embed(model, img, need_g, "cpu", precision=args.precision)
-            cache.append((embedded, io.read_labels(root / "test_gt" / n)))
+        need_g = any(seg_mod.needs_g(s.get("method", "auto"), model.config,
+                                     **{k: v for k, v in s.items() if k.islower() and k not in ("method", "zoom_factor")})
+                     for s in grid)
+        caches = {}
+        for factor in sorted({s.get("zoom_factor", 1.0) for s in grid}):
+            with zoomed(factor):
+                caches[factor] = [(seg_mod.embed(model, io.read(root / "test_images" / n), need_g, "cpu",
+                                                 precision=args.precision), io.read_labels(root / "test_gt" / n))
+                                  for n in names]
         for i, setting in enumerate(grid):
+            cache = caches[setting.get("zoom_factor", 1.0)]
             consts = {k: v for k, v in setting.items() if k.isupper()}
             saved = {k: getattr(seg_mod, k) for k in consts}
             for k, v in consts.items():
@@ -90,7 +114,7 @@ def main() -> None:
                 # value everywhere
                 setattr(seg_mod, k, _fill(saved[k], v))
             try:
-                opts = {k: v for k, v in setting.items() if k.islower()}
+                opts = {k: v for k, v in setting.items() if k.islower() and k != "zoom_factor"}
                 vals = [score(seg_mod.cluster(model, e, **opts), gt)[key] for e, gt in cache]
             finally:
                 for k, v in saved.items():
