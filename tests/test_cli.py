@@ -147,7 +147,8 @@ def test_segment_clustering_choices(data, model, capsys):
         assert np.array_equal(ids, np.arange(ids[0], ids[0] + ids.size)), f"{method}: ids not consecutive: {ids}"
         assert np.all(np.bincount(seg.ravel())[1:] >= 10), f"{method}: an object under --min-size 10"
         report = capsys.readouterr().out
-        assert f": {ids.max()} objects in" in report and report.rstrip().endswith(f"s ({method})")
+        assert f": {ids.max()} objects in" in report and f"s ({method}; object diameter " in report
+        assert report.rstrip().endswith(" px, the training scale)"), report
         if method in ("hdbscan", "multicut"):
             assert ids.size >= 2, f"{method}: no object"
         # consistency clustering keeps only clusters g reproduces; this 3-iteration model has none
@@ -288,6 +289,7 @@ def test_train_ignore_mask_and_diameter(data, tmp_path, capsys):
     assert main(["segment", "--model", str(out), "--images", str(data / "img" / "c0.tif"), "--out", str(seg_out),
                  "--diameter", "12"]) == 0
     assert tifffile.imread(seg_out / "c0.tif").shape == (96, 96)
+    assert "object diameter 12 px, given)" in capsys.readouterr().out
 
 
 def test_voxel_size_from_the_command_line_and_from_tiff_metadata(tmp_path, capsys):

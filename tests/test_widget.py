@@ -10,6 +10,7 @@ napari = pytest.importorskip("napari")
 
 import napari_sparseseg._napari.layers as L  # noqa: E402
 import napari_sparseseg._napari.widget as W  # noqa: E402
+import napari_sparseseg.core.scale as scale  # noqa: E402
 import napari_sparseseg.core.segment as core_segment  # noqa: E402
 from napari_sparseseg import load_model  # noqa: E402
 from napari_sparseseg.core.samples import HISTOLOGY_POINTS  # noqa: E402
@@ -142,7 +143,10 @@ def test_segment_adds_new_layer_and_reclusters_without_network(qtbot, widget, er
     # the status says what "auto" clustering chose for this image, as the engine decides it
     chosen = core_segment.resolved_clustering(w.session.model, w.segment.cache.embedded, "auto")
     why = "dense tissue, no background" if chosen == "multicut" else "objects on a background"
-    assert w.segment.status.value == f"{int(seg_layer.data.max())} objects (auto: {chosen}, {why})"
+    # and the object diameter the image was seen at (this model's training scale)
+    across = round(scale.TARGET_DIAMETER[2] / w.segment.cache.embedded.zoom)
+    assert w.segment.status.value == (f"{int(seg_layer.data.max())} objects (auto: {chosen}, {why}); "
+                                      f"object diameter {across} px, the training scale")
     first = np.array(seg_layer.data, copy=True)
     w.segment.min_size.value = 10_000_000  # removes every object: visible proof that clustering re-ran
     qtbot.waitUntil(lambda: w.segment.worker is None and seg_layer.data.max() == 0, timeout=60_000)
@@ -393,8 +397,10 @@ def test_ignore_mask_layer_and_object_diameter(qtbot, widget, errors):
     seg.run()
     qtbot.waitUntil(lambda: seg.worker is None and seg.cache.embedded is not None, timeout=TIMEOUT)
     assert seg.cache.embedded.zoom == pytest.approx(32 / 30)
+    assert seg.status.value.endswith("; object diameter 30 px, the training scale")
     seg.diameter.value = 16.0
     qtbot.waitUntil(lambda: seg.worker is None and seg.cache.embedded.zoom == pytest.approx(2.0), timeout=TIMEOUT)
+    assert seg.status.value.endswith("; object diameter 16 px, given")
     assert not [e for e in errors if "ignore mask" not in e]
 
 

@@ -218,7 +218,7 @@ def cmd_segment_blockwise(args, files: list[Path]) -> int:
 
 def cmd_segment(args) -> int:
     from .core.pairs import is_zarr
-    from .core.scale import check_voxel_size
+    from .core.scale import check_voxel_size, diameter_note
     from .core.segment import cluster, embed, needs_g, resolved_clustering
 
     check_voxel_size(args.voxel_size, "--voxel-size")
@@ -238,7 +238,8 @@ def cmd_segment(args) -> int:
         how = resolved_clustering(model, embedded, args.clustering, **overrides)  # reported below
         seg = cluster(model, embedded, args.clustering, **overrides)  # "auto" decides clustering and background
         dst = io.write(_out_path(out, path), seg.astype(np.uint32 if seg.max() > 65535 else np.uint16))
-        print(f"{path} -> {dst}: {int(seg.max())} objects in {time.perf_counter() - t0:.2f} s ({how})")
+        print(f"{path} -> {dst}: {int(seg.max())} objects in {time.perf_counter() - t0:.2f} s "
+              f"({how}; {diameter_note(model.config, model.ndim, embedded.zoom, args.diameter)})")
     return 0
 
 

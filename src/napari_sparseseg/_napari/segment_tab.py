@@ -15,6 +15,7 @@ from ..core import checkpoint
 from ..core.clustering import GRAPH_METHODS
 from ..core.errors import SparseSegError
 from ..core.prediction import to_image_shape
+from ..core.scale import diameter_note
 from ..core.segment import (
     AFFINITY_SOURCES, AGREEMENT, BACKGROUNDS, CLUSTERINGS, CRAC_AFFINITY_SOURCE, DENSE_BACKGROUND, default_bias,
     default_min_size, foreground_threshold, needs_g, split_ratio,
@@ -319,7 +320,14 @@ class SegmentPanel(QWidget):
             layer = self.viewer.add_labels(seg, name=name, scale=scale, translate=translate)
             self.outputs[name] = layer
         where = "" if region is None else " in the box " + " x ".join(f"{r.start}:{r.stop}" for r in region)
-        self.status.value = f"{int(seg.max())} objects{where}" + self._clustering_note()
+        self.status.value = f"{int(seg.max())} objects{where}" + self._clustering_note() + self._diameter_note()
+
+    def _diameter_note(self) -> str:
+        """The object diameter the image was seen at, e.g. "; object diameter 46 px, estimated from the image"."""
+        model, embedded = self.session.model, self.cache.embedded
+        if model is None or embedded is None:
+            return ""
+        return "; " + diameter_note(model.config, model.ndim, embedded.zoom, self.diameter_value)
 
     def _clustering_note(self) -> str:
         """What "auto" chose for the shown image, e.g. " (auto: multicut, dense tissue)"."""

@@ -206,6 +206,17 @@ def model_zoom(config: dict[str, Any]) -> float:
     return float(scale["zoom"]) if isinstance(scale, dict) else float(scale)
 
 
+def diameter_note(config: dict[str, Any], ndim: int, zoom: float, diameter: float | None = None) -> str:
+    """The object diameter an image was segmented at and where it came from, for the user (whose
+    objects may be another size: then they set the diameter), e.g. "object diameter 46 px,
+    estimated from the image"."""
+    if diameter:
+        return f"object diameter {diameter:g} px, given"
+    scale = config.get("scale")
+    mixed = isinstance(scale, dict) and scale.get("mixed") and scale.get("size_model")
+    return f"object diameter {TARGET_DIAMETER[ndim] / zoom:.0f} px, " + ("estimated from the image" if mixed else "the training scale")
+
+
 # -- size model -----------------------------------------------------------------------------------
 def _resize(x: torch.Tensor, zoom: float) -> torch.Tensor:
     """Zoom the last two axes of a (B, C, *S) tensor."""
@@ -298,9 +309,23 @@ def predict_log_error(net, size_model: dict[str, Any], x: torch.Tensor, rng=None
     return float(np.median(preds))
 
 
-def estimate_zoom(net, config: dict[str, Any], image: np.ndarray, device="cpu", passes: int = 2) -> float:
+#: rounds of the size model for a new image, each at the zoom the previous one found: the ridge
+#: regression shrinks each estimate towards "no error", so few rounds under-correct a large error
+#: (nuclei_mix, 8 images: mean |log error| 0.089 with 2 rounds, 0.046 with 4; docs/benchmarks.md §1)
+SIZE_PASSES = 4
+#: the most the estimate is shaded down: the zoom jitter of training (x/÷1.25), the range of scales
+#: the network learned around the target
+MAX_SHADE = math.log(1.25)
+
+
+def estimate_zoom(net, config: dict[str, Any], image: np.ndarray, device="cpu", passes: int = SIZE_PASSES) -> float:
     """The zoom of a new, normalised (C, *S) image, by the model's size model (``passes`` rounds,
-    each at the zoom the previous one found); the common zoom if the model has none."""
+    each at the zoom the previous one found); the common zoom if the model has none.
+
+    The estimate is then shaded down by the size model's own error (its leave-one-out rmse in log
+    zoom, at most :data:`MAX_SHADE`): errors in scale are not symmetric. An object shown larger than
+    the network learned is cut apart by the mutex watershed's long-range repulsive edges; one
+    shown somewhat smaller is still found whole (docs/benchmarks.md §1, nuclei_mix)."""
     scale = config.get("scale")
     zoom = model_zoom(config)
     if not isinstance(scale, dict) or not scale.get("size_model"):
@@ -311,4 +336,5 @@ def estimate_zoom(net, config: dict[str, Any], image: np.ndarray, device="cpu", 
     for _ in range(passes):
         err = math.exp(predict_log_error(net, scale["size_model"], _resize(t, zoom).to(device)))
         zoom = float(np.clip(zoom / max(err, 1e-3), lo, hi))
-    return zoom
+    shade = min(max(float(scale["size_model"].get("loo_rmse_log") or 0.0), 0.0), MAX_SHADE)
+    return float(np.clip(zoom * math.exp(-shade), lo, hi))
