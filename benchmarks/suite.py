@@ -182,7 +182,8 @@ def print_table(table: dict, tag: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    p.add_argument("--datasets", nargs="+", default=[n for n, d in DATASETS.items() if not d.extra],
+                   choices=list(DATASETS), help="default: all but the extra ones (cvppp_mix)")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="default: 0 1 (0 with --quick)")
     p.add_argument("--quick", action="store_true", help="budgets x 0.1, one seed, at most 6 test images")
     p.add_argument("--budget-scale", type=float, default=None, help="multiply every training budget")

@@ -33,6 +33,7 @@ class Dataset:
     budget: float  # training seconds (one CPU thread) in the full suite
     voxel: tuple[float, ...] | None = None  # physical voxel size (z, y, x) where known
     polarity_per_image: bool = False  # floor: each image's polarity its own (modalities mixed)
+    extra: bool = False  # run only when named (--datasets), not in the full suite
     note: str = ""
 
 
@@ -52,7 +53,14 @@ DATASETS = {
                           polarity_per_image=True,
                           note="DSB image rendered as fluorescence / brightfield / H&E at zooms 0.6-2, "
                                "left half (3 images) / right half (4 images)"),
+    # a second check of the size model on another kind of object: CVPPP, each image zoomed
+    "cvppp_mix": Dataset("cvppp_mix", 2, "blobs", "sbd", 480, extra=True,
+                         note="CVPPP A1 as cvppp, training images zoomed by 0.6 / 1 / 1.6 in turn, "
+                              "validation images by 0.75 / 1.33"),
 }
+
+#: cvppp_mix: the zooms of the training and the validation images, in turn
+CVPPP_MIX_ZOOMS = {"train": (0.6, 1.0, 1.6), "test": (0.75, 1.33)}
 
 #: nuclei_mix: (rendering, zoom) of the training images (left half) and test images (right half)
 MIX_TRAIN = (("fluorescence", 1.0), ("brightfield", 2.0), ("histology", 1.0))
@@ -118,6 +126,18 @@ def prepare(name: str, work: Path, quick: bool = False) -> Path:
         for part in ("train", "test"):
             _write(root / f"{part}_images" / "gala.tif", tifffile.imread(src / "fibsem_gala" / f"{part}_raw.tif"))
             _write(root / f"{part}_gt" / "gala.tif", tifffile.imread(src / "fibsem_gala" / f"{part}_gt.tif"))
+    elif name == "cvppp_mix":
+        from napari_sparseseg.core import io as sio
+
+        split = json.loads((src / "cvppp_a1" / "split.json").read_text())
+        for part, names in (("train", split["train"]), ("test", split["val"])):
+            zooms = CVPPP_MIX_ZOOMS[part]
+            for i, n in enumerate(names):
+                z = zooms[i % len(zooms)]
+                img = sio.read(src / "cvppp_a1" / "images" / f"{n}_rgb.png")
+                lab = sio.read_labels(src / "cvppp_a1" / "labels" / f"{n}_label.png")
+                _write(root / f"{part}_images" / f"{n}.tif", ndimage.zoom(img, (z, z, 1), order=1))
+                _write(root / f"{part}_gt" / f"{n}.tif", relabel_sequential(ndimage.zoom(lab, z, order=0))[0].astype(np.uint32))
     elif name == "nuclei_mix":
         img = tifffile.imread(src / "nuclei_2d_sample" / "nuclei2d_image.tif")
         lab = tifffile.imread(src / "nuclei_2d_sample" / "nuclei2d_labels.tif")

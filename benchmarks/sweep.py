@@ -9,9 +9,11 @@ fg_threshold, background, min_size, agreement), and the module constants ``FOREG
 value everywhere). Prints, per setting, each dataset's primary metric (mean over the run's seeds)
 and the mean rank across datasets, so a default is chosen on the whole suite, never on one dataset.
 
-One key changes the predictions themselves: ``zoom_factor`` multiplies the zoom the model would
-choose for each image (its common zoom, or its size model's estimate); 1.25 shows every object 1.25x
-larger, 0.8 smaller. Each of its values predicts every image again.
+Some keys change the predictions themselves, and each of their values predicts every image
+again: ``zoom_factor`` multiplies the zoom the model would choose for each image (its common zoom,
+or its size model's estimate; 1.25 shows every object 1.25x larger, 0.8 smaller), and the
+constants of ``napari_sparseseg.core.scale`` (``SIZE_PASSES``, ``MAX_SHADE``: how a new image's
+zoom is estimated).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from suite_data import DATASETS, LOWER_IS_BETTER  # noqa: E402
 
 from napari_sparseseg.core import checkpoint, io  # noqa: E402
 from napari_sparseseg.core import prediction  # noqa: E402
+from napari_sparseseg.core import scale as scale_mod  # noqa: E402
 from napari_sparseseg.core import segment as seg_mod  # noqa: E402
 from napari_sparseseg.core.device import PRECISIONS  # noqa: E402
 
@@ -56,6 +59,32 @@ def _value(text: str):
 def _fill(table, value):
     """``table`` (a constant, or a dict of them, nested) with every entry ``value``."""
     return {k: _fill(v, value) for k, v in table.items()} if isinstance(table, dict) else value
+
+
+def prediction_keys(setting: dict) -> tuple:
+    """The keys of ``setting`` that change predictions (zoom_factor, scale's constants), sorted."""
+    return tuple(sorted((k, v) for k, v in setting.items()
+                        if k == "zoom_factor" or (k.isupper() and hasattr(scale_mod, k) and not hasattr(seg_mod, k))))
+
+
+class predicting:
+    """Within this block predictions follow ``keys`` (:func:`prediction_keys`)."""
+
+    def __init__(self, keys: tuple):
+        self.keys = dict(keys)
+        self.saved = {k: getattr(scale_mod, k) for k in self.keys if k != "zoom_factor"}
+        self.zoom = zoomed(self.keys.get("zoom_factor", 1.0))
+
+    def __enter__(self):
+        for k, v in self.keys.items():
+            if k != "zoom_factor":
+                setattr(scale_mod, k, type(self.saved[k])(v))
+        self.zoom.__enter__()
+
+    def __exit__(self, *exc):
+        self.zoom.__exit__(*exc)
+        for k, v in self.saved.items():
+            setattr(scale_mod, k, v)
 
 
 class zoomed:
@@ -100,14 +129,14 @@ def main() -> None:
                                      **{k: v for k, v in s.items() if k.islower() and k not in ("method", "zoom_factor")})
                      for s in grid)
         caches = {}
-        for factor in sorted({s.get("zoom_factor", 1.0) for s in grid}):
-            with zoomed(factor):
-                caches[factor] = [(seg_mod.embed(model, io.read(root / "test_images" / n), need_g, "cpu",
-                                                 precision=args.precision), io.read_labels(root / "test_gt" / n))
-                                  for n in names]
+        for keys in sorted({prediction_keys(s) for s in grid}):
+            with predicting(keys):
+                caches[keys] = [(seg_mod.embed(model, io.read(root / "test_images" / n), need_g, "cpu",
+                                               precision=args.precision), io.read_labels(root / "test_gt" / n))
+                                for n in names]
         for i, setting in enumerate(grid):
-            cache = caches[setting.get("zoom_factor", 1.0)]
-            consts = {k: v for k, v in setting.items() if k.isupper()}
+            cache = caches[prediction_keys(setting)]
+            consts = {k: v for k, v in setting.items() if k.isupper() and hasattr(seg_mod, k)}
             saved = {k: getattr(seg_mod, k) for k in consts}
             for k, v in consts.items():
                 # a per-method table (FOREGROUND_FRACTION; BIAS per method and clustering) takes the

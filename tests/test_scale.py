@@ -106,7 +106,8 @@ def test_estimated_zoom_is_shaded_down_by_the_size_models_own_error(monkeypatch)
     assert est(0.1) == pytest.approx(1 / 1.5 * np.exp(-0.1))
     assert est(2.0) == pytest.approx(1 / 1.5 / 1.25)  # a poor size model shades no more than the jitter
     assert est(0.0, passes=2) == pytest.approx(1 / 1.5**2)  # each round starts from the last
-    assert scale.estimate_zoom.__defaults__[-1] == scale.SIZE_PASSES == 4
+    cfg = {"scale": {"zoom": 1.0, "mixed": True, "size_model": {"loo_rmse_log": 0.0}}}
+    assert scale.SIZE_PASSES == 4 and scale.estimate_zoom(net, cfg, img) == pytest.approx(1 / 1.5**4)
 
 
 def test_z_zoom_makes_voxels_isotropic_at_the_models_scale():

@@ -318,9 +318,10 @@ SIZE_PASSES = 4
 MAX_SHADE = math.log(1.25)
 
 
-def estimate_zoom(net, config: dict[str, Any], image: np.ndarray, device="cpu", passes: int = SIZE_PASSES) -> float:
+def estimate_zoom(net, config: dict[str, Any], image: np.ndarray, device="cpu", passes: int | None = None) -> float:
     """The zoom of a new, normalised (C, *S) image, by the model's size model (``passes`` rounds,
-    each at the zoom the previous one found); the common zoom if the model has none.
+    default :data:`SIZE_PASSES`, each at the zoom the previous one found); the common zoom if the
+    model has none.
 
     The estimate is then shaded down by the size model's own error (its leave-one-out rmse in log
     zoom, at most :data:`MAX_SHADE`): errors in scale are not symmetric. An object shown larger than
@@ -333,7 +334,7 @@ def estimate_zoom(net, config: dict[str, Any], image: np.ndarray, device="cpu", 
     t = torch.from_numpy(np.ascontiguousarray(image, np.float32))[None]
     net = net.to(device)
     lo, hi = MIN_ZOOM, MAX_ZOOM
-    for _ in range(passes):
+    for _ in range(SIZE_PASSES if passes is None else passes):
         err = math.exp(predict_log_error(net, scale["size_model"], _resize(t, zoom).to(device)))
         zoom = float(np.clip(zoom / max(err, 1e-3), lo, hi))
     shade = min(max(float(scale["size_model"].get("loo_rmse_log") or 0.0), 0.0), MAX_SHADE)
