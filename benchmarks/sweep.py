@@ -12,8 +12,8 @@ and the mean rank across datasets, so a default is chosen on the whole suite, ne
 Some keys change the predictions themselves, and each of their values predicts every image
 again: ``zoom_factor`` multiplies the zoom the model would choose for each image (its common zoom,
 or its size model's estimate; 1.25 shows every object 1.25x larger, 0.8 smaller), and the
-constants of ``napari_sparseseg.core.scale`` (``SIZE_PASSES``, ``MAX_SHADE``: how a new image's
-zoom is estimated).
+constants of ``napari_sparseseg.core.scale`` (e.g. ``SIZE_PASSES``: how a new image's zoom is
+estimated).
 """
 
 from __future__ import annotations

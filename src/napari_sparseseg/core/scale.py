@@ -311,22 +311,14 @@ def predict_log_error(net, size_model: dict[str, Any], x: torch.Tensor, rng=None
 
 #: rounds of the size model for a new image, each at the zoom the previous one found: the ridge
 #: regression shrinks each estimate towards "no error", so few rounds under-correct a large error
-#: (nuclei_mix, 8 images: mean |log error| 0.089 with 2 rounds, 0.046 with 4; docs/benchmarks.md §1)
+#: (6 models of nuclei_mix and cvppp_mix: 4 rounds had the smaller mean error on each; docs/benchmarks.md §1)
 SIZE_PASSES = 4
-#: the most the estimate is shaded down: the zoom jitter of training (x/÷1.25), the range of scales
-#: the network learned around the target
-MAX_SHADE = math.log(1.25)
 
 
 def estimate_zoom(net, config: dict[str, Any], image: np.ndarray, device="cpu", passes: int | None = None) -> float:
     """The zoom of a new, normalised (C, *S) image, by the model's size model (``passes`` rounds,
     default :data:`SIZE_PASSES`, each at the zoom the previous one found); the common zoom if the
-    model has none.
-
-    The estimate is then shaded down by the size model's own error (its leave-one-out rmse in log
-    zoom, at most :data:`MAX_SHADE`): errors in scale are not symmetric. An object shown larger than
-    the network learned is cut apart by the mutex watershed's long-range repulsive edges; one
-    shown somewhat smaller is still found whole (docs/benchmarks.md §1, nuclei_mix)."""
+    model has none."""
     scale = config.get("scale")
     zoom = model_zoom(config)
     if not isinstance(scale, dict) or not scale.get("size_model"):
@@ -337,5 +329,4 @@ def estimate_zoom(net, config: dict[str, Any], image: np.ndarray, device="cpu", 
     for _ in range(SIZE_PASSES if passes is None else passes):
         err = math.exp(predict_log_error(net, scale["size_model"], _resize(t, zoom).to(device)))
         zoom = float(np.clip(zoom / max(err, 1e-3), lo, hi))
-    shade = min(max(float(scale["size_model"].get("loo_rmse_log") or 0.0), 0.0), MAX_SHADE)
-    return float(np.clip(zoom * math.exp(-shade), lo, hi))
+    return zoom
