@@ -91,6 +91,19 @@ def test_size_model_recovers_the_zoom_of_a_new_image():
         assert est == pytest.approx(16 / radius, rel=0.35), (radius, est)
 
 
+def test_size_model_reads_every_encoder_level_and_old_models_their_deepest():
+    torch.manual_seed(0)
+    net = UNet(2, 1, 4, base_channels=4, depth=3)  # encoder levels of 4, 8 and 16 channels
+    x = torch.rand(1, 1, 64, 64)
+    assert scale.pooled_features(net, x).shape == (2 * (4 + 8 + 16),)
+    assert scale.pooled_features(net, x, "deepest").shape == (2 * 16,)
+    sm = scale.fit_size_model(net, [_disks(8, size=96, seed=1)], [2.0], views=8)
+    assert sm["features"] == "levels" and len(sm["weights"]) == 2 * (4 + 8 + 16)
+    # a size model written before (no "features" entry) was fitted on the deepest level: it still loads
+    old = {"mean": [0.0] * 32, "std": [1.0] * 32, "weights": [0.0] * 32, "bias": 0.25}
+    assert scale.predict_log_error(net, old, x) == pytest.approx(0.25)
+
+
 def test_each_round_of_the_size_model_starts_where_the_last_one_ended(monkeypatch):
     # a size model that always says "objects are 1.5x the target": every round divides the zoom by 1.5
     monkeypatch.setattr(scale, "predict_log_error", lambda net, sm, x, rng=None: float(np.log(1.5)))

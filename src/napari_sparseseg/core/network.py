@@ -158,14 +158,20 @@ class UNet(nn.Module):
             out = torch.cat([out[:, : self.ndim] + grid[None], out[:, self.ndim :]], dim=1)
         return out
 
-    def deepest_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The encoder's output at the coarsest level (B, channels, *S / divisor): what the size
-        model reads (:mod:`.scale`)."""
+    def encoder_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's output at every level, finest first (B, channels, *S / 2^level): what the
+        size model reads (:mod:`.scale`)."""
+        out = []
         for i, enc in enumerate(self.encoders):
             x = enc(x)
+            out.append(x)
             if i < len(self.pools):
                 x = self.pools[i](x)
-        return x
+        return out
+
+    def deepest_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's output at the coarsest level (B, channels, *S / divisor)."""
+        return self.encoder_features(x)[-1]
 
     def _unet(self, x: torch.Tensor) -> torch.Tensor:
         skips = []
@@ -234,6 +240,9 @@ class TwinNet(nn.Module):
         iam = self.iam(x)  # K affinity logits [, foreground logit]
         k = self.affinities
         return torch.cat([self.eam(x), iam[:, k:], iam[:, :k]], dim=1)
+
+    def encoder_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.eam.encoder_features(x)
 
     def deepest_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.eam.deepest_features(x)

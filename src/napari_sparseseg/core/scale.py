@@ -10,7 +10,7 @@ channels, mutex-watershed offsets, minimum object size) is then fixed in units o
 At segmentation time an image has no annotation. Its zoom is, in this order: the user's object
 diameter (as in cellpose); the training images' common zoom when their objects had about one size;
 otherwise an estimate from the image itself (:func:`fit_size_model`: a ridge regression from the
-network's pooled deepest features to the zoom, fitted on zoomed views of the training images, the
+network's pooled encoder features (every level) to the zoom, fitted on zoomed views of the training images, the
 idea of cellpose's size model).
 """
 
@@ -245,11 +245,22 @@ def _fit_window(x: torch.Tensor, window: tuple[int, ...], divisor: tuple[int, ..
     return x
 
 
+#: what the size model reads: the mean and sd of every encoder level's features ("levels"), or of
+#: the deepest level's only ("deepest", size models written before; their file has no "features")
+SIZE_FEATURES = "levels"
+
+
 @torch.no_grad()
-def pooled_features(net, x: torch.Tensor) -> np.ndarray:
-    """Mean and standard deviation of the network's deepest features over a (1, C, *S) view."""
-    f = net.deepest_features(x)[0].flatten(1)
-    return torch.cat([f.mean(1), f.std(1)]).double().cpu().numpy()
+def pooled_features(net, x: torch.Tensor, which: str = SIZE_FEATURES) -> np.ndarray:
+    """Mean and standard deviation of the network's encoder features over a (1, C, *S) view: of
+    every level (``which="levels"``; the fine levels see texture and edges at the pixel scale, the
+    deep ones whole objects) or of the deepest one only."""
+    levels = net.encoder_features(x) if which == "levels" else [net.deepest_features(x)]
+    out = []
+    for f in levels:
+        f = f[0].flatten(1)
+        out += [f.mean(1), f.std(1)]
+    return torch.cat(out).double().cpu().numpy()
 
 
 def _window(ndim: int) -> tuple[int, ...]:
@@ -258,8 +269,9 @@ def _window(ndim: int) -> tuple[int, ...]:
 
 def fit_size_model(net, images: list[np.ndarray], zooms: list[float], seed: int = 0,
                    views: int = 160, device="cpu") -> dict[str, Any]:
-    """Ridge regression from pooled features to log(zoom error), on views of the training images
-    (normalised, channels first) zoomed by their true zoom times a random factor in [1/2, 2]."""
+    """Ridge regression from pooled features (:func:`pooled_features`) to log(zoom error), on views
+    of the training images (normalised, channels first) zoomed by their true zoom times a random
+    factor in [1/2, 2]."""
     rng = np.random.default_rng(seed)
     ndim = net.ndim
     feats, targets = [], []
@@ -272,7 +284,7 @@ def fit_size_model(net, images: list[np.ndarray], zooms: list[float], seed: int 
             for _ in range(per_image):
                 err = float(np.exp(rng.uniform(np.log(0.5), np.log(2.0))))
                 view = _fit_window(_resize(t, z * err), _window(ndim), net.divisor, rng).to(device)
-                feats.append(pooled_features(net, view))
+                feats.append(pooled_features(net, view, SIZE_FEATURES))
                 targets.append(np.log(err))
     finally:
         net.train(was_training)
@@ -292,7 +304,7 @@ def fit_size_model(net, images: list[np.ndarray], zooms: list[float], seed: int 
             best = (loo, lam, w)
     loo, lam, w = best
     return {"mean": mean.tolist(), "std": std.tolist(), "weights": w.tolist(), "bias": float(y.mean()),
-            "lambda": lam, "loo_rmse_log": math.sqrt(loo), "n_views": len(y)}
+            "lambda": lam, "loo_rmse_log": math.sqrt(loo), "n_views": len(y), "features": SIZE_FEATURES}
 
 
 def predict_log_error(net, size_model: dict[str, Any], x: torch.Tensor, rng=None) -> float:
@@ -304,7 +316,7 @@ def predict_log_error(net, size_model: dict[str, Any], x: torch.Tensor, rng=None
     n = 1 if all(s <= v for s, v in zip(x.shape[2:], _window(net.ndim))) else 5
     for _ in range(n):
         view = _fit_window(x, _window(net.ndim), net.divisor, rng)
-        f = pooled_features(net, view)
+        f = pooled_features(net, view, size_model.get("features", "deepest"))
         preds.append(float((f - mean) / std @ w + size_model["bias"]))
     return float(np.median(preds))
 
