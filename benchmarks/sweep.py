@@ -22,6 +22,7 @@ import argparse
 import itertools
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -67,41 +68,24 @@ def prediction_keys(setting: dict) -> tuple:
                         if k == "zoom_factor" or (k.isupper() and hasattr(scale_mod, k) and not hasattr(seg_mod, k))))
 
 
-class predicting:
-    """Within this block predictions follow ``keys`` (:func:`prediction_keys`)."""
-
-    def __init__(self, keys: tuple):
-        self.keys = dict(keys)
-        self.saved = {k: getattr(scale_mod, k) for k in self.keys if k != "zoom_factor"}
-        self.zoom = zoomed(self.keys.get("zoom_factor", 1.0))
-
-    def __enter__(self):
-        for k, v in self.keys.items():
-            if k != "zoom_factor":
-                setattr(scale_mod, k, type(self.saved[k])(v))
-        self.zoom.__enter__()
-
-    def __exit__(self, *exc):
-        self.zoom.__exit__(*exc)
-        for k, v in self.saved.items():
-            setattr(scale_mod, k, v)
-
-
-class zoomed:
-    """Within this block the engine's zoom choice (no user diameter) is multiplied by ``factor``."""
-
-    def __init__(self, factor: float):
-        self.factor, self.saved = float(factor), prediction.resolve_zoom
-
-    def __enter__(self):
-        saved, factor = self.saved, self.factor
-
-        def resolve(model, x, diameter=None, device="cpu"):
-            return saved(model, x, diameter, device) * (factor if diameter is None else 1.0)
+@contextmanager
+def predicting(keys: tuple):
+    """Within this block predictions follow ``keys`` (:func:`prediction_keys`): scale's constants
+    set, and the engine's zoom choice (no user diameter) multiplied by ``zoom_factor``."""
+    keys = dict(keys)
+    factor = float(keys.pop("zoom_factor", 1.0))
+    saved = {k: getattr(scale_mod, k) for k in keys}
+    resolve = prediction.resolve_zoom
+    for k, v in keys.items():
+        setattr(scale_mod, k, type(saved[k])(v))
+    prediction.resolve_zoom = lambda model, x, diameter=None, device="cpu": (
+        resolve(model, x, diameter, device) * (factor if diameter is None else 1.0))
+    try:
+        yield
+    finally:
         prediction.resolve_zoom = resolve
-
-    def __exit__(self, *exc):
-        prediction.resolve_zoom = self.saved
+        for k, v in saved.items():
+            setattr(scale_mod, k, v)
 
 
 def main() -> None:

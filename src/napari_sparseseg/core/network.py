@@ -169,10 +169,6 @@ class UNet(nn.Module):
                 x = self.pools[i](x)
         return out
 
-    def deepest_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The encoder's output at the coarsest level (B, channels, *S / divisor)."""
-        return self.encoder_features(x)[-1]
-
     def _unet(self, x: torch.Tensor) -> torch.Tensor:
         skips = []
         for i, enc in enumerate(self.encoders):
@@ -243,9 +239,6 @@ class TwinNet(nn.Module):
 
     def encoder_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.eam.encoder_features(x)
-
-    def deepest_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.eam.deepest_features(x)
 
 
 def _logit(p: float) -> float:

@@ -125,8 +125,7 @@ def resolve_zoom(model: Model, x: np.ndarray, diameter: float | None = None, dev
     the model's common zoom, or, for a model trained on mixed object sizes, its size model's estimate."""
     if diameter is not None:
         return scales.zoom_for(diameter, model.ndim)
-    cfg = model.config.get("scale")
-    if isinstance(cfg, dict) and cfg.get("mixed") and cfg.get("size_model"):
+    if scales.uses_size_model(model.config):
         return scales.estimate_zoom(model.net, model.config, x, device=device)
     return scales.model_zoom(model.config)
 

@@ -206,15 +206,20 @@ def model_zoom(config: dict[str, Any]) -> float:
     return float(scale["zoom"]) if isinstance(scale, dict) else float(scale)
 
 
+def uses_size_model(config: dict[str, Any]) -> bool:
+    """Whether a model estimates each new image's zoom (trained on mixed object sizes, with a size model)."""
+    scale = config.get("scale")
+    return bool(isinstance(scale, dict) and scale.get("mixed") and scale.get("size_model"))
+
+
 def diameter_note(config: dict[str, Any], ndim: int, zoom: float, diameter: float | None = None) -> str:
     """The object diameter an image was segmented at and where it came from, for the user (whose
     objects may be another size: then they set the diameter), e.g. "object diameter 46 px,
     estimated from the image"."""
     if diameter:
         return f"object diameter {diameter:g} px, given"
-    scale = config.get("scale")
-    mixed = isinstance(scale, dict) and scale.get("mixed") and scale.get("size_model")
-    return f"object diameter {TARGET_DIAMETER[ndim] / zoom:.0f} px, " + ("estimated from the image" if mixed else "the training scale")
+    source = "estimated from the image" if uses_size_model(config) else "the training scale"
+    return f"object diameter {TARGET_DIAMETER[ndim] / zoom:.0f} px, {source}"
 
 
 # -- size model -----------------------------------------------------------------------------------
@@ -255,7 +260,9 @@ def pooled_features(net, x: torch.Tensor, which: str = SIZE_FEATURES) -> np.ndar
     """Mean and standard deviation of the network's encoder features over a (1, C, *S) view: of
     every level (``which="levels"``; the fine levels see texture and edges at the pixel scale, the
     deep ones whole objects) or of the deepest one only."""
-    levels = net.encoder_features(x) if which == "levels" else [net.deepest_features(x)]
+    levels = net.encoder_features(x)
+    if which != "levels":
+        levels = levels[-1:]
     out = []
     for f in levels:
         f = f[0].flatten(1)
