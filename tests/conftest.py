@@ -38,3 +38,13 @@ def cells2d():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture
+def errors(monkeypatch):
+    """The error messages the plugin shows its user (napari notifications), in order."""
+    import napari_sparseseg._napari.layers as L
+
+    seen = []
+    monkeypatch.setattr(L, "notify_error", seen.append)
+    return seen
