@@ -22,7 +22,7 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from suite_data import DATASETS, prepare  # noqa: E402
+from suite_data import DATASETS, lda_direction, prepare  # noqa: E402
 
 from napari_sparseseg.core import io  # noqa: E402
 from napari_sparseseg.core.scale import object_diameters  # noqa: E402
@@ -41,10 +41,7 @@ def ring_auc(images, labels, ndim: int, inner: float = 0.15, outer: float = 0.4,
         ins.append(im[in_dist > inner * d / 2])
         outs.append(im[(out_dist > inner * d / 2) & (out_dist <= outer * d)])
     a, b = np.concatenate(ins), np.concatenate(outs)
-    w = np.ones(1)
-    if a.shape[1] > 1:
-        cov = np.cov(np.concatenate([a - a.mean(0), b - b.mean(0)]).T)
-        w = np.linalg.solve(cov + 1e-3 * np.eye(cov.shape[0]), a.mean(0) - b.mean(0))
+    w = lda_direction(a, b) if a.shape[1] > 1 else np.ones(1)
     rng = np.random.default_rng(0)
     pa, pb = rng.permutation(a @ w)[:20000], rng.permutation(b @ w)[:20000]
     auc = roc_auc_score(np.r_[np.ones(len(pa)), np.zeros(len(pb))], np.r_[pa, pb])
