@@ -8,7 +8,7 @@ from napari_sparseseg.core.clustering import mutex_watershed, segment_embeddings
 from napari_sparseseg.core.errors import SparseSegError
 from napari_sparseseg.core.metrics import evaluate
 from napari_sparseseg.core.offsets import default_offsets
-from napari_sparseseg.core.segment import DENSE_FRACTION, choose_clustering
+from napari_sparseseg.core.segment import DENSE_CONTRAST, DENSE_FRACTION, DENSE_INTERIOR, choose_clustering, is_dense
 
 
 def _weights(lab: np.ndarray, offsets, noise: float = 0.0, seed: int = 0, flips: float = 0.0) -> np.ndarray:
@@ -129,6 +129,23 @@ def test_auto_clustering_follows_the_foreground_fraction():
         choose_clustering("waterz", fg, 0.5)
 
 
+def test_auto_clustering_calls_an_annotation_that_looks_like_dense_tissue_dense():
+    """A head that rejects the cells it was not shown leaves little foreground; an annotation whose
+    objects look like their surroundings, in an image that mostly looks like their interiors, still
+    marks the image as dense tissue. Either sign alone does not (crowded objects on a background)."""
+    fg = np.zeros((10, 10), np.float32)
+    fg[:3] = 0.9  # 30 % foreground
+    tissue = {"ring_contrast": DENSE_CONTRAST - 0.01, "interior_share": DENSE_INTERIOR}
+    assert choose_clustering("auto", fg, 0.5) == "mws"
+    assert choose_clustering("auto", fg, 0.5, {"ring_contrast": None, "interior_share": None}) == "mws"
+    assert choose_clustering("auto", fg, 0.5, tissue) == "multicut"
+    assert choose_clustering("auto", fg, 0.5, dict(tissue, ring_contrast=DENSE_CONTRAST)) == "mws"
+    assert choose_clustering("auto", fg, 0.5, dict(tissue, interior_share=DENSE_INTERIOR - 0.01)) == "mws"
+    assert is_dense(DENSE_FRACTION, {"ring_contrast": 0.99, "interior_share": 0.1})  # the head's word still counts
+    assert not is_dense(DENSE_FRACTION - 0.01, {"ring_contrast": 0.99, "interior_share": 0.1})
+    assert choose_clustering("auto", None, None, tissue) == "mws"  # no foreground head: no background rule either
+
+
 def test_cluster_auto_takes_multicut_on_dense_images():
     from napari_sparseseg import TrainConfig, Trainer
     from napari_sparseseg.core.samples import synthetic_cells
@@ -144,7 +161,10 @@ def test_cluster_auto_takes_multicut_on_dense_images():
     assert np.array_equal(cluster(model, e), cluster(model, e, "multicut", background="none"))
     e.f.foreground[:] = 0.0
     e.f.foreground[:20, :20] = 1.0  # a few objects on a background
+    assert model.config["annotation"]["interior_share"] < 0.5  # the cells are not most of the image
     assert np.array_equal(cluster(model, e), cluster(model, e, "mws"))
+    model.config["annotation"] = {"ring_contrast": 0.6, "interior_share": 0.9}  # as dense tissue's annotation
+    assert np.array_equal(cluster(model, e), cluster(model, e, "multicut", background="none"))
 
 
 def test_dense_images_take_the_dense_background_rule(monkeypatch):

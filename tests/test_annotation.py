@@ -1,6 +1,8 @@
 import numpy as np
+import pytest
+from scipy import ndimage
 
-from napari_sparseseg.core.annotation import check_annotations
+from napari_sparseseg.core.annotation import annotation_statistics, check_annotations
 
 
 def test_counts_and_warnings():
@@ -29,3 +31,93 @@ def test_3d():
     lab = np.zeros((8, 20, 20), int)
     lab[2:5, 5:10, 5:10] = 1
     assert check_annotations(lab).summary() == "1 object annotated"
+
+
+# annotation_statistics: dense tissue or objects on a background, from the annotation alone
+
+def _discs(shape=(128, 128), polarity=1.0, seed=0):
+    """Discs (radius 9) on a flat background, intensity 0.5 +- 0.4, with noise; labels of all discs."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    lab = np.zeros(shape, np.int32)
+    for i, (y, x) in enumerate([(25, 25), (25, 90), (90, 30), (95, 95)], start=1):
+        lab[(yy - y) ** 2 + (xx - x) ** 2 < 81] = i
+    img = 0.5 + polarity * 0.4 * np.where(lab > 0, 1.0, -1.0) + rng.normal(0, 0.1, shape)
+    return img.astype(np.float32)[None], lab
+
+
+def _tissue(shape=(128, 128), seed=0):
+    """Voronoi cells (about 20 px across) with bright 1 px membranes and textured interiors of one
+    intensity; labels of all cells."""
+    from skimage.segmentation import find_boundaries
+
+    rng = np.random.default_rng(seed)
+    pts = rng.uniform(0, shape[0], (40, 2))
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    lab = np.argmin(((yy[..., None] - pts[:, 0]) ** 2 + (xx[..., None] - pts[:, 1]) ** 2), -1).astype(np.int32) + 1
+    img = 0.4 + ndimage.gaussian_filter(rng.normal(0, 0.3, shape), 1.5)
+    img[find_boundaries(lab)] = 1.0
+    return img.astype(np.float32)[None], lab
+
+
+def _keep(lab, ids):
+    return np.where(np.isin(lab, ids), lab, 0)
+
+
+def _stats(images, labels, valid=None):
+    s = annotation_statistics(images, labels, valid)
+    return s["ring_contrast"], s["interior_share"]
+
+
+def test_annotation_statistics_tell_objects_on_a_background_from_dense_tissue():
+    img, lab = _discs()
+    contrast, share = _stats([img], [_keep(lab, [1, 2])])
+    assert contrast > 0.95
+    assert 0.01 < share < 0.1  # the two unpainted discs (3 % of the unannotated pixels)
+    img, lab = _tissue()
+    ids = [i for i in np.unique(lab) if 0 < i][::10][:3]  # a few cells painted, their neighbours not
+    contrast, share = _stats([img], [_keep(lab, ids)])
+    assert 0.5 <= contrast < 0.7
+    assert share > 0.8  # all but the membranes
+
+
+def test_crowded_objects_on_a_background_look_like_tissue_up_close_but_not_as_a_whole():
+    from napari_sparseseg.core.samples import synthetic_cells
+    from napari_sparseseg.core.sparsify import sparsify
+
+    img, gt = synthetic_cells((256, 256), seed=0)  # colonies of touching cells (the demo's data)
+    contrast, share = _stats([img[None].astype(np.float32)], [sparsify(gt, 0.3, np.random.default_rng(0))])
+    assert contrast < 0.85 and share < 0.4
+
+
+def test_annotation_statistics_take_each_images_own_polarity_and_colour():
+    bright, lab = _discs(polarity=1.0)
+    dark, _ = _discs(polarity=-1.0, seed=1)
+    # one direction for both would find no contrast; each image's own finds it
+    assert _stats([bright, dark], [lab, lab])[0] > 0.95
+    # objects that differ from the background in hue, not brightness (stained sections)
+    rgb = np.concatenate([bright, dark, np.full_like(bright, 0.5)])
+    assert _stats([rgb], [lab])[0] > 0.95
+    assert _stats([bright[0][None]], [lab]) == pytest.approx(_stats([bright], [lab]))
+
+
+def test_annotation_statistics_are_none_without_a_ring_or_objects():
+    img, lab = _tissue()
+    assert _stats([img], [lab]) == (None, None)  # every pixel annotated: nothing around the objects
+    assert _stats([img], [np.zeros_like(lab)]) == (None, None)
+    disc, lab = _discs()
+    assert _stats([disc], [lab], [lab > 0]) == (None, None)  # the ring lies in the ignore mask
+
+
+def test_annotation_statistics_in_3d_and_with_many_objects(monkeypatch):
+    from napari_sparseseg.core import annotation
+
+    zz, yy, xx = np.mgrid[:24, :48, :48]
+    lab = np.zeros((24, 48, 48), np.int32)
+    for i, (z, y, x) in enumerate([(12, 12, 12), (12, 34, 30), (10, 14, 36)], start=1):
+        lab[(zz - z) ** 2 + (yy - y) ** 2 + (xx - x) ** 2 < 36] = i
+    img = (np.where(lab > 0, 0.8, 0.2) + np.random.default_rng(0).normal(0, 0.1, lab.shape)).astype(np.float32)
+    assert _stats([img[None]], [lab])[0] > 0.95
+    # objects beyond RING_OBJECTS are left out: the same answer from a subset
+    monkeypatch.setattr(annotation, "RING_OBJECTS", 1)
+    assert _stats([img[None]], [lab])[0] > 0.95

@@ -395,3 +395,21 @@ def test_auto_on_a_dense_stack_keeps_every_voxel_unless_a_rule_is_named(oracle, 
     assert (zarr.open_array(str(tmp_path / "auto.zarr"))[:] > 0).all()
     segment_blockwise(root / "model", root / "img.zarr", tmp_path / "fg.zarr", background="foreground", **kw)
     assert (zarr.open_array(str(tmp_path / "fg.zarr"))[:][:, :, :8] == 0).all()
+
+
+def test_auto_on_a_stack_whose_annotation_looks_like_tissue_takes_the_dense_rule(oracle, tmp_path):
+    """As the whole-image path (segment.is_dense): a model whose annotation looks like dense tissue
+    is segmented as such even where its foreground head leaves most of the stack background."""
+    root, lab = oracle
+    assert (lab > 0).mean() < 0.5
+    np.save(root / "outputs.npy", oracle_outputs(lab))
+    config = json.loads((root / "model" / "config.json").read_text())
+    kw = dict(predictor=OraclePredictor(root / "outputs.npy"), method="auto", block_shape=(12, 32, 32))
+    for contrast, dense in ((0.95, False), (0.6, True)):
+        model = tmp_path / f"model-{contrast}"
+        model.mkdir()
+        stats = {"ring_contrast": contrast, "interior_share": 0.9}
+        (model / "config.json").write_text(json.dumps(dict(config, annotation=stats)))
+        out = tmp_path / f"auto-{contrast}.zarr"
+        segment_blockwise(model, root / "img.zarr", out, **kw)
+        assert bool((zarr.open_array(str(out))[:] > 0).all()) is dense

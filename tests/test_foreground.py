@@ -95,7 +95,8 @@ def test_trainer_holds_objects_out_and_the_model_keeps_both_constants(tmp_path):
     list(trainer.run())
     fg = json.loads((tmp_path / "m" / "config.json").read_text())["foreground"]
     assert fg["c_heldout"] is not None and fg["c"] == fg["c_heldout"] and 0 < fg["c_trained"] < 1
-    assert foreground_threshold({"method": "crac", "foreground": fg}) == pytest.approx(0.25 * fg["c_heldout"])
+    assert foreground_threshold({"method": "crac", "foreground": fg}) == pytest.approx(
+        0.25 * max(fg["c_heldout"], fg["c_trained"]))
     # off: nothing held out, c is the trained mean
     off = Trainer([img], [labels], TrainConfig(method="crac", iterations=2, foreground_holdout=0.0, **FAST))
     list(off.run())
@@ -187,3 +188,21 @@ def test_object_contrast_is_opt_in_from_the_api_and_the_cli(tmp_path, capsys):
     capsys.readouterr()
     assert main([*args, "--out", str(tmp_path / "d"), "--object-contrast", "0.5"]) == 2
     assert "object contrast must be a factor >= 1 (1: off), got 0.5" in capsys.readouterr().err
+
+
+def test_threshold_never_falls_below_the_trained_mean(monkeypatch):
+    """c is the held-out mean, floored at HELDOUT_MIN_RATIO times the trained one: a head that
+    learned to reject the objects it was not shown must not lower the threshold into the background."""
+    from napari_sparseseg.core import segment
+
+    def thr(**fg):
+        c = fg["c_heldout"] if fg["c_heldout"] is not None else fg["c_trained"]  # as ForegroundConstant.c
+        return foreground_threshold({"method": "spoco", "foreground": {"c": c, **fg}})
+
+    assert segment.HELDOUT_MIN_RATIO == 1.0
+    assert thr(c_trained=0.4, c_heldout=0.04) == pytest.approx(0.5 * 0.4)  # floored
+    assert thr(c_trained=0.2, c_heldout=0.3) == pytest.approx(0.5 * 0.3)  # a higher held-out mean is kept
+    assert thr(c_trained=0.4, c_heldout=None) == pytest.approx(0.5 * 0.4)  # nothing held out
+    assert foreground_threshold({"method": "spoco", "foreground": {"c": 0.1}}) == pytest.approx(0.05)  # older models
+    monkeypatch.setattr(segment, "HELDOUT_MIN_RATIO", 0.0)
+    assert thr(c_trained=0.4, c_heldout=0.04) == pytest.approx(0.5 * 0.04)

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, stats
+
+from .scale import object_diameters
 
 #: objects with fewer pixels than this are reported as specks
 SPECK_SIZE = 20
@@ -58,3 +60,117 @@ def check_annotations(labels: np.ndarray, background_id: int | None = None) -> A
             f"Label(s) {fmt(border)} touch the image border: they are treated as complete objects."
         )
     return report
+
+
+#: annotation_statistics: the image is smoothed by this many object diameters before pixels are compared
+RING_SMOOTH = 0.1
+#: ... interiors are the annotated pixels deeper than this many diameters inside an object
+RING_INNER = 0.075
+#: ... and the ring the unannotated pixels between RING_INNER and this many diameters outside
+RING_OUTER = 0.4
+#: ... an unannotated pixel looks like an interior when its projection lies within these quantiles
+#: of the interiors' projections
+INTERIOR_RANGE = (0.02, 0.98)
+#: at most this many pixels of either kind are compared
+RING_PIXELS = 20000
+#: at most this many objects per image are looked at
+RING_OBJECTS = 200
+
+
+def annotation_statistics(images: list[np.ndarray], labels: list[np.ndarray],
+                          valid: list[np.ndarray] | None = None, seed: int = 0) -> dict[str, float | None]:
+    """What the annotation shows about the images, before any training: dense tissue (cells that
+    fill the image) or objects on a background. Two figures, each a mean over the images:
+
+    - ``ring_contrast``: how well intensity tells the annotated objects from what lies just outside
+      them: per image, the ROC AUC in [0.5, 1] of one projection of the channels (Fisher's
+      discriminant, either polarity) between object interiors and a ring of unannotated pixels
+      around them (:data:`RING_INNER`-:data:`RING_OUTER` median diameters away; the image smoothed
+      by :data:`RING_SMOOTH` diameters). Objects on a background score high (the ring is
+      background); dense tissue and crowded objects low (the ring is their unannotated neighbours).
+    - ``interior_share``: the share of the unannotated pixels whose projection lies in the range of
+      the interiors' (:data:`INTERIOR_RANGE`): most of the image in dense tissue, the objects'
+      share of it on a background, crowded or not.
+
+    ``images`` are (C, *S), ``labels`` (*S) with 0 unannotated, ``valid`` (*S) False where ignored.
+    A figure is None where there is nothing to compare (no object; every pixel annotated)."""
+    valid = valid if valid is not None else [None] * len(labels)
+    out: dict[str, float | None] = {"ring_contrast": None, "interior_share": None}
+    diam = [d for lab in labels if np.any(lab) for d in object_diameters(lab)]
+    if not diam:
+        return out
+    d = float(np.median(diam))
+    rng = np.random.default_rng(seed)
+    aucs, shares, weights, rest = [], [], [], []
+    for img, lab, ok in zip(images, labels, valid):
+        lab = np.asarray(lab)
+        ok = np.ones(lab.shape, bool) if ok is None else np.asarray(ok, bool)
+        if not lab.any():
+            continue
+        smooth = np.stack([ndimage.gaussian_filter(np.asarray(c, np.float32), RING_SMOOTH * d) for c in img], -1)
+        inside, ring = _object_pixels(smooth, lab, ok, d, rng)
+        if min(len(inside), len(ring)) < 2:
+            continue
+        a, b = _draw(inside, rng), _draw(ring, rng)
+        w = _discriminant(a, b)
+        aucs.append(_auc(a @ w, b @ w))
+        weights.append(min(len(inside), len(ring)))
+        others = _draw(smooth[ok & (lab == 0)], rng) @ w
+        lo, hi = np.quantile(a @ w, INTERIOR_RANGE)
+        shares.append(float(np.mean((others >= lo) & (others <= hi))))
+        rest.append(int(np.count_nonzero(ok & (lab == 0))))
+    if aucs:
+        out["ring_contrast"] = float(np.average(aucs, weights=weights))
+        out["interior_share"] = float(np.average(shares, weights=rest))
+    return out
+
+
+def _object_pixels(smooth: np.ndarray, lab: np.ndarray, ok: np.ndarray, d: float,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels (N, C) of ``smooth`` (*S, C) in one image's object interiors and in the ring around
+    them, each ring pixel counted for the annotated object nearest to it. Computed object by object
+    in a box around each (at most :data:`RING_OBJECTS` objects, drawn at random), so that a large
+    stack costs what its annotated objects cost."""
+    boxes = [(i, s) for i, s in enumerate(ndimage.find_objects(lab), start=1) if s is not None]
+    if len(boxes) > RING_OBJECTS:
+        boxes = [boxes[j] for j in sorted(rng.choice(len(boxes), RING_OBJECTS, replace=False))]
+    margin = int(np.ceil(2 * RING_OUTER * d)) + 2  # a ring pixel's nearest object lies within 2 RING_OUTER d
+    inside, ring = [], []
+    for i, box in boxes:
+        crop = tuple(slice(max(0, s.start - margin), min(n, s.stop + margin)) for s, n in zip(box, lab.shape))
+        sub, valid = lab[crop], ok[crop]
+        fg = sub > 0
+        depth = ndimage.distance_transform_edt(fg)
+        dist, nearest = ndimage.distance_transform_edt(~fg, return_indices=True)
+        pick_in = valid & (sub == i) & (depth > RING_INNER * d)
+        pick_out = (valid & ~fg & (dist > RING_INNER * d) & (dist <= RING_OUTER * d)
+                    & (sub[tuple(nearest)] == i))
+        inside.append(_draw(smooth[crop][pick_in], rng, np.float32))
+        ring.append(_draw(smooth[crop][pick_out], rng, np.float32))
+    channels = smooth.shape[-1]
+    return (np.concatenate(inside) if inside else np.zeros((0, channels), np.float32),
+            np.concatenate(ring) if ring else np.zeros((0, channels), np.float32))
+
+
+def _auc(a: np.ndarray, b: np.ndarray) -> float:
+    """ROC AUC in [0.5, 1] of two sets of scores (either polarity: per image, objects may be
+    brighter or darker than their surroundings)."""
+    ranks = stats.rankdata(np.concatenate([a, b]))
+    auc = (ranks[: len(a)].sum() - len(a) * (len(a) + 1) / 2) / (len(a) * len(b))
+    return float(max(auc, 1.0 - auc))
+
+
+def _draw(pixels: np.ndarray, rng: np.random.Generator, dtype=np.float64) -> np.ndarray:
+    """At most RING_PIXELS rows of ``pixels`` (N, C), drawn without replacement."""
+    if len(pixels) > RING_PIXELS:
+        pixels = pixels[rng.choice(len(pixels), RING_PIXELS, replace=False)]
+    return pixels.astype(dtype)
+
+
+def _discriminant(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Fisher's linear discriminant of two sets of pixels (N, C): the channel weighting that best
+    separates them (the channel itself for one channel)."""
+    if a.shape[1] == 1:
+        return np.ones(1)
+    cov = np.cov(np.concatenate([a - a.mean(0), b - b.mean(0)]).T)
+    return np.linalg.solve(cov + 1e-3 * np.eye(cov.shape[0]), a.mean(0) - b.mean(0))

@@ -157,7 +157,7 @@ def segment_blockwise(
     import zarr
 
     from .checkpoint import read_config
-    from .segment import DENSE_BACKGROUND, DENSE_FRACTION, foreground_threshold, resolve, resolve_background
+    from .segment import DENSE_BACKGROUND, foreground_threshold, is_dense, resolve, resolve_background
 
     if int(zarr.__version__.split(".")[0]) < 3:
         raise SparseSegError(f"blockwise segmentation needs zarr >= 3 (installed: {zarr.__version__}); "
@@ -236,7 +236,7 @@ def segment_blockwise(
                 method = "multicut"
             elif background == "foreground" and thr is not None:
                 frac = sum(s["foreground"] for s in stats) / max(1, sum(s["voxels"] for s in stats))
-                method = "multicut" if frac >= DENSE_FRACTION else "mws"
+                method = "multicut" if is_dense(frac, config.get("annotation")) else "mws"
                 if method == "multicut" and background_arg in (None, "auto"):
                     job.overrides = dict(job.overrides, background=DENSE_BACKGROUND)
             else:

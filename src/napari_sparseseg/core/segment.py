@@ -32,6 +32,13 @@ AGREEMENT = 0.8
 #: P(object) >= 1/2 in positive-unlabeled terms (docs/method.md). Per method, chosen on the
 #: benchmark suite (benchmarks/sweep.py): for CRAC 0.25 ranks best (0.5 and 0.1 after it), for SPOCO 0.5
 FOREGROUND_FRACTION = {"spoco": 0.5, "crac": 0.25}
+#: c is at least this fraction of the head's mean on the objects it trained on (c_trained): a head
+#: that learned to reject the objects it was not shown (c_heldout far below c_trained) would
+#: otherwise let background through and merge objects with it. Chosen on the benchmark suite
+#: (benchmarks/sweep.py, six runs, docs/benchmarks.md): 1 (the larger of the two means) raised
+#: nuclei 2D/3D and the nuclei mix and lowered no dataset, once the dense-tissue decision no longer
+#: read this threshold alone (:data:`DENSE_CONTRAST`)
+HELDOUT_MIN_RATIO = 1.0
 #: pixels below this fraction of the segment threshold are not clustered at all (surely background);
 #: chosen on the benchmark suite (benchmarks/sweep.py, mean rank over its datasets)
 PREMASK_FRACTION = 1.0
@@ -58,6 +65,15 @@ BACKGROUNDS = ("auto", "foreground", "largest", "none")
 CLUSTERINGS = ("auto", *METHODS)
 #: "auto" calls an image dense tissue when at least this fraction of it is foreground
 DENSE_FRACTION = 0.5
+#: ... or, whatever the foreground head says, when the model's annotation looks like dense tissue
+#: (:func:`.annotation.annotation_statistics`): its objects hard to tell from the pixels just around
+#: them (ring contrast below DENSE_CONTRAST) and most of the image like their interiors (interior
+#: share at least DENSE_INTERIOR). The foreground head alone fails on dense tissue trained long with
+#: few cells painted: it learns to reject the cells it was not shown. Chosen on the benchmark suite
+#: (docs/benchmarks.md): ring contrast 0.60-0.80 on dense tissue, 0.84-0.96 on objects on a
+#: background (0.79 on the crowded synthetic cells of the demo); interior share 0.70-0.96 against 0.13-0.45
+DENSE_CONTRAST = 0.82
+DENSE_INTERIOR = 0.6
 #: the background rule "auto" stands for on an image "auto" calls dense tissue (with a foreground
 #: head; a rule the user names is kept): "none", every pixel in a cell. In dense tissue the
 #: positive-unlabeled head learns little (its unlabeled pixels are mostly cells) and removed whole
@@ -152,11 +168,17 @@ def default_min_size(config: dict[str, Any], zoom: float | None = None, z_zoom: 
 
 def foreground_threshold(config: dict[str, Any]) -> float | None:
     """The mean probability above which the foreground head calls a segment foreground: a fraction
-    of c, the head's mean probability during training on annotated objects held out of its loss
-    (on the trained ones for a model without held-out objects; methods.base.ForegroundConstant);
+    of c, the head's mean probability during training on annotated objects held out of its loss,
+    or :data:`HELDOUT_MIN_RATIO` times its mean on the trained ones where that is larger (the
+    trained ones alone for a model without held-out objects; methods.base.ForegroundConstant);
     None for a model without a foreground head."""
-    c = (config.get("foreground") or {}).get("c")
-    return None if c is None else foreground_fraction(config) * float(c)
+    fg = config.get("foreground") or {}
+    c = fg.get("c")
+    if c is None:
+        return None
+    if fg.get("c_trained") is not None and fg.get("c_heldout") is not None:
+        c = max(float(c), HELDOUT_MIN_RATIO * float(fg["c_trained"]))
+    return foreground_fraction(config) * float(c)
 
 
 def foreground_fraction(config: dict[str, Any]) -> float:
@@ -257,16 +279,28 @@ def resize_labels(labels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return F.interpolate(t, size=tuple(shape), mode="nearest-exact")[0, 0].numpy().astype(np.int64)
 
 
-def choose_clustering(method: str, foreground: np.ndarray | None, fg_threshold: float | None) -> str:
-    """The clustering "auto" stands for on one image: "multicut" when at least ``DENSE_FRACTION``
-    of the image is foreground (dense tissue), else "mws"; other choices are returned unchanged."""
+def is_dense(fraction: float, annotation: dict[str, Any] | None = None) -> bool:
+    """Whether "auto" calls an image dense tissue: at least :data:`DENSE_FRACTION` of it is
+    foreground, or the model's ``annotation`` statistics (its config's ``annotation``; None for
+    models from before them) look like dense tissue (:data:`DENSE_CONTRAST`, :data:`DENSE_INTERIOR`)."""
+    if fraction >= DENSE_FRACTION:
+        return True
+    contrast, share = (annotation or {}).get("ring_contrast"), (annotation or {}).get("interior_share")
+    return contrast is not None and share is not None and contrast < DENSE_CONTRAST and share >= DENSE_INTERIOR
+
+
+def choose_clustering(method: str, foreground: np.ndarray | None, fg_threshold: float | None,
+                      annotation: dict[str, Any] | None = None) -> str:
+    """The clustering "auto" stands for on one image: "multicut" for dense tissue (:func:`is_dense`
+    of the share of the image that is foreground and the model's ``annotation`` statistics), else
+    "mws"; other choices are returned unchanged."""
     if method != "auto":
         if method not in METHODS:
             raise SparseSegError(f"clustering method {method!r}: expected one of {', '.join(CLUSTERINGS)}")
         return method
     if foreground is None or fg_threshold is None:
         return "mws"
-    return "multicut" if float(np.mean(foreground >= fg_threshold)) >= DENSE_FRACTION else "mws"
+    return "multicut" if is_dense(float(np.mean(foreground >= fg_threshold)), annotation) else "mws"
 
 
 def resolved_clustering(model: Model, embedded: Embedded, method: str = "auto", fg_threshold: float | None = None,
@@ -282,7 +316,7 @@ def resolved_clustering(model: Model, embedded: Embedded, method: str = "auto", 
     if background != "foreground":
         return "mws"
     thr = fg_threshold if fg_threshold is not None else foreground_threshold(model.config)
-    return choose_clustering("auto", embedded.f.foreground, thr)
+    return choose_clustering("auto", embedded.f.foreground, thr, model.config.get("annotation"))
 
 
 def cluster(model: Model, embedded: Embedded, method: str = "auto", fg_threshold: float | None = None,

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from . import checkpoint, scale as scales
+from .annotation import annotation_statistics
 from .data import CropSampler, heldout_objects, hold_out, prepare
 from .device import resolve_device, resolve_precision, tune_allocator
 from .errors import SparseSegError
@@ -320,6 +321,9 @@ class Trainer:
             "offsets": offsets,
             # at the model's scale (each image zoomed to the target diameter)
             "object_area_median": float(np.median(areas)) if areas.size else None,
+            # dense tissue or objects on a background, as the annotation shows it (segment.is_dense)
+            "annotation": annotation_statistics([s.image for s in self.samples], [s.labels for s in self.samples],
+                                                [s.valid for s in self.samples], cfg.seed),
             "background_id": cfg.background_id,
             # by image name, the user's ids: resuming holds out the same ones (data.hold_out)
             "heldout_objects": heldout_objects(self.samples),
