@@ -149,7 +149,7 @@ def test_auto_clustering_calls_an_annotation_that_looks_like_dense_tissue_dense(
 def test_cluster_auto_takes_multicut_on_dense_images():
     from napari_sparseseg import TrainConfig, Trainer
     from napari_sparseseg.core.samples import synthetic_cells
-    from napari_sparseseg.core.segment import cluster, embed
+    from napari_sparseseg.core.segment import cluster, dense_reason, embed
     from napari_sparseseg.core.sparsify import sparsify
 
     img, gt = synthetic_cells((96, 96), seed=0)
@@ -159,12 +159,16 @@ def test_cluster_auto_takes_multicut_on_dense_images():
     e = embed(model, img, device="cpu")
     e.f.foreground[:] = 1.0  # all foreground: dense tissue (and no background rule: DENSE_BACKGROUND)
     assert np.array_equal(cluster(model, e), cluster(model, e, "multicut", background="none"))
+    assert dense_reason(model, e) == "the foreground head"
+    assert dense_reason(model, e, background="none") == "background none"
     e.f.foreground[:] = 0.0
     e.f.foreground[:20, :20] = 1.0  # a few objects on a background
     assert model.config["annotation"]["interior_share"] < 0.5  # the cells are not most of the image
     assert np.array_equal(cluster(model, e), cluster(model, e, "mws"))
+    assert dense_reason(model, e) == ""
     model.config["annotation"] = {"ring_contrast": 0.6, "interior_share": 0.9}  # as dense tissue's annotation
     assert np.array_equal(cluster(model, e), cluster(model, e, "multicut", background="none"))
+    assert dense_reason(model, e) == "the annotation"
 
 
 def test_dense_images_take_the_dense_background_rule(monkeypatch):

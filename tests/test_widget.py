@@ -135,7 +135,8 @@ def test_segment_adds_new_layer_and_reclusters_without_network(qtbot, widget, er
     assert calls == [False]  # f only: the model's foreground head finds background, no EMA network needed
     # the status says what "auto" clustering chose for this image, as the engine decides it
     chosen = core_segment.resolved_clustering(w.session.model, w.segment.cache.embedded, "auto")
-    why = "dense tissue, no background" if chosen == "multicut" else "objects on a background"
+    by = " by the annotation" if core_segment.dense_reason(w.session.model, w.segment.cache.embedded) == "the annotation" else ""
+    why = f"dense tissue{by}, no background" if chosen == "multicut" else "objects on a background"
     # and the object diameter the image was seen at (this model's training scale)
     across = round(scale.TARGET_DIAMETER[2] / w.segment.cache.embedded.zoom)
     assert w.segment.status.value == (f"{int(seg_layer.data.max())} objects (auto: {chosen}, {why}); "

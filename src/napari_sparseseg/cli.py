@@ -219,7 +219,7 @@ def cmd_segment_blockwise(args, files: list[Path]) -> int:
 def cmd_segment(args) -> int:
     from .core.pairs import is_zarr
     from .core.scale import check_voxel_size, diameter_note
-    from .core.segment import cluster, embed, needs_g, resolved_clustering
+    from .core.segment import cluster, dense_reason, embed, needs_g, resolved_clustering
 
     check_voxel_size(args.voxel_size, "--voxel-size")
     files = io.expand(args.images, "--images")
@@ -236,6 +236,8 @@ def cmd_segment(args) -> int:
         voxel = args.voxel_size or io.voxel_size(path)  # None: the model's
         embedded = embed(model, io.read(path), need_g, args.device, str(path), args.diameter, voxel, args.precision)
         how = resolved_clustering(model, embedded, args.clustering, **overrides)  # reported below
+        if args.clustering == "auto" and how == "multicut":
+            how += f", dense tissue by {dense_reason(model, embedded, **overrides)}"
         seg = cluster(model, embedded, args.clustering, **overrides)  # "auto" decides clustering and background
         dst = io.write(_out_path(out, path), seg.astype(np.uint32 if seg.max() > 65535 else np.uint16))
         print(f"{path} -> {dst}: {int(seg.max())} objects in {time.perf_counter() - t0:.2f} s "

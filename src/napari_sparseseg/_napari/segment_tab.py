@@ -19,7 +19,7 @@ from ..core.scale import diameter_note
 from ..core.segment import (
     AFFINITY_SOURCES, AGREEMENT, BACKGROUNDS, CLUSTERINGS, CRAC_AFFINITY_SOURCE, DENSE_BACKGROUND, default_bias,
     default_min_size, foreground_threshold, needs_g, split_ratio,
-    PredictionCache, resolve, resolved_clustering,
+    PredictionCache, dense_reason, resolve, resolved_clustering,
 )
 from . import layers as L
 from . import stack_job, workers
@@ -340,6 +340,8 @@ class SegmentPanel(QWidget):
         if chosen != "multicut":
             return f" (auto: {chosen}, objects on a background)"
         kept = self.background.value == "auto" and DENSE_BACKGROUND == "none"
-        return f" (auto: {chosen}, dense tissue{', no background' if kept else ''})"
+        reason = dense_reason(self.session.model, self.cache.embedded, **self._overrides())
+        by = " by the annotation" if reason == "the annotation" else ""
+        return f" (auto: {chosen}, dense tissue{by}{', no background' if kept else ''})"
 
 

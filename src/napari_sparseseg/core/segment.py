@@ -319,6 +319,18 @@ def resolved_clustering(model: Model, embedded: Embedded, method: str = "auto", 
     return choose_clustering("auto", embedded.f.foreground, thr, model.config.get("annotation"))
 
 
+def dense_reason(model: Model, embedded: Embedded, fg_threshold: float | None = None, **overrides) -> str:
+    """What made "auto" call this image dense tissue, for status lines: "background none", "the
+    foreground head" (at least :data:`DENSE_FRACTION` foreground), "the annotation"
+    (:func:`is_dense`); "" when "auto" does not call it dense."""
+    if resolved_clustering(model, embedded, "auto", fg_threshold, **overrides) != "multicut":
+        return ""
+    if resolve_background(model.config, overrides.get("background")) == "none":
+        return "background none"
+    thr = fg_threshold if fg_threshold is not None else foreground_threshold(model.config)
+    return "the foreground head" if is_dense(float(np.mean(embedded.f.foreground >= thr))) else "the annotation"
+
+
 def cluster(model: Model, embedded: Embedded, method: str = "auto", fg_threshold: float | None = None,
             **overrides) -> np.ndarray:
     """Cluster cached predictions with the model's defaults unless overridden (no network call);
