@@ -20,6 +20,8 @@ from skimage.feature import peak_local_max
 from skimage.filters import threshold_otsu
 from skimage.segmentation import find_boundaries, relabel_sequential, watershed
 
+from napari_sparseseg.core.annotation import fisher_direction
+
 #: the shared data folder; SPARSESEG_DATA overrides (e.g. when running from a copy of benchmarks/)
 SHARED = Path(os.environ.get("SPARSESEG_DATA") or Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
 
@@ -195,13 +197,6 @@ def _gray(img: np.ndarray, ndim: int) -> np.ndarray:
     return img.mean(-1) if img.ndim == ndim + 1 else img
 
 
-def lda_direction(inside: np.ndarray, outside: np.ndarray) -> np.ndarray:
-    """The channel weighting (Fisher's linear discriminant) that best separates two sets of pixels
-    (N, C), pointing from ``outside`` to ``inside``."""
-    cov = np.cov(np.concatenate([inside - inside.mean(0), outside - outside.mean(0)]).T)
-    return np.linalg.solve(cov + 1e-3 * np.eye(cov.shape[0]), inside.mean(0) - outside.mean(0))
-
-
 def _annotation_stats(images: list[np.ndarray], sparse: list[np.ndarray], ndim: int, kind: str = "blobs"):
     """What the floor reads from the annotation: the median object diameter (equivalent sphere/disc)
     and whether the objects are brighter than the unlabeled rest (a channel weighting for colour);
@@ -213,7 +208,7 @@ def _annotation_stats(images: list[np.ndarray], sparse: list[np.ndarray], ndim: 
     if images[0].ndim == ndim + 1:
         inside = np.concatenate([im[s > 0] for im, s in zip(images, sparse)]).astype(np.float64)
         outside = np.concatenate([im[s == 0][::7] for im, s in zip(images, sparse)]).astype(np.float64)
-        return diam, lda_direction(inside, outside)
+        return diam, fisher_direction(inside, outside)
     if kind == "membranes":
         border = [find_boundaries(s, mode="inner") & (s > 0) for s in sparse]
         inside = np.mean([im[(s > 0) & ~b].mean() for im, s, b in zip(images, sparse, border) if ((s > 0) & ~b).any()])

@@ -112,13 +112,14 @@ def annotation_statistics(images: list[np.ndarray], labels: list[np.ndarray],
         if min(len(inside), len(ring)) < 2:
             continue
         a, b = _draw(inside, rng), _draw(ring, rng)
-        w = _discriminant(a, b)
+        w = fisher_direction(a, b)
         aucs.append(_auc(a @ w, b @ w))
         weights.append(min(len(inside), len(ring)))
-        others = _draw(smooth[ok & (lab == 0)], rng) @ w
+        unpainted = ok & (lab == 0)
+        others = _draw(smooth[unpainted], rng) @ w
         lo, hi = np.quantile(a @ w, INTERIOR_RANGE)
         shares.append(float(np.mean((others >= lo) & (others <= hi))))
-        rest.append(int(np.count_nonzero(ok & (lab == 0))))
+        rest.append(int(np.count_nonzero(unpainted)))
     if aucs:
         out["ring_contrast"] = float(np.average(aucs, weights=weights))
         out["interior_share"] = float(np.average(shares, weights=rest))
@@ -167,9 +168,9 @@ def _draw(pixels: np.ndarray, rng: np.random.Generator, dtype=np.float64) -> np.
     return pixels.astype(dtype)
 
 
-def _discriminant(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def fisher_direction(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Fisher's linear discriminant of two sets of pixels (N, C): the channel weighting that best
-    separates them (the channel itself for one channel)."""
+    separates them, pointing from ``b`` to ``a`` (the channel itself for one channel)."""
     if a.shape[1] == 1:
         return np.ones(1)
     cov = np.cov(np.concatenate([a - a.mean(0), b - b.mean(0)]).T)

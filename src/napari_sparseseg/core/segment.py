@@ -306,29 +306,28 @@ def choose_clustering(method: str, foreground: np.ndarray | None, fg_threshold: 
 def resolved_clustering(model: Model, embedded: Embedded, method: str = "auto", fg_threshold: float | None = None,
                         **overrides) -> str:
     """The clustering :func:`cluster` runs for these choices on this image: "auto" is the multicut
-    with background "none" or where the foreground head calls the image dense
-    (:func:`choose_clustering`), else the mutex watershed; a named method is itself."""
+    where it calls the image dense tissue (:func:`dense_reason`), else the mutex watershed; a named
+    method is itself."""
     if method != "auto":
         return choose_clustering(method, None, None)
-    background = resolve_background(model.config, overrides.get("background"))
-    if background == "none":
-        return "multicut"
-    if background != "foreground":
-        return "mws"
-    thr = fg_threshold if fg_threshold is not None else foreground_threshold(model.config)
-    return choose_clustering("auto", embedded.f.foreground, thr, model.config.get("annotation"))
+    return "multicut" if dense_reason(model, embedded, fg_threshold, **overrides) else "mws"
 
 
 def dense_reason(model: Model, embedded: Embedded, fg_threshold: float | None = None, **overrides) -> str:
-    """What made "auto" call this image dense tissue, for status lines: "background none", "the
-    foreground head" (at least :data:`DENSE_FRACTION` foreground), "the annotation"
-    (:func:`is_dense`); "" when "auto" does not call it dense."""
-    if resolved_clustering(model, embedded, "auto", fg_threshold, **overrides) != "multicut":
-        return ""
-    if resolve_background(model.config, overrides.get("background")) == "none":
+    """What makes "auto" call this image dense tissue, for status lines: "background none", "the
+    foreground head" (at least :data:`DENSE_FRACTION` foreground) or "the annotation" (the model's
+    annotation statistics, :func:`is_dense`); "" when "auto" does not call it dense (also without
+    a foreground head, where the background is the largest segment)."""
+    background = resolve_background(model.config, overrides.get("background"))
+    if background == "none":
         return "background none"
     thr = fg_threshold if fg_threshold is not None else foreground_threshold(model.config)
-    return "the foreground head" if is_dense(float(np.mean(embedded.f.foreground >= thr))) else "the annotation"
+    if background != "foreground" or embedded.f.foreground is None or thr is None:
+        return ""
+    fraction = float(np.mean(embedded.f.foreground >= thr))
+    if is_dense(fraction):
+        return "the foreground head"
+    return "the annotation" if is_dense(fraction, model.config.get("annotation")) else ""
 
 
 def cluster(model: Model, embedded: Embedded, method: str = "auto", fg_threshold: float | None = None,
