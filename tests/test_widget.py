@@ -269,10 +269,10 @@ def test_segment_knobs_show_what_auto_means(qtbot, widget, tmp_path, errors, mon
     _train(qtbot, w, iterations=2, preview_every=0)
     config = w.session.model.config
     min_size = core_segment.default_min_size(config)  # image pixels, at the model's common zoom
-    threshold = core_segment.foreground_fraction(config) * config["foreground"]["c"]
+    threshold = core_segment.foreground_threshold(config)
     assert min_size > 0 and 0 < threshold < 1
     assert seg.min_size.native.text() == f"auto ({min_size})"
-    assert seg.fg_threshold.native.text() == f"auto ({threshold:.2f})"
+    assert seg.fg_threshold.native.text() == f"auto ({threshold:.2g})"
     assert seg.agreement.native.text() == "auto (off)"  # background from the foreground head: no filter
     assert seg.max_size.native.text() == "no limit"
     # the bias: each graph clustering's own default for this model's method (made distinct here)
@@ -325,6 +325,15 @@ def test_segment_knobs_show_what_auto_means(qtbot, widget, tmp_path, errors, mon
     path.write_text(json.dumps(cfg))
     w.train.load_model(tmp_path / "m")
     assert seg.min_size.native.text() == "auto (480)" and seg.fg_threshold.native.text() == "auto (0.21)"
+    # a threshold of a few thousandths shows its digits, not "0.00", and can be typed in
+    cfg["foreground"].update(c=0.0158, c_trained=0.0158, c_heldout=0.0158)
+    path.write_text(json.dumps(cfg))
+    w.train.load_model(tmp_path / "m")
+    small = core_segment.foreground_threshold(cfg)
+    assert 0.001 < small < 0.01 and seg.fg_threshold.native.text() == f"auto ({small:.2g})"
+    seg.fg_threshold.value = 0.0042
+    assert seg._overrides()["fg_threshold"] == pytest.approx(0.0042)
+    seg.fg_threshold.value = -1
     # a model without a foreground head: background from the largest segment, filtered by agreement
     del cfg["foreground"]
     path.write_text(json.dumps(cfg))

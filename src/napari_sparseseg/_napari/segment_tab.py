@@ -49,6 +49,8 @@ class SegmentPanel(QWidget):
                                            "largest: the largest segment is background; none: dense tissue")
         self.fg_threshold = FloatSpinBox(value=-1.0, min=-1.0, max=1.0, step=0.01,
                                          tooltip="foreground probability threshold; -1: from the model")
+        # a model's threshold can be a few thousandths (a head whose mean on objects is low)
+        self.fg_threshold.native.setDecimals(4)
         self.agreement = FloatSpinBox(value=-1.0, min=-1.0, max=1.0, step=0.05,
                                       tooltip="mutex watershed: keep the segments that the EMA network reproduces "
                                               f"with at least this IoU (drops cut-up background); 0: off; -1: auto "
@@ -114,7 +116,7 @@ class SegmentPanel(QWidget):
             return texts
         threshold = foreground_threshold(model.config)
         texts["min_size"] = f"auto ({default_min_size(model.config)})"
-        texts["fg_threshold"] = (f"auto ({threshold:.2f})" if background == "foreground" and threshold is not None
+        texts["fg_threshold"] = (f"auto ({threshold:.2g})" if background == "foreground" and threshold is not None
                                  else "auto (not used)")
         texts["agreement"] = f"auto ({opts['agreement']:.2f})" if opts.get("agreement") else "auto (off)"
         methods = GRAPH_METHODS if self.method.value == "auto" else (self.method.value,)
