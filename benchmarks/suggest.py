@@ -46,11 +46,12 @@ def suggested_objects(model_dir: Path, images, sparse, gts, k: int) -> list[tupl
     ranked = []
     for i, (img, lab) in enumerate(zip(images, sparse)):
         _, seg, sug = suggest_for_image(model, img, lab, n=4 * k, device="cpu")
-        ranked += [(rank, -s.score, i, s.label, seg) for rank, s in enumerate(sug)]
+        ranked += [(rank, -s.score, i, s) for rank, s in enumerate(sug)]
     ranked.sort(key=lambda r: r[:2])  # every image's first suggestion, then every image's second, ...
     chosen: list[tuple[int, int]] = []
-    for _, _, i, label, seg in ranked:
-        under = gts[i][(seg == label) & (sparse[i] == 0)]
+    for _, _, i, s in ranked:
+        box = tuple(slice(a, b) for a, b in zip(s.start, s.stop))
+        under = gts[i][box][s.mask & (sparse[i][box] == 0)]
         ids, counts = np.unique(under[under > 0], return_counts=True)
         if ids.size == 0:
             continue  # a segment on background: the annotator has nothing to paint there

@@ -9,7 +9,8 @@ from napari_sparseseg.core.checkpoint import Model
 from napari_sparseseg.core.clustering import cosine_affinities
 from napari_sparseseg.core.prediction import Prediction
 from napari_sparseseg.core.segment import Embedded
-from napari_sparseseg.core.suggest import _overlap, pair_inside, suggest, suggest_for_image, uncertainty
+from napari_sparseseg.core.suggest import (Suggestion, _overlap, interleave, missed_objects, pair_inside, suggest,
+                                          suggest_for_image, uncertainty)
 
 OFFSETS = [[-1, 0], [0, -1], [-3, 0], [0, -3]]
 
@@ -137,7 +138,60 @@ def test_suggest_for_image_returns_map_segmentation_and_unpainted_objects(spoco_
     u, seg, got = suggest_for_image(model, img, sparse, n=3, device="cpu")
     assert u.shape == seg.shape == img.shape and len(got) <= 3
     for s in got:
-        assert np.mean(sparse[seg == s.label] > 0) < 0.2
+        box = tuple(slice(a, b) for a, b in zip(s.start, s.stop))
+        assert s.mask.shape == seg[box].shape and s.mask.sum() == s.size
+        assert np.mean(sparse[box][s.mask] > 0) < 0.2
+        if s.kind == "uncertain":
+            assert np.array_equal(s.mask, seg[box] == s.label)
+        else:  # a segment the foreground head dropped
+            assert s.kind == "background" and np.mean(seg[box][s.mask] > 0) < 0.2
+    got = [s for s in got if s.kind == "uncertain"]
     spread = [s for i, s in enumerate(got) if not any(_overlap(s, t) for t in got[:i])]
     assert got[:len(spread)] == spread  # crowded ones come last
     assert [s.score for s in spread] == sorted((s.score for s in spread), reverse=True)
+
+
+def _disc(shape, centre, r):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= r * r
+
+
+def test_missed_objects_are_dropped_segments_that_stand_out_like_the_painted_ones():
+    shape = (80, 100)
+    img = np.full(shape, 0.1, np.float32)
+    annotation, segmentation, candidates = (np.zeros(shape, np.int32) for _ in range(3))
+    for k, c in enumerate([(15, 15), (15, 45)], start=1):  # two painted objects, dim
+        img[_disc(shape, c, 7)] = 0.4
+        annotation[_disc(shape, c, 7)] = k
+        segmentation[_disc(shape, c, 7)] = candidates[_disc(shape, c, 7)] = k
+    img[_disc(shape, (50, 20), 7)] = 0.9  # a bright object the head dropped: suggested
+    candidates[_disc(shape, (50, 20), 7)] = 3
+    img[_disc(shape, (50, 60), 7)] = 0.12  # a background piece of the same size, hardly standing out: not
+    candidates[_disc(shape, (50, 60), 7)] = 4
+    img[_disc(shape, (70, 50), 7)] = 0.6  # dropped, brighter, but not twice as contrasted (1.7x): not
+    candidates[_disc(shape, (70, 50), 7)] = 7
+    img[70:72, 90:92] = 1.0  # a bright speck: a fragment, not
+    candidates[70:72, 90:92] = 5
+    img[_disc(shape, (30, 80), 7)] = 0.9  # bright, but the segmentation has it: not
+    segmentation[_disc(shape, (30, 80), 7)] = candidates[_disc(shape, (30, 80), 7)] = 6
+    got = missed_objects(img, candidates, segmentation, annotation, n=5)
+    assert [(s.label, s.kind) for s in got] == [(3, "background")]
+    assert got[0].centroid == pytest.approx((50, 20), abs=0.5) and got[0].size == int(_disc(shape, (50, 20), 7).sum())
+    assert np.array_equal(got[0].mask, candidates[got[0].start[0]:got[0].stop[0], got[0].start[1]:got[0].stop[1]] == 3)
+    # channels last work the same; nothing painted: no reference, nothing suggested
+    assert [s.label for s in missed_objects(np.stack([img, img], -1), candidates, segmentation, annotation, 5)] == [3]
+    assert missed_objects(img, candidates, segmentation, np.zeros(shape, np.int32), 5) == []
+    with pytest.raises(SparseSegError, match=r"image: shape \(3, 3\) does not match the segmentation's \(80, 100\)"):
+        missed_objects(np.zeros((3, 3)), candidates, segmentation, annotation, 5)
+
+
+def test_interleave_puts_one_dropped_segment_in_each_five_places():
+    def mk(label, kind):
+        return Suggestion(label, 0.5, (0.0, 0.0), (0, 0), (1, 1), 1, kind=kind)
+
+    missed = [mk(10, "background"), mk(11, "background")]
+    uncertain = [mk(i, "uncertain") for i in range(1, 7)]
+    assert [s.label for s in interleave(missed, uncertain, 5)] == [10, 1, 2, 3, 4]
+    assert [s.label for s in interleave(missed, uncertain, 20)] == [10, 1, 2, 3, 4, 11, 5, 6]
+    assert [s.label for s in interleave(missed, [], 5)] == [10, 11]
+    assert [s.label for s in interleave([], uncertain, 3)] == [1, 2, 3]

@@ -423,6 +423,25 @@ def test_where_to_label_next_adds_uncertainty_and_numbered_points(qtbot, widget,
     w.suggest.run()
     qtbot.waitUntil(lambda: w.suggest.worker is None, timeout=TIMEOUT)
     assert len(viewer.layers) == n_layers
+    # a segment the model calls background but that stands out like the painted objects is named so
+    import napari_sparseseg._napari.suggest_panel as panel
+    from napari_sparseseg.core.suggest import Suggestion
+
+    real = panel.suggest_for_image
+
+    def with_dropped(*args, **kwargs):
+        u, seg, got = real(*args, **kwargs)
+        return u, seg, [Suggestion(99, 0.3, (5.0, 6.0), (2, 3), (8, 9), 36, kind="background")] + got[:1]
+
+    panel.suggest_for_image = with_dropped
+    try:
+        w.suggest.run()
+        qtbot.waitUntil(lambda: w.suggest.worker is None, timeout=TIMEOUT)
+    finally:
+        panel.suggest_for_image = real
+    assert "1: (5, 6) background?" in w.suggest.status.value
+    assert "the model calls it background, yet it stands out like the painted objects" in w.suggest.status.value
+    assert len(points.data) == len(w.suggest.suggestions) == 2
 
 
 

@@ -100,8 +100,14 @@ class SuggestPanel(QWidget):
         if not suggestions:
             self.status.value = "No unannotated object predicted: paint more objects or train longer."
             return
-        where = "; ".join(f"{i + 1}: ({', '.join(f'{c:.0f}' for c in s.centroid)})" for i, s in enumerate(suggestions))
+        where = "; ".join(f"{i + 1}: ({', '.join(f'{c:.0f}' for c in s.centroid)})"
+                          + (" background?" if s.kind == "background" else "") for i, s in enumerate(suggestions))
         scores = [s.score for s in suggestions]
+        dropped = sum(s.kind == "background" for s in suggestions)
+        note = (f" 'background?': the model calls {'it' if dropped == 1 else 'them'} background, yet "
+                f"{'it stands' if dropped == 1 else 'they stand'} out like the painted objects: paint "
+                f"{'it' if dropped == 1 else 'them'} if {'it is an object' if dropped == 1 else 'they are objects'}."
+                if dropped else "")
         self.status.value = (f"Paint these predicted objects next, uncertain objects of the painted size first — "
                              f"{where}. Uncertainty {min(scores):.2f}–{max(scores):.2f}; "
-                             f"{int(seg.max())} objects predicted.")
+                             f"{int(seg.max())} objects predicted.{note}")
