@@ -249,11 +249,12 @@ def suggest_for_image(model: Model, image: np.ndarray, annotation: np.ndarray | 
                       device: str = "auto", name: str = "image", diameter: float | None = None, **cluster_options):
     """Predict, segment (the model's defaults unless ``cluster_options``) and suggest: returns the
     uncertainty map, the segmentation and the suggestions. Where the foreground head decided the
-    background, segments it dropped that stand out like the painted objects come first
-    (:func:`missed_objects`, ``kind`` "background"; their ``label`` is not one of the segmentation's,
-    their ``mask`` says where they are)."""
+    background, segments it dropped that stand out like the painted objects take one place in each
+    five (:func:`missed_objects`, :func:`interleave`; ``kind`` "background", their ``label`` is not
+    one of the segmentation's, their ``mask`` says where they are)."""
     u, embedded = uncertainty(model, image, device=device, name=name, diameter=diameter)
     seg = cluster(model, embedded, **cluster_options)
+    uncertain = suggest(u, seg, annotation, n)  # checks the annotation's shape
     missed: list[Suggestion] = []
     if (annotation is not None and not cluster_options and embedded.f.foreground is not None
             and resolve_background(model.config) == "foreground" and not dense_reason(model, embedded)):
@@ -262,7 +263,7 @@ def suggest_for_image(model: Model, image: np.ndarray, annotation: np.ndarray | 
         for m in missed:  # its uncertainty, as for the others
             box = tuple(slice(a, b) for a, b in zip(m.start, m.stop))
             m.score = float(u[box][m.mask].mean())
-    return u, seg, interleave(missed, suggest(u, seg, annotation, n), n)
+    return u, seg, interleave(missed, uncertain, n)
 
 
 def interleave(missed: list[Suggestion], uncertain: list[Suggestion], n: int) -> list[Suggestion]:
