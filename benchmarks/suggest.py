@@ -50,8 +50,7 @@ def suggested_objects(model_dir: Path, images, sparse, gts, k: int) -> list[tupl
     ranked.sort(key=lambda r: r[:2])  # every image's first suggestion, then every image's second, ...
     chosen: list[tuple[int, int]] = []
     for _, _, i, s in ranked:
-        box = tuple(slice(a, b) for a, b in zip(s.start, s.stop))
-        under = gts[i][box][s.mask & (sparse[i][box] == 0)]
+        under = gts[i][s.box][s.mask & (sparse[i][s.box] == 0)]
         ids, counts = np.unique(under[under > 0], return_counts=True)
         if ids.size == 0:
             continue  # a segment on background: the annotator has nothing to paint there

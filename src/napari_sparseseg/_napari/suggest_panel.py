@@ -104,10 +104,11 @@ class SuggestPanel(QWidget):
                           + (" background?" if s.kind == "background" else "") for i, s in enumerate(suggestions))
         scores = [s.score for s in suggestions]
         dropped = sum(s.kind == "background" for s in suggestions)
-        note = (f" 'background?': the model calls {'it' if dropped == 1 else 'them'} background, yet "
-                f"{'it stands' if dropped == 1 else 'they stand'} out like the painted objects: paint "
-                f"{'it' if dropped == 1 else 'them'} if {'it is an object' if dropped == 1 else 'they are objects'}."
-                if dropped else "")
+        note = ("" if not dropped else
+                " 'background?': the model calls it background, yet it stands out like the painted objects: "
+                "paint it if it is an object." if dropped == 1 else
+                " 'background?': the model calls them background, yet they stand out like the painted objects: "
+                "paint them if they are objects.")
         self.status.value = (f"Paint these predicted objects next, uncertain objects of the painted size first — "
                              f"{where}. Uncertainty {min(scores):.2f}–{max(scores):.2f}; "
                              f"{int(seg.max())} objects predicted.{note}")

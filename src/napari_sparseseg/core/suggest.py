@@ -22,8 +22,9 @@ A model with a foreground head can also be blind: with a few painted objects it 
 these" and calls much brighter objects background (docs/method.md), and a predicted segment can never
 point there. :func:`suggest_for_image` therefore also clusters without the head (the largest segment
 as background) and lists, as ``kind`` "background", one in each run of five places (the first of
-them; :data:`MISSED_SHARE`, :func:`interleave`) where a segment of the painted size that the head dropped stands out from its surroundings at least
-as much as the painted objects do (:func:`missed_objects`).
+them; :data:`MISSED_SHARE`, :func:`interleave`) where a segment of the painted size that the head
+dropped stands out from its surroundings at least twice as much as the painted objects do
+(:data:`MISSED_CONTRAST`, :func:`missed_objects`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from scipy import ndimage
 from .checkpoint import Model
 from .clustering import cosine_affinities
 from .errors import SparseSegError
+from .io import to_channels_first
 from .prediction import predict_scaled, to_image_shape
 from .segment import Embedded, cluster, dense_reason, resolve_background
 
@@ -73,6 +75,11 @@ class Suggestion:
     kind: str = "uncertain"
     #: the segment within its bounding box (start, stop)
     mask: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def box(self) -> tuple[slice, ...]:
+        """The bounding box as slices (``mask`` covers it)."""
+        return tuple(slice(a, b) for a, b in zip(self.start, self.stop))
 
 
 def pair_inside(offsets: list[list[int]], shape: tuple[int, ...]) -> np.ndarray:
@@ -173,23 +180,9 @@ def suggest(uncertainty_map: np.ndarray, segmentation: np.ndarray, annotation: n
     return (spread + crowded)[:n]
 
 
-def _channels(image: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """``image`` as (C, *shape) float32, its channel axis first or last."""
-    img = np.asarray(image, np.float32)
-    if img.shape == tuple(shape):
-        return img[None]
-    if img.shape[1:] == tuple(shape):
-        return img
-    if img.shape[:-1] == tuple(shape):
-        return np.moveaxis(img, -1, 0)
-    raise SparseSegError(f"image: shape {img.shape} does not match the segmentation's {tuple(shape)}")
-
-
-def _contrasts(img: np.ndarray, seg: np.ndarray, ids, width: int) -> np.ndarray:
+def _contrasts(img: np.ndarray, spread: np.ndarray, seg: np.ndarray, ids, width: int) -> np.ndarray:
     """Per segment of ``seg`` in ``ids``: the distance between its mean intensity and that of a ring
-    ``width`` pixels wide around it, per channel over the image's 1-99 % spread."""
-    lo, hi = np.percentile(img.reshape(img.shape[0], -1)[:, :: max(1, img[0].size // 100000)], [1, 99], axis=1)
-    spread = np.maximum(hi - lo, 1e-6)
+    ``width`` pixels wide around it, per channel of ``img`` (C, *S) over its ``spread`` (C,)."""
     boxes = ndimage.find_objects(seg.astype(np.int64))
     out = np.zeros(len(ids))
     for k, i in enumerate(ids):
@@ -204,22 +197,28 @@ def _contrasts(img: np.ndarray, seg: np.ndarray, ids, width: int) -> np.ndarray:
 
 
 def missed_objects(image: np.ndarray, candidates: np.ndarray, segmentation: np.ndarray, annotation: np.ndarray,
-                   n: int) -> list[Suggestion]:
+                   n: int, uncertainty_map: np.ndarray | None = None) -> list[Suggestion]:
     """Up to ``n`` segments of ``candidates`` (a clustering without the foreground head) that the
     ``segmentation`` leaves as background and nothing in the ``annotation`` covers, of the painted
     size (within the :data:`MIN_SIZE_FRACTION` .. 1 / :data:`MIN_SIZE_FRACTION` times the median
     painted object), that stand out from their surroundings at least :data:`MISSED_CONTRAST` times
-    as much as the median painted object does; most contrasted first, ``kind`` "background"."""
+    as much as the median painted object does; most contrasted first, ``kind`` "background",
+    ``score`` their mean in ``uncertainty_map`` (0 without one). Contrast: the difference of the
+    mean intensities, per channel over the image's 1-99 % spread."""
     lab = np.asarray(annotation)
     objects = np.bincount(lab[lab > 0].ravel().astype(np.int64))
     objects = objects[objects > 0]
     if n <= 0 or objects.size == 0:
         return []
-    img = _channels(image, candidates.shape)
+    img = to_channels_first(image, candidates.ndim).astype(np.float32, copy=False)
+    if img.shape[1:] != candidates.shape:
+        raise SparseSegError(f"image: shape {np.shape(image)} does not match the segmentation's {candidates.shape}")
+    lo, hi = np.percentile(img.reshape(img.shape[0], -1)[:, :: max(1, img[0].size // 100000)], [1, 99], axis=1)
+    spread = np.maximum(hi - lo, 1e-6)
     reference = float(np.median(objects))
     width = max(2, int(round(RING_WIDTH * (reference ** (1.0 / candidates.ndim)))))
     painted_ids = np.unique(lab[lab > 0])[:50]
-    painted = _contrasts(img, lab, painted_ids, width)
+    needed = MISSED_CONTRAST * float(np.median(_contrasts(img, spread, lab, painted_ids, width)))
     ids = np.unique(candidates)
     ids = ids[ids > 0]
     if ids.size == 0:
@@ -231,16 +230,17 @@ def missed_objects(image: np.ndarray, candidates: np.ndarray, segmentation: np.n
     pick = [i for i, ok, k in zip(index, typical, kept) if ok and k < ANNOTATED_FRACTION]
     if not pick:
         return []
-    contrast = _contrasts(img, candidates, pick, width)
+    contrast = _contrasts(img, spread, candidates, pick, width)
     boxes = ndimage.find_objects(candidates.astype(np.int64))
     out = []
     for k in np.argsort(-contrast, kind="stable"):
-        if contrast[k] < MISSED_CONTRAST * float(np.median(painted)) or len(out) == n:
+        if contrast[k] < needed or len(out) == n:
             break
         box = boxes[pick[k] - 1]
         mask = candidates[box] == pick[k]
         centroid = tuple(float(np.mean(c)) + b.start for c, b in zip(np.nonzero(mask), box))
-        out.append(Suggestion(int(pick[k]), float(contrast[k]), centroid, tuple(b.start for b in box),
+        score = 0.0 if uncertainty_map is None else float(np.asarray(uncertainty_map)[box][mask].mean())
+        out.append(Suggestion(int(pick[k]), score, centroid, tuple(b.start for b in box),
                               tuple(b.stop for b in box), int(mask.sum()), kind="background", mask=mask))
     return out
 
@@ -259,10 +259,7 @@ def suggest_for_image(model: Model, image: np.ndarray, annotation: np.ndarray | 
     if (annotation is not None and not cluster_options and embedded.f.foreground is not None
             and resolve_background(model.config) == "foreground" and not dense_reason(model, embedded)):
         candidates = cluster(model, embedded, method="mws", background="largest")
-        missed = missed_objects(image, candidates, seg, annotation, max(1, int(np.ceil(MISSED_SHARE * n))))
-        for m in missed:  # its uncertainty, as for the others
-            box = tuple(slice(a, b) for a, b in zip(m.start, m.stop))
-            m.score = float(u[box][m.mask].mean())
+        missed = missed_objects(image, candidates, seg, annotation, max(1, int(np.ceil(MISSED_SHARE * n))), u)
     return u, seg, interleave(missed, uncertain, n)
 
 
