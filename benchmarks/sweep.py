@@ -4,7 +4,7 @@ predictions are computed once, then clustered with every setting of a grid.
     python benchmarks/sweep.py --run /tmp/sparseseg-suite/runs/full --grid bias=0,0.05,0.1 affinity_mix=0,0.5,1
 
 Every option of ``napari_sparseseg.core.segment.cluster`` can be swept (method, bias, affinity_mix,
-fg_threshold, background, min_size, agreement), and the module constants ``FOREGROUND_FRACTION``,
+fg_threshold, background, min_size, agreement, rescue), and the module constants ``FOREGROUND_FRACTION``,
 ``PREMASK_FRACTION``, ``MIN_SIZE_FRACTION`` and ``BIAS`` (upper case; a per-method table takes the
 value everywhere). Prints, per setting, each dataset's primary metric (mean over the run's seeds)
 and the mean rank across datasets, so a default is chosen on the whole suite, never on one dataset.
@@ -34,6 +34,7 @@ from suite_data import DATASETS, LOWER_IS_BETTER  # noqa: E402
 
 from napari_sparseseg.core import checkpoint, io  # noqa: E402
 from napari_sparseseg.core import prediction  # noqa: E402
+from napari_sparseseg.core import rescue as rescue_mod  # noqa: E402
 from napari_sparseseg.core import scale as scale_mod  # noqa: E402
 from napari_sparseseg.core import segment as seg_mod  # noqa: E402
 from napari_sparseseg.core.device import PRECISIONS  # noqa: E402
@@ -88,6 +89,24 @@ def predicting(keys: tuple):
             setattr(scale_mod, k, v)
 
 
+def measure_annotation(model, run: Path, root: Path) -> None:
+    """Give a model trained before ``annotation.object_contrast`` existed (:mod:`.core.rescue`) the
+    figure of its run's own sparse labels, measured at the images' resolution (the contrast is a
+    ratio of intensities over the image's spread, the ring scaled to the objects: it does not
+    depend on the zoom); the model folder is not touched."""
+    ann = model.config.get("annotation") or {}
+    if ann.get("object_contrast") is not None or not (run / "sparse").is_dir():
+        return
+    images, labels = [], []
+    for path in sorted((run / "sparse").iterdir()):
+        found = sorted((root / "train_images").glob(path.stem + ".*"))
+        if found:
+            labels.append(io.read_labels(path))
+            images.append(io.to_channels_first(io.read(found[0]), model.ndim).astype(np.float32))
+    ann["object_contrast"] = rescue_mod.painted_contrast(images, labels) if labels else None
+    model.config["annotation"] = ann
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, required=True, help="a suite run folder (holds <dataset>-s<seed>/)")
@@ -108,6 +127,7 @@ def main() -> None:
         key = DATASETS[name].primary
         model = checkpoint.load(run / "model")
         root = args.work / name
+        measure_annotation(model, run, root)
         names = sorted(p.name for p in (run / "test_images").iterdir())[: args.max_images]
         need_g = any(seg_mod.needs_g(s.get("method", "auto"), model.config,
                                      **{k: v for k, v in s.items() if k.islower() and k not in ("method", "zoom_factor")})

@@ -143,8 +143,8 @@ def test_suggest_for_image_returns_map_segmentation_and_unpainted_objects(spoco_
         assert np.mean(sparse[box][s.mask] > 0) < 0.2
         if s.kind == "uncertain":
             assert np.array_equal(s.mask, seg[box] == s.label)
-        else:  # a segment the foreground head dropped
-            assert s.kind == "background" and np.mean(seg[box][s.mask] > 0) < 0.2
+        else:  # a segment the foreground head dropped (the segmentation may keep it: core.rescue)
+            assert s.kind == "background"
     with pytest.raises(SparseSegError, match=r"annotation: shape \(5, \d+\) does not match the image's"):
         suggest_for_image(model, img, sparse[:5], n=3, device="cpu")
     got = [s for s in got if s.kind == "uncertain"]

@@ -257,7 +257,7 @@ def test_load_bioimageio_package_button_then_segment(qtbot, widget, tmp_path, er
 def test_segment_knobs_show_what_auto_means(qtbot, widget, tmp_path, errors, monkeypatch):
     viewer, w = widget
     seg = w.segment
-    auto_knobs = (seg.min_size, seg.fg_threshold, seg.agreement, seg.split_ratio)
+    auto_knobs = (seg.min_size, seg.fg_threshold, seg.agreement, seg.split_ratio, seg.rescue)
     # before a model exists: plain "auto" on the sentinel -1 (the spin box's minimum), no numbers
     for knob in auto_knobs:
         assert knob.value == knob.min == -1
@@ -311,6 +311,16 @@ def test_segment_knobs_show_what_auto_means(qtbot, widget, tmp_path, errors, mon
     seg.split_ratio.value = 0
     assert seg._overrides()["split_ratio"] == 0
     seg.split_ratio.value = -1
+    # dropped objects that stand out: kept with background auto deciding by the foreground head
+    assert config["annotation"]["object_contrast"] > 0
+    assert seg.rescue.native.text() == f"auto ({core_segment.RESCUE_CONTRAST:g}x)"
+    assert seg._overrides()["rescue"] is None
+    seg.background.value = "foreground"  # the head alone
+    assert seg.rescue.native.text() == "auto (off)"
+    seg.background.value = "auto"
+    seg.rescue.value = 0
+    assert seg._overrides()["rescue"] == 0
+    seg.rescue.value = -1
     # a number the user sets is shown as such; back at -1 the auto text returns
     seg.min_size.value = 30
     assert seg.min_size.native.text() == "30"

@@ -19,7 +19,8 @@ from .core import checkpoint, io
 from .core.device import PRECISIONS
 from .core.errors import SparseSegError
 from .core.methods import METHOD_NAMES, describe_default
-from .core.segment import AFFINITY_SOURCES, AGREEMENT, BIAS, CLUSTERINGS, CRAC_AFFINITY_SOURCE, SPLIT_RATIO
+from .core.segment import (AFFINITY_SOURCES, AGREEMENT, BIAS, CLUSTERINGS, CRAC_AFFINITY_SOURCE, RESCUE_CONTRAST,
+                           SPLIT_RATIO)
 from .core.training import FINE_TUNE_LR, FOREGROUND_HOLDOUT, OBJECT_GAIN, OBJECT_GAIN_ON, default_lr_text
 from .core.real_samples import REAL_SAMPLES
 from .core.transfer import MIN_RECOVERY
@@ -180,6 +181,9 @@ def cmd_segment_blockwise(args, files: list[Path]) -> int:
 
     from .core.blockwise import default_work, segment_blockwise
 
+    if args.rescue:
+        raise SparseSegError(f"--rescue {args.rescue:g}: blockwise segmentation (zarr input, --block-shape or "
+                             "--scheduler) does not look for dropped objects yet; leave --rescue out")
     workers = (os.cpu_count() or 1) if args.workers is None else args.workers
     if workers < 0:
         raise SparseSegError(f"--workers {workers}: expected 0 (this process) or a positive number of processes")
@@ -229,7 +233,7 @@ def cmd_segment(args) -> int:
     out = Path(args.out)
     overrides = dict(bias=args.bias, min_size=args.min_size, max_size=args.max_size, background=args.background,
                      agreement=args.agreement, fg_threshold=args.fg_threshold, affinity_source=args.affinities,
-                     split_ratio=args.split_ratio)
+                     split_ratio=args.split_ratio, rescue=args.rescue)
     need_g = needs_g(args.clustering, model.config, **overrides)
     for path in files:
         t0 = time.perf_counter()
@@ -427,6 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mws on CRAC models: segments more than R median annotated diameters across are clustered "
                         "again, where either affinity map sees a border (default: " + ", ".join(
                             f"{m.upper()} {r:.2f}" for m, r in SPLIT_RATIO.items()) + "; 0: off)")
+    g.add_argument("--rescue", type=float, default=None, metavar="FACTOR",
+                   help="whole images, background decided by the foreground head: keep the segments it drops that "
+                        "stand out from their surroundings at least FACTOR times as much as the painted objects "
+                        f"(objects much brighter or darker than any painted one; default {RESCUE_CONTRAST:g}; 0: off)")
     g.add_argument("--diameter", type=float, default=None, metavar="PIXELS",
                    help="typical object diameter in these images, in pixels (default: the model's, or estimated "
                         "per image for a model trained on objects of mixed sizes)")

@@ -18,7 +18,7 @@ from ..core.prediction import to_image_shape
 from ..core.scale import diameter_note
 from ..core.segment import (
     AFFINITY_SOURCES, AGREEMENT, BACKGROUNDS, CLUSTERINGS, CRAC_AFFINITY_SOURCE, DENSE_BACKGROUND, default_bias,
-    default_min_size, foreground_threshold, needs_g, split_ratio,
+    default_min_size, foreground_threshold, needs_g, rescue_factor, split_ratio,
     PredictionCache, dense_reason, resolve, resolved_clustering,
 )
 from . import layers as L
@@ -66,6 +66,11 @@ class SegmentPanel(QWidget):
                                         tooltip="mutex watershed on CRAC models: segments more than this many median "
                                                 "annotated diameters across are clustered again where either "
                                                 "affinity map sees a border; 0: off; -1: auto")
+        self.rescue = FloatSpinBox(value=-1.0, min=-1.0, max=100.0, step=0.5,
+                                   tooltip="background 'auto' by the foreground head: keep the segments it drops that "
+                                           "stand out from their surroundings at least this many times as much as "
+                                           "the painted objects (objects much brighter or darker than any painted "
+                                           "one); 0: off; -1: auto")
         self.pca = CheckBox(value=False, text="show embeddings (PCA as RGB)")
         self.run_btn = PushButton(text="Segment")
         self.stack_btn = PushButton(text="Segment whole stack (block by block)",
@@ -82,13 +87,14 @@ class SegmentPanel(QWidget):
                             ("min size", self.min_size), ("max size", self.max_size),
                             ("background", self.background), ("fg threshold", self.fg_threshold),
                             ("agreement", self.agreement), ("affinities (CRAC)", self.affinities),
-                             ("split large (CRAC)", self.split_ratio), (None, self.pca), (None, self.run_btn),
+                             ("split large (CRAC)", self.split_ratio), ("keep dropped objects", self.rescue),
+                             (None, self.pca), (None, self.run_btn),
                             (None, self.stack_btn), (None, self.status)))
         lay.addStretch()
         self.run_btn.changed.connect(self.run)
         self.stack_btn.changed.connect(self.segment_stack)
         for knob in (self.bias, self.min_size, self.max_size, self.background, self.fg_threshold, self.agreement,
-                     self.method, self.affinities, self.split_ratio):
+                     self.method, self.affinities, self.split_ratio, self.rescue):
             knob.changed.connect(self.recluster)
         self.diameter.changed.connect(self._diameter_changed)
         self.region.changed.connect(self._diameter_changed)  # another region: predict again
@@ -105,7 +111,8 @@ class SegmentPanel(QWidget):
     def auto_values(self) -> dict[str, str]:
         """What "auto" means for min size, fg threshold and agreement with the current model, method
         and background choice, as the engine resolves it (core.segment); plain "auto" without a model."""
-        texts = {"min_size": "auto", "fg_threshold": "auto", "agreement": "auto", "bias": "auto", "split_ratio": "auto"}
+        texts = {"min_size": "auto", "fg_threshold": "auto", "agreement": "auto", "bias": "auto", "split_ratio": "auto",
+                 "rescue": "auto"}
         model = self.session.model
         if model is None:
             return texts
@@ -122,6 +129,8 @@ class SegmentPanel(QWidget):
         methods = GRAPH_METHODS if self.method.value == "auto" else (self.method.value,)
         ratio = max(split_ratio(model.config, m) for m in methods)
         texts["split_ratio"] = f"auto ({ratio:.2f}, mws)" if ratio else "auto (off)"
+        factor = rescue_factor(model.config) if self.background.value == "auto" and background == "foreground" else 0
+        texts["rescue"] = f"auto ({factor:g}x)" if factor else "auto (off)"
         return texts
 
     def bias_text(self, config: dict) -> str:
@@ -146,7 +155,8 @@ class SegmentPanel(QWidget):
                     agreement=float(self.agreement.value) if self.method.value in ("auto", *GRAPH_METHODS) and self.agreement.value >= 0
                     else None,
                     affinity_source=None if self.affinities.value == "auto" else self.affinities.value,
-                    split_ratio=None if self.split_ratio.value < 0 else float(self.split_ratio.value))
+                    split_ratio=None if self.split_ratio.value < 0 else float(self.split_ratio.value),
+                    rescue=None if self.rescue.value < 0 else float(self.rescue.value))
 
     def _key(self, image, region=None):
         m = self.session.model
@@ -249,7 +259,8 @@ class SegmentPanel(QWidget):
             L.notify_error(str(err))
             return
         out = stack_job.new_output(image.name)
-        overrides = {k: v for k, v in self._overrides().items() if v is not None}
+        # blockwise segmentation does not look for dropped objects (core.rescue) yet
+        overrides = {k: v for k, v in self._overrides().items() if v is not None and k != "rescue"}
         self.worker = create_worker(stack_job.events, folder, path, out, self.method.value,
                                     voxel_size=L.voxel_size(image), diameter=self.diameter_value, **overrides)
         self.worker.yielded.connect(lambda p: setattr(self.status, "value", f"Whole stack: {p[0]} {p[1]}/{p[2]} blocks"))

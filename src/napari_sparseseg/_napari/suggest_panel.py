@@ -106,9 +106,9 @@ class SuggestPanel(QWidget):
         dropped = sum(s.kind == "background" for s in suggestions)
         note = ("" if not dropped else
                 " 'background?': the model calls it background, yet it stands out like the painted objects: "
-                "paint it if it is an object." if dropped == 1 else
+                "paint it if it is an object, so that the model learns it." if dropped == 1 else
                 " 'background?': the model calls them background, yet they stand out like the painted objects: "
-                "paint them if they are objects.")
+                "paint them if they are objects, so that the model learns them.")
         self.status.value = (f"Paint these predicted objects next, uncertain objects of the painted size first — "
                              f"{where}. Uncertainty {min(scores):.2f}–{max(scores):.2f}; "
                              f"{int(seg.max())} objects predicted.{note}")

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage, stats
 
+from .rescue import painted_contrast
 from .scale import object_diameters
 
 #: objects with fewer pixels than this are reported as specks
@@ -80,7 +81,8 @@ RING_OBJECTS = 200
 def annotation_statistics(images: list[np.ndarray], labels: list[np.ndarray],
                           valid: list[np.ndarray] | None = None, seed: int = 0) -> dict[str, float | None]:
     """What the annotation shows about the images, before any training: dense tissue (cells that
-    fill the image) or objects on a background. Two figures, each a mean over the images:
+    fill the image) or objects on a background, and how much the objects stand out. Two figures,
+    each a mean over the images, and a median:
 
     - ``ring_contrast``: how well intensity tells the annotated objects from what lies just outside
       them: per image, the ROC AUC in [0.5, 1] of one projection of the channels (Fisher's
@@ -93,12 +95,17 @@ def annotation_statistics(images: list[np.ndarray], labels: list[np.ndarray],
       share of it on a background, crowded or not.
 
     ``images`` are (C, *S), ``labels`` (*S) with 0 unannotated, ``valid`` (*S) False where ignored.
+    - ``object_contrast``: the median painted object's contrast to the ring around it
+      (:func:`.rescue.painted_contrast`): how much an object stands out, for the objects the
+      foreground head drops (:mod:`.rescue`).
+
     A figure is None where there is nothing to compare (no object; every pixel annotated)."""
     valid = valid if valid is not None else [None] * len(labels)
-    out: dict[str, float | None] = {"ring_contrast": None, "interior_share": None}
+    out: dict[str, float | None] = {"ring_contrast": None, "interior_share": None, "object_contrast": None}
     diam = [d for lab in labels if np.any(lab) for d in object_diameters(lab)]
     if not diam:
         return out
+    out["object_contrast"] = painted_contrast(images, labels)
     d = float(np.median(diam))
     rng = np.random.default_rng(seed)
     aucs, shares, weights, rest = [], [], [], []

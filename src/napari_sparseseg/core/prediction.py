@@ -118,6 +118,9 @@ class Prediction:
     affinities: np.ndarray | None = None
     #: the zoom of z (3D; :func:`.scale.z_zoom`)
     z_zoom: float = 1.0
+    #: the normalised image (C, *S') the network saw, or None (:func:`.segment.cluster` reads it to
+    #: find the objects the foreground head dropped, :mod:`.rescue`)
+    image: np.ndarray | None = None
 
 
 def resolve_zoom(model: Model, x: np.ndarray, diameter: float | None = None, device="cpu") -> float:
@@ -169,7 +172,7 @@ def predict_scaled(
     net = net.to(dev).eval()
     out = predict_normalized(net, xs, dev, resolve_precision(precision, dev), tile_shape, halo, progress=progress)
     emb, fg, aff = split_channels(out, net.config)
-    return Prediction(emb, fg, float(zoom), spatial, aff, float(z_zoom))
+    return Prediction(emb, fg, float(zoom), spatial, aff, float(z_zoom), np.asarray(xs, np.float32))
 
 
 def to_image_shape(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

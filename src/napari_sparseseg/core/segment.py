@@ -19,6 +19,7 @@ from .checkpoint import Model
 from .clustering import GRAPH_METHODS, METHODS, default_offsets, segment_embeddings
 from .errors import SparseSegError
 from .prediction import Prediction, predict_scaled
+from .rescue import RESCUE_CONTRAST, rescue
 from .resplit import split_area, split_large
 
 #: segments smaller than this fraction of the median annotated object are fragments: dropped
@@ -343,11 +344,16 @@ def cluster(model: Model, embedded: Embedded, method: str = "auto", fg_threshold
     "largest" or "none". ``split_ratio`` (override): the mutex watershed's segments more than this
     many median annotated diameters across are clustered again (:mod:`.resplit`; default
     :data:`SPLIT_RATIO` for the model's method, 0 off), with a background rule other than "none"
-    (objects on a background, where it was measured).
+    (objects on a background, where it was measured). ``rescue`` (override): with background
+    "auto" deciding by the foreground head, segments the head dropped that stand out from their
+    surroundings at least this many times as much as the painted objects are kept (:mod:`.rescue`;
+    default :data:`.rescue.RESCUE_CONTRAST`, 0 off; needs the image in ``embedded``).
     """
     pred = embedded.f
     overrides = dict(overrides)
     ratio = overrides.pop("split_ratio", None)
+    factor = overrides.pop("rescue", None)
+    asked = overrides.get("background") in (None, "auto")
     chosen = resolved_clustering(model, embedded, method, fg_threshold, **overrides)
     if (method == "auto" and chosen == "multicut" and overrides.get("background") in (None, "auto")
             and resolve_background(model.config) == "foreground"):
@@ -361,6 +367,7 @@ def cluster(model: Model, embedded: Embedded, method: str = "auto", fg_threshold
         if mask.shape != tuple(pred.shape):
             raise SparseSegError(f"mask: shape {mask.shape} does not match the image's {tuple(pred.shape)}")
         opts["mask"] = resize_labels(mask.astype(np.uint8), pred.embeddings.shape[1:]).astype(bool)
+    user_mask = opts.get("mask")
     if embedded.g is None and method != "consistency":
         opts["agreement"] = None  # g's embeddings were not computed: cluster f alone
     if background == "foreground":
@@ -381,7 +388,36 @@ def cluster(model: Model, embedded: Embedded, method: str = "auto", fg_threshold
                           split_area(ratio, median, seg.ndim), SPLIT_MIN_PIECE * median, opts["bias"],
                           **{k: opts[k] for k in ("delta_dist", "affinity_mix", "attractive_mix", "embedding_metric")
                              if k in opts})
+    if asked and background == "foreground":
+        seg = _rescue(model, pred, seg, factor, user_mask, overrides)
     return resize_labels(seg, pred.shape)
+
+
+def rescue_factor(config: dict[str, Any], factor: float | None = None) -> float:
+    """How many times the painted objects' contrast a segment the foreground head dropped must
+    stand out by to be kept (:mod:`.rescue`): ``factor`` if given (0: off), else
+    :data:`RESCUE_CONTRAST`; 0 for a model that did not measure its annotation's contrast."""
+    if factor is not None and factor < 0:
+        raise SparseSegError(f"rescue {factor:g}: expected 0 (off) or a factor of the painted objects' contrast, e.g. 2")
+    if not (config.get("annotation") or {}).get("object_contrast"):
+        return 0.0
+    return float(RESCUE_CONTRAST if factor is None else factor)
+
+
+def _rescue(model: Model, pred: Prediction, seg: np.ndarray, factor: float | None, mask: np.ndarray | None,
+            overrides: dict[str, Any]) -> np.ndarray:
+    """``seg`` (the model's scale) with the objects the foreground head dropped added (:func:`.rescue.rescue`):
+    segments of a mutex watershed without the head (largest segment as background, within the user's
+    ``mask``) of the painted size that stand out like no painted object."""
+    factor = rescue_factor(model.config, factor)
+    median = model.config.get("object_area_median") or 0
+    if factor <= 0 or median <= 0 or pred.image is None:
+        return seg
+    keep = {k: v for k, v in overrides.items() if k in ("bias", "min_size", "affinity_mix", "affinity_source")}
+    _, opts = resolve(model.config, "mws", pred.zoom, pred.z_zoom, background="largest", **keep)
+    opts.update(agreement=None, mask=mask)
+    candidates = segment_embeddings(pred.embeddings, "mws", background="largest", affinities=pred.affinities, **opts)
+    return rescue(pred.image, seg, candidates, median, model.config["annotation"]["object_contrast"], factor)
 
 
 def segment(model: Model, image: np.ndarray, method: str = "auto", device: str = "auto", name: str = "image",

@@ -39,6 +39,7 @@ from .clustering import cosine_affinities
 from .errors import SparseSegError
 from .io import to_channels_first
 from .prediction import predict_scaled, to_image_shape
+from .rescue import RESCUE_CONTRAST, dropped_objects, painted_contrast
 from .segment import Embedded, cluster, dense_reason, resolve_background
 
 #: a segment counts as annotated when this fraction of it is painted already
@@ -49,14 +50,8 @@ MIN_SIZE_FRACTION = 0.25
 #: at most this share of the suggestions (at least one) are segments the foreground head dropped
 MISSED_SHARE = 0.2
 #: ... that stand out from a ring around them at least this many times as much as the median painted
-#: object does from its ring (contrast: the difference of the mean intensities over the image's spread).
-#: On the suite's blob datasets (s30's models, training images) the nuclei the head dropped stand out
-#: 2.4-6.3x (nuclei 2D) and 3.5-5.5x (nuclei_mix, fluorescence), the dropped non-objects 1.4-1.7x
-#: (mitochondria: membranes, dark organelles) and below 1.1x (nuclei_mix): "much brighter than
-#: the painted objects", where the head fails (docs/benchmarks.md section 7)
-MISSED_CONTRAST = 2.0
-#: ... the ring is this many times the median painted object's diameter wide (at least 2 pixels)
-RING_WIDTH = 0.25
+#: object does from its ring (:mod:`.rescue`, whose default it is)
+MISSED_CONTRAST = RESCUE_CONTRAST
 
 
 @dataclass
@@ -180,31 +175,14 @@ def suggest(uncertainty_map: np.ndarray, segmentation: np.ndarray, annotation: n
     return (spread + crowded)[:n]
 
 
-def _contrasts(img: np.ndarray, spread: np.ndarray, seg: np.ndarray, ids, width: int) -> np.ndarray:
-    """Per segment of ``seg`` in ``ids``: the distance between its mean intensity and that of a ring
-    ``width`` pixels wide around it, per channel of ``img`` (C, *S) over its ``spread`` (C,)."""
-    boxes = ndimage.find_objects(seg.astype(np.int64))
-    out = np.zeros(len(ids))
-    for k, i in enumerate(ids):
-        box = tuple(slice(max(0, b.start - width), b.stop + width) for b in boxes[i - 1])
-        inside = seg[box] == i
-        ring = ndimage.binary_dilation(inside, iterations=width) & (seg[box] != i)
-        if not ring.any():
-            continue
-        crop = img[(slice(None),) + box]
-        out[k] = float(np.linalg.norm((crop[:, inside].mean(1) - crop[:, ring].mean(1)) / spread))
-    return out
-
-
 def missed_objects(image: np.ndarray, candidates: np.ndarray, segmentation: np.ndarray, annotation: np.ndarray,
                    n: int, uncertainty_map: np.ndarray | None = None) -> list[Suggestion]:
     """Up to ``n`` segments of ``candidates`` (a clustering without the foreground head) that the
     ``segmentation`` leaves as background and nothing in the ``annotation`` covers, of the painted
-    size (within the :data:`MIN_SIZE_FRACTION` .. 1 / :data:`MIN_SIZE_FRACTION` times the median
-    painted object), that stand out from their surroundings at least :data:`MISSED_CONTRAST` times
-    as much as the median painted object does; most contrasted first, ``kind`` "background",
-    ``score`` their mean in ``uncertainty_map`` (0 without one). Contrast: the difference of the
-    mean intensities, per channel over the image's 1-99 % spread."""
+    size, that stand out from their surroundings at least :data:`MISSED_CONTRAST` times as much as
+    the median painted object does (:func:`.rescue.dropped_objects`, :func:`.rescue.painted_contrast`);
+    most contrasted first, ``kind`` "background", ``score`` their mean in ``uncertainty_map`` (0
+    without one)."""
     lab = np.asarray(annotation)
     objects = np.bincount(lab[lab > 0].ravel().astype(np.int64))
     objects = objects[objects > 0]
@@ -213,34 +191,16 @@ def missed_objects(image: np.ndarray, candidates: np.ndarray, segmentation: np.n
     img = to_channels_first(image, candidates.ndim).astype(np.float32, copy=False)
     if img.shape[1:] != candidates.shape:
         raise SparseSegError(f"image: shape {np.shape(image)} does not match the segmentation's {candidates.shape}")
-    lo, hi = np.percentile(img.reshape(img.shape[0], -1)[:, :: max(1, img[0].size // 100000)], [1, 99], axis=1)
-    spread = np.maximum(hi - lo, 1e-6)
-    reference = float(np.median(objects))
-    width = max(2, int(round(RING_WIDTH * (reference ** (1.0 / candidates.ndim)))))
-    painted_ids = np.unique(lab[lab > 0])[:50]
-    needed = MISSED_CONTRAST * float(np.median(_contrasts(img, spread, lab, painted_ids, width)))
-    ids = np.unique(candidates)
-    ids = ids[ids > 0]
-    if ids.size == 0:
-        return []
-    index = ids.tolist()
-    sizes = ndimage.sum_labels(np.ones(candidates.shape, np.float32), candidates, index)
-    kept = ndimage.mean((segmentation > 0) | (lab > 0), candidates, index)
-    typical = (sizes >= MIN_SIZE_FRACTION * reference) & (sizes <= reference / MIN_SIZE_FRACTION)
-    pick = [i for i, ok, k in zip(index, typical, kept) if ok and k < ANNOTATED_FRACTION]
-    if not pick:
-        return []
-    contrast = _contrasts(img, spread, candidates, pick, width)
+    needed = MISSED_CONTRAST * painted_contrast([img], [lab])
+    ids, _ = dropped_objects(img, candidates, segmentation, float(np.median(objects)), needed, covered=lab > 0)
     boxes = ndimage.find_objects(candidates.astype(np.int64))
     out = []
-    for k in np.argsort(-contrast, kind="stable"):
-        if contrast[k] < needed or len(out) == n:
-            break
-        box = boxes[pick[k] - 1]
-        mask = candidates[box] == pick[k]
+    for i in ids[:n]:
+        box = boxes[i - 1]
+        mask = candidates[box] == i
         centroid = tuple(float(np.mean(c)) + b.start for c, b in zip(np.nonzero(mask), box))
         score = 0.0 if uncertainty_map is None else float(np.asarray(uncertainty_map)[box][mask].mean())
-        out.append(Suggestion(int(pick[k]), score, centroid, tuple(b.start for b in box),
+        out.append(Suggestion(int(i), score, centroid, tuple(b.start for b in box),
                               tuple(b.stop for b in box), int(mask.sum()), kind="background", mask=mask))
     return out
 
@@ -251,15 +211,17 @@ def suggest_for_image(model: Model, image: np.ndarray, annotation: np.ndarray | 
     uncertainty map, the segmentation and the suggestions. Where the foreground head decided the
     background, segments it dropped that stand out like the painted objects take one place in each
     five (:func:`missed_objects`, :func:`interleave`; ``kind`` "background", their ``label`` is not
-    one of the segmentation's, their ``mask`` says where they are)."""
+    one of the segmentation's, their ``mask`` says where they are): the segmentation may keep them
+    (:mod:`.rescue`), but the head still calls them background, and one painted teaches it most."""
     u, embedded = uncertainty(model, image, device=device, name=name, diameter=diameter)
     seg = cluster(model, embedded, **cluster_options)
     uncertain = suggest(u, seg, annotation, n)  # checks the annotation's shape
     missed: list[Suggestion] = []
     if (annotation is not None and not cluster_options and embedded.f.foreground is not None
             and resolve_background(model.config) == "foreground" and not dense_reason(model, embedded)):
+        by_head = cluster(model, embedded, rescue=0)
         candidates = cluster(model, embedded, method="mws", background="largest")
-        missed = missed_objects(image, candidates, seg, annotation, max(1, int(np.ceil(MISSED_SHARE * n))), u)
+        missed = missed_objects(image, candidates, by_head, annotation, max(1, int(np.ceil(MISSED_SHARE * n))), u)
     return u, seg, interleave(missed, uncertain, n)
 
 

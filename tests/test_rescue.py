@@ -1,0 +1,119 @@
+"""Objects the foreground head drops, kept by how much they stand out (core/rescue.py, and its use
+in segment.cluster, the CLI and the annotation statistics)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from napari_sparseseg.cli import main
+from napari_sparseseg.core.annotation import annotation_statistics
+from napari_sparseseg.core.checkpoint import FORMAT, Model
+from napari_sparseseg.core.errors import SparseSegError
+from napari_sparseseg.core.offsets import default_offsets
+from napari_sparseseg.core.prediction import Prediction
+from napari_sparseseg.core.rescue import painted_contrast, rescue, ring_contrasts
+from napari_sparseseg.core.segment import Embedded, cluster, rescue_factor
+
+SHAPE = (64, 96)
+# centre, radius, intensity, foreground logit of each blob (label i + 1)
+BLOBS = [((16, 16), 6, 0.3, 6.0),    # 1, 2: painted-like objects the head keeps
+         ((16, 48), 6, 0.3, 6.0),
+         ((44, 20), 6, 1.0, -6.0),   # 3: 3.3x the painted contrast, dropped by the head
+         ((44, 50), 6, 0.3, -6.0),   # 4: as faint as the painted ones, dropped by the head
+         ((40, 80), 14, 1.0, -6.0)]  # 5: bright but 5x the painted size, dropped by the head
+
+
+def scene():
+    yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1]]
+    lab = np.zeros(SHAPE, np.int64)
+    img = np.zeros(SHAPE, np.float32)
+    logit = np.full(SHAPE, -6.0, np.float32)
+    for i, ((cy, cx), r, value, fg) in enumerate(BLOBS, start=1):
+        disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        lab[disk], img[disk], logit[disk] = i, value, fg
+    return img, lab, logit
+
+
+def model_and_prediction(object_contrast=0.3):
+    img, lab, logit = scene()
+    rng = np.random.default_rng(0)
+    table = rng.normal(0, 4.0, (lab.max() + 1, 4)).astype(np.float32)
+    emb = np.moveaxis(table[lab], -1, 0)
+    config = {"format": FORMAT, "version": 1, "method": "spoco", "offsets": default_offsets(2),
+              "loss": {"delta_var": 0.5, "delta_dist": 2.0}, "foreground": {"c": 1.0},
+              "object_area_median": float(np.sum(lab == 1)),
+              "annotation": {"ring_contrast": 0.95, "interior_share": 0.1, "object_contrast": object_contrast}}
+    pred = Prediction(emb, 1 / (1 + np.exp(-logit)), 1.0, SHAPE, None, image=img[None])
+    return Model(net=None, config=config), Embedded(pred), lab
+
+
+def kept(seg, lab):
+    """The true blobs (ids) that a segment of ``seg`` covers for the most part."""
+    return sorted(i for i in range(1, lab.max() + 1) if np.mean(seg[lab == i] > 0) > 0.9)
+
+
+def test_ring_contrast_is_the_mean_difference_over_the_spread():
+    img, lab, _ = scene()
+    c = ring_contrasts(img[None], np.array([2.0]), lab, [1, 3], 2)
+    np.testing.assert_allclose(c, [0.3 / 2, 1.0 / 2], rtol=1e-5)
+    # either polarity, and several channels add as a vector
+    two = np.stack([img, -img])
+    np.testing.assert_allclose(ring_contrasts(two, np.array([1.0, 1.0]), lab, [1], 2), [0.3 * np.sqrt(2)], rtol=1e-5)
+
+
+def test_painted_contrast_is_the_median_over_the_painted_objects():
+    img, lab, _ = scene()
+    painted = np.where(np.isin(lab, [1, 2, 3]), lab, 0)  # 0.3, 0.3, 1.0 over a spread of 1
+    assert painted_contrast([img[None]], [painted]) == pytest.approx(0.3)
+    assert painted_contrast([img[None]], [np.zeros_like(lab)]) is None
+    stats = annotation_statistics([img[None]], [painted])
+    assert stats["object_contrast"] == pytest.approx(0.3)
+
+
+def test_rescue_adds_only_dropped_segments_of_the_painted_size_that_stand_out():
+    img, lab, _ = scene()
+    seg = np.where(np.isin(lab, [1, 2]), lab, 0)
+    out = rescue(img[None], seg, lab, float(np.sum(lab == 1)), painted=0.3, factor=2.0)
+    assert kept(out, lab) == [1, 2, 3]
+    np.testing.assert_array_equal(out[seg > 0], seg[seg > 0])  # what was segmented stays as it was
+    assert len(np.unique(out[lab == 3])) == 1 and out[lab == 3][0] not in (1, 2)
+    assert kept(rescue(img[None], seg, lab, float(np.sum(lab == 1)), painted=0.3, factor=4.0), lab) == [1, 2]
+    assert rescue(img[None], seg, lab, float(np.sum(lab == 1)), painted=0.3, factor=0) is seg
+
+
+def test_cluster_keeps_what_the_head_drops_only_under_background_auto():
+    model, embedded, lab = model_and_prediction()
+    assert kept(cluster(model, embedded), lab) == [1, 2, 3]
+    assert kept(cluster(model, embedded, rescue=0), lab) == [1, 2]
+    assert kept(cluster(model, embedded, rescue=5), lab) == [1, 2]
+    assert kept(cluster(model, embedded, background="foreground"), lab) == [1, 2]  # the head alone
+    # a user's mask bounds what comes back
+    mask = np.ones(SHAPE, bool)
+    mask[30:, :40] = False
+    assert kept(cluster(model, embedded, mask=mask), lab) == [1, 2]
+
+
+def test_models_without_the_annotations_contrast_keep_the_heads_decision():
+    model, embedded, lab = model_and_prediction(object_contrast=None)
+    assert rescue_factor(model.config) == 0
+    assert kept(cluster(model, embedded), lab) == [1, 2]
+    model, embedded, lab = model_and_prediction()
+    assert kept(cluster(model, Embedded(Prediction(*[getattr(embedded.f, k) for k in
+                                                      ("embeddings", "foreground", "zoom", "shape")]))), lab) == [1, 2]
+
+
+def test_a_negative_factor_is_an_error_naming_it():
+    model, embedded, _ = model_and_prediction()
+    with pytest.raises(SparseSegError, match=r"rescue -1: expected 0 \(off\) or a factor"):
+        cluster(model, embedded, rescue=-1)
+
+
+def test_cli_refuses_rescue_for_blockwise_segmentation(tmp_path, capsys):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"format": FORMAT}))
+    np.save(tmp_path / "img.npy", np.zeros((4, 16, 16), np.float32))
+    rc = main(["segment", "--model", str(tmp_path / "model"), "--images", str(tmp_path / "img.npy"),
+               "--out", str(tmp_path / "out"), "--block-shape", "4", "16", "16", "--rescue", "2"])
+    assert rc != 0
+    assert "--rescue 2: blockwise segmentation" in capsys.readouterr().err
