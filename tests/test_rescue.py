@@ -107,6 +107,8 @@ def test_a_negative_factor_is_an_error_naming_it():
     model, embedded, _ = model_and_prediction()
     with pytest.raises(SparseSegError, match=r"rescue -1: expected 0 \(off\) or a factor"):
         cluster(model, embedded, rescue=-1)
+    with pytest.raises(SparseSegError, match=r"rescue -2: expected"):
+        cluster(model, embedded, background="largest", rescue=-2)  # also where it would not be used
 
 
 def test_cli_refuses_rescue_for_blockwise_segmentation(tmp_path, capsys):

@@ -144,7 +144,8 @@ def _readme(model: checkpoint.Model, name: str, zoom: float, channels: list[str]
         "## From outputs to instances",
         "",
         "The outputs are not labels. napari-sparseseg turns them into instances (mutex watershed or multicut "
-        "on affinities, background from the foreground head, size filters), at the model's scale and back:",
+        "on affinities, background from the foreground head and from how much segments stand out, size filters), "
+        "at the model's scale and back:",
         "",
         "```bash",
         "# with napari-sparseseg installed",

@@ -353,6 +353,7 @@ def cluster(model: Model, embedded: Embedded, method: str = "auto", fg_threshold
     overrides = dict(overrides)
     ratio = overrides.pop("split_ratio", None)
     factor = overrides.pop("rescue", None)
+    rescue_factor(model.config, factor)  # a bad factor is an error whether or not it would be used
     asked = overrides.get("background") in (None, "auto")
     chosen = resolved_clustering(model, embedded, method, fg_threshold, **overrides)
     if (method == "auto" and chosen == "multicut" and overrides.get("background") in (None, "auto")
