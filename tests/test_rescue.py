@@ -12,7 +12,7 @@ from napari_sparseseg.core.checkpoint import FORMAT, Model
 from napari_sparseseg.core.errors import SparseSegError
 from napari_sparseseg.core.offsets import default_offsets
 from napari_sparseseg.core.prediction import Prediction
-from napari_sparseseg.core.rescue import painted_contrast, rescue, ring_contrasts
+from napari_sparseseg.core.rescue import RESCUE_CONTRAST, painted_contrast, rescue, ring_contrasts
 from napari_sparseseg.core.segment import Embedded, cluster, rescue_factor
 
 SHAPE = (64, 96)
@@ -119,3 +119,10 @@ def test_cli_refuses_rescue_for_blockwise_segmentation(tmp_path, capsys):
                "--out", str(tmp_path / "out"), "--block-shape", "4", "16", "16", "--rescue", "2"])
     assert rc != 0
     assert "--rescue 2: blockwise segmentation" in capsys.readouterr().err
+
+
+def test_on_by_default_in_2d_only_and_on_request_in_3d():
+    config = {"annotation": {"object_contrast": 0.3}, "network": {"ndim": 3}}
+    assert rescue_factor(config) == 0 and rescue_factor(config, 2.5) == 2.5
+    config["network"]["ndim"] = 2
+    assert rescue_factor(config) == RESCUE_CONTRAST and rescue_factor(config, 0) == 0

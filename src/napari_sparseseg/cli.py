@@ -434,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rescue", type=float, default=None, metavar="FACTOR",
                    help="whole images, background decided by the foreground head: keep the segments it drops that "
                         "stand out from their surroundings at least FACTOR times as much as the painted objects "
-                        f"(objects much brighter or darker than any painted one; default {RESCUE_CONTRAST:g}; 0: off)")
+                        f"(objects much brighter or darker than any painted one; default {RESCUE_CONTRAST:g} for 2D "
+                        "models, off for 3D ones; 0: off)")
     g.add_argument("--diameter", type=float, default=None, metavar="PIXELS",
                    help="typical object diameter in these images, in pixels (default: the model's, or estimated "
                         "per image for a model trained on objects of mixed sizes)")

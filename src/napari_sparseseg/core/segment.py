@@ -19,7 +19,7 @@ from .checkpoint import Model
 from .clustering import GRAPH_METHODS, METHODS, default_offsets, segment_embeddings
 from .errors import SparseSegError
 from .prediction import Prediction, predict_scaled
-from .rescue import RESCUE_CONTRAST, rescue
+from .rescue import CANDIDATE_STRIDE, DEFAULT_NDIMS, RESCUE_CONTRAST, rescue
 from .resplit import split_area, split_large
 
 #: segments smaller than this fraction of the median annotated object are fragments: dropped
@@ -397,12 +397,16 @@ def cluster(model: Model, embedded: Embedded, method: str = "auto", fg_threshold
 def rescue_factor(config: dict[str, Any], factor: float | None = None) -> float:
     """How many times the painted objects' contrast a segment the foreground head dropped must
     stand out by to be kept (:mod:`.rescue`): ``factor`` if given (0: off), else
-    :data:`RESCUE_CONTRAST`; 0 for a model that did not measure its annotation's contrast."""
+    :data:`RESCUE_CONTRAST` for 2D models and 0 for 3D ones (:data:`.rescue.DEFAULT_NDIMS`); 0 for a
+    model that did not measure its annotation's contrast."""
     if factor is not None and factor < 0:
         raise SparseSegError(f"rescue {factor:g}: expected 0 (off) or a factor of the painted objects' contrast, e.g. 2")
     if not (config.get("annotation") or {}).get("object_contrast"):
         return 0.0
-    return float(RESCUE_CONTRAST if factor is None else factor)
+    if factor is None:
+        ndim = int((config.get("network") or {}).get("ndim", 2))
+        return float(RESCUE_CONTRAST) if ndim in DEFAULT_NDIMS else 0.0
+    return float(factor)
 
 
 def _rescue(model: Model, pred: Prediction, seg: np.ndarray, factor: float | None, mask: np.ndarray | None,
@@ -416,7 +420,7 @@ def _rescue(model: Model, pred: Prediction, seg: np.ndarray, factor: float | Non
         return seg
     keep = {k: v for k, v in overrides.items() if k in ("bias", "min_size", "affinity_mix", "affinity_source")}
     _, opts = resolve(model.config, "mws", pred.zoom, pred.z_zoom, background="largest", **keep)
-    opts.update(agreement=None, mask=mask)
+    opts.update(agreement=None, mask=mask, strides=[CANDIDATE_STRIDE] * seg.ndim)
     candidates = segment_embeddings(pred.embeddings, "mws", background="largest", affinities=pred.affinities, **opts)
     return rescue(pred.image, seg, candidates, median, model.config["annotation"]["object_contrast"], factor)
 
