@@ -36,9 +36,10 @@ RESCUE_CONTRAST = 3.0
 #: nucleus stood out enough) and the second clustering costs more than the first (docs/benchmarks.md)
 DEFAULT_NDIMS = (2,)
 #: the clustering without the head draws its long-range (repulsive) pairs on this grid step along
-#: each axis (the mutex watershed's ``strides``): over a whole image it runs on every pixel, where the
-#: head's clustering skips the background; a step of 2 cut its time 4.7x on nuclei 2D (12.0 -> 2.6 s)
-CANDIDATE_STRIDE = 2
+#: each axis (the mutex watershed's ``strides``). 1, every pair: a step of 2 was 2.5x faster on a
+#: nuclei 2D test image (4.3 -> 1.7 s) but cut what it found (suite nuclei 2D, seed 2: AP50 0.820 ->
+#: 0.762; docs/benchmarks.md)
+CANDIDATE_STRIDE = 1
 #: the ring is this many times the median painted object's diameter wide (at least 2 pixels)
 RING_WIDTH = 0.25
 #: a dropped segment is of the painted size within this factor of the median painted object, either way
