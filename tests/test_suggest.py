@@ -197,3 +197,24 @@ def test_interleave_puts_one_dropped_segment_in_each_five_places():
     assert [s.label for s in interleave(missed, uncertain, 20)] == [10, 1, 2, 3, 4, 11, 5, 6]
     assert [s.label for s in interleave(missed, [], 5)] == [10, 11]
     assert [s.label for s in interleave([], uncertain, 3)] == [1, 2, 3]
+
+
+def test_a_dropped_segment_the_segmentation_keeps_is_listed_once(monkeypatch):
+    import napari_sparseseg.core.suggest as S
+
+    shape = (40, 60)
+    seg = np.zeros(shape, np.int64)
+    seg[5:15, 5:15], seg[20:30, 30:40], seg[5:15, 40:50] = 1, 2, 3  # 2: kept by the rescue
+    u = np.full(shape, 0.1, np.float32)
+    u[20:30, 30:40] = 0.9  # the rescued one is also the most uncertain segment
+    pred = type("P", (), {"foreground": np.ones(shape, np.float32)})()
+    monkeypatch.setattr(S, "uncertainty", lambda *a, **k: (u, S.Embedded(pred)))
+    monkeypatch.setattr(S, "cluster", lambda *a, **k: seg)
+    monkeypatch.setattr(S, "resolve_background", lambda config: "foreground")
+    monkeypatch.setattr(S, "dense_reason", lambda *a, **k: "")
+    mask = np.ones((10, 10), bool)
+    dropped = S.Suggestion(7, 0.9, (24.5, 34.5), (20, 30), (30, 40), 100, kind="background", mask=mask)
+    monkeypatch.setattr(S, "missed_objects", lambda *a, **k: [dropped])
+    model = Model(net=None, config={})
+    _, _, got = S.suggest_for_image(model, np.zeros(shape, np.float32), np.zeros(shape, np.int32), n=5)
+    assert [(s.label, s.kind) for s in got] == [(7, "background"), (1, "uncertain"), (3, "uncertain")]

@@ -226,6 +226,9 @@ def suggest_for_image(model: Model, image: np.ndarray, annotation: np.ndarray | 
         by_head = cluster(model, embedded, rescue=0)
         candidates = cluster(model, embedded, method="mws", background="largest")
         missed = missed_objects(image, candidates, by_head, annotation, max(1, int(np.ceil(MISSED_SHARE * n))), u)
+        # a dropped segment the segmentation keeps (core.rescue) is listed once, as "background"
+        kept = {int(v) for m in missed for v in np.unique(seg[m.box][m.mask]) if v}
+        uncertain = [s for s in suggest(u, seg, annotation, n + len(kept)) if s.label not in kept]
     return u, seg, interleave(missed, uncertain, n)
 
 
