@@ -352,12 +352,10 @@ def cluster(model: Model, embedded: Embedded, method: str = "auto", fg_threshold
     pred = embedded.f
     overrides = dict(overrides)
     ratio = overrides.pop("split_ratio", None)
-    factor = overrides.pop("rescue", None)
-    rescue_factor(model.config, factor)  # a bad factor is an error whether or not it would be used
+    factor = rescue_factor(model.config, overrides.pop("rescue", None))  # a bad one is an error even unused
     asked = overrides.get("background") in (None, "auto")
     chosen = resolved_clustering(model, embedded, method, fg_threshold, **overrides)
-    if (method == "auto" and chosen == "multicut" and overrides.get("background") in (None, "auto")
-            and resolve_background(model.config) == "foreground"):
+    if method == "auto" and chosen == "multicut" and asked and resolve_background(model.config) == "foreground":
         overrides = dict(overrides, background=DENSE_BACKGROUND)
     method = chosen
     background, opts = resolve(model.config, method, pred.zoom, pred.z_zoom, **overrides)
@@ -409,12 +407,12 @@ def rescue_factor(config: dict[str, Any], factor: float | None = None) -> float:
     return float(factor)
 
 
-def _rescue(model: Model, pred: Prediction, seg: np.ndarray, factor: float | None, mask: np.ndarray | None,
+def _rescue(model: Model, pred: Prediction, seg: np.ndarray, factor: float, mask: np.ndarray | None,
             overrides: dict[str, Any]) -> np.ndarray:
     """``seg`` (the model's scale) with the objects the foreground head dropped added (:func:`.rescue.rescue`):
     segments of a mutex watershed without the head (largest segment as background, within the user's
-    ``mask``) of the painted size that stand out like no painted object."""
-    factor = rescue_factor(model.config, factor)
+    ``mask``) of the painted size that stand out ``factor`` (:func:`rescue_factor`) times as much as
+    the painted objects."""
     median = model.config.get("object_area_median") or 0
     if factor <= 0 or median <= 0 or pred.image is None:
         return seg

@@ -40,7 +40,7 @@ from .errors import SparseSegError
 from .io import to_channels_first
 from .prediction import predict_scaled, to_image_shape
 from .rescue import dropped_objects, painted_contrast
-from .segment import Embedded, cluster, dense_reason, resolve_background
+from .segment import Embedded, cluster, dense_reason, rescue_factor, resolve_background
 
 #: a segment counts as annotated when this fraction of it is painted already
 ANNOTATED_FRACTION = 0.2
@@ -133,6 +133,11 @@ def _overlap(a: Suggestion, b: Suggestion) -> bool:
     return all(s0 < t1 and t0 < s1 for s0, s1, t0, t1 in zip(a.start, a.stop, b.start, b.stop))
 
 
+def _check_annotation(annotation: np.ndarray | None, shape: tuple[int, ...]) -> None:
+    if annotation is not None and np.shape(annotation) != shape:
+        raise SparseSegError(f"annotation: shape {np.shape(annotation)} does not match the image's {shape}")
+
+
 def suggest(uncertainty_map: np.ndarray, segmentation: np.ndarray, annotation: np.ndarray | None = None,
             n: int = 5) -> list[Suggestion]:
     """The ``n`` predicted segments with the highest mean uncertainty times typicality (see the
@@ -143,8 +148,7 @@ def suggest(uncertainty_map: np.ndarray, segmentation: np.ndarray, annotation: n
     u, seg = np.asarray(uncertainty_map, np.float32), np.asarray(segmentation)
     if u.shape != seg.shape:
         raise SparseSegError(f"uncertainty: shape {u.shape} does not match the segmentation's {seg.shape}")
-    if annotation is not None and np.shape(annotation) != seg.shape:
-        raise SparseSegError(f"annotation: shape {np.shape(annotation)} does not match the image's {seg.shape}")
+    _check_annotation(annotation, seg.shape)
     ids = np.unique(seg)
     ids = ids[ids > 0]
     if ids.size == 0:
@@ -219,16 +223,17 @@ def suggest_for_image(model: Model, image: np.ndarray, annotation: np.ndarray | 
     (:mod:`.rescue`), but the head still calls them background, and one painted teaches it most."""
     u, embedded = uncertainty(model, image, device=device, name=name, diameter=diameter)
     seg = cluster(model, embedded, **cluster_options)
-    uncertain = suggest(u, seg, annotation, n)  # checks the annotation's shape
+    _check_annotation(annotation, seg.shape)
     missed: list[Suggestion] = []
     if (annotation is not None and not cluster_options and embedded.f.foreground is not None
             and resolve_background(model.config) == "foreground" and not dense_reason(model, embedded)):
-        by_head = cluster(model, embedded, rescue=0)
+        # the head's own decision: the segmentation itself unless it kept dropped segments (core.rescue)
+        by_head = cluster(model, embedded, rescue=0) if rescue_factor(model.config) else seg
         candidates = cluster(model, embedded, method="mws", background="largest")
         missed = missed_objects(image, candidates, by_head, annotation, max(1, int(np.ceil(MISSED_SHARE * n))), u)
-        # a dropped segment the segmentation keeps (core.rescue) is listed once, as "background"
-        kept = {int(v) for m in missed for v in np.unique(seg[m.box][m.mask]) if v}
-        uncertain = [s for s in suggest(u, seg, annotation, n + len(kept)) if s.label not in kept]
+    # a dropped segment the segmentation keeps is listed once, as "background"
+    kept = {int(v) for m in missed for v in np.unique(seg[m.box][m.mask]) if v}
+    uncertain = [s for s in suggest(u, seg, annotation, n + len(kept)) if s.label not in kept]
     return u, seg, interleave(missed, uncertain, n)
 
 
