@@ -6,7 +6,8 @@ predictions are computed once, then clustered with every setting of a grid.
 Every option of ``napari_sparseseg.core.segment.cluster`` can be swept (method, bias, affinity_mix,
 fg_threshold, background, min_size, agreement, rescue), and the module constants ``FOREGROUND_FRACTION``,
 ``PREMASK_FRACTION``, ``MIN_SIZE_FRACTION`` and ``BIAS`` (upper case; a per-method table takes the
-value everywhere). Prints, per setting, each dataset's primary metric (mean over the run's seeds)
+value everywhere), and any other module's constant as ``module.NAME`` (e.g.
+``agglomeration.SUPERPIXEL_THRESHOLD``, ``rescue.RING_WIDTH``). Prints, per setting, each dataset's primary metric (mean over the run's seeds)
 and the mean rank across datasets, so a default is chosen on the whole suite, never on one dataset.
 
 Some keys change the predictions themselves, and each of their values predicts every image
@@ -19,6 +20,7 @@ estimated).
 from __future__ import annotations
 
 import argparse
+import importlib
 import itertools
 import json
 import sys
@@ -89,6 +91,29 @@ def predicting(keys: tuple):
             setattr(scale_mod, k, v)
 
 
+@contextmanager
+def constants(setting: dict):
+    """Within this block the module constants of ``setting`` are set: ``NAME`` of
+    :mod:`.core.segment` (a per-method table, e.g. ``BIAS``, takes the value everywhere) or
+    ``module.NAME`` of any module of ``napari_sparseseg.core``."""
+    targets = []
+    for k, v in setting.items():
+        if "." in k:
+            mod, name = k.rsplit(".", 1)
+            targets.append((importlib.import_module(f"napari_sparseseg.core.{mod}"), name, v))
+        elif k.isupper() and hasattr(seg_mod, k):
+            targets.append((seg_mod, k, v))
+    saved = [(m, n, getattr(m, n)) for m, n, _ in targets]
+    try:
+        for m, n, v in targets:
+            old = getattr(m, n)
+            setattr(m, n, _fill(old, v) if isinstance(old, dict) else type(old)(v) if isinstance(old, (int, float, str)) else v)
+        yield
+    finally:
+        for m, n, old in saved:
+            setattr(m, n, old)
+
+
 def measure_annotation(model, run: Path, root: Path) -> None:
     """Give a model trained before ``annotation.object_contrast`` existed (:mod:`.core.rescue`) the
     figure of its run's own sparse labels, measured at the images' resolution (the contrast is a
@@ -140,18 +165,9 @@ def main() -> None:
                                 for n in names]
         for i, setting in enumerate(grid):
             cache = caches[prediction_keys(setting)]
-            consts = {k: v for k, v in setting.items() if k.isupper() and hasattr(seg_mod, k)}
-            saved = {k: getattr(seg_mod, k) for k in consts}
-            for k, v in consts.items():
-                # a per-method table (FOREGROUND_FRACTION; BIAS per method and clustering) takes the
-                # value everywhere
-                setattr(seg_mod, k, _fill(saved[k], v))
-            try:
-                opts = {k: v for k, v in setting.items() if k.islower() and k != "zoom_factor"}
+            with constants(setting):
+                opts = {k: v for k, v in setting.items() if k.islower() and k != "zoom_factor" and "." not in k}
                 vals = [score(seg_mod.cluster(model, e, **opts), gt)[key] for e, gt in cache]
-            finally:
-                for k, v in saved.items():
-                    setattr(seg_mod, k, v)
             table.setdefault(name, {}).setdefault(i, []).append(float(np.mean(vals)))
         print(f"  {run.name}: " + " ".join(f"{table[name][i][-1]:.3f}" for i in range(len(grid))), flush=True)
     # mean over seeds, then rank per dataset (1 = best)
