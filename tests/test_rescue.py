@@ -111,14 +111,98 @@ def test_a_negative_factor_is_an_error_naming_it():
         cluster(model, embedded, background="largest", rescue=-2)  # also where it would not be used
 
 
-def test_cli_refuses_rescue_for_blockwise_segmentation(tmp_path, capsys):
+BIG = (96, 128)
+# a grid of blobs of radius 6: (row, column) -> (intensity, foreground logit); the rest are painted-like
+# (0.3, +6). Bright ones the head drops stand 3.3x out, faint ones as little as the painted ones; two
+# bright ones cross block borders of the (48, 64) grid (y = 48, x = 64)
+BIG_DROPPED = {(0, 2): (1.0, -6.0), (1, 2): (1.0, -6.0), (1, 4): (1.0, -6.0), (2, 0): (0.3, -6.0), (0, 4): (0.3, -6.0)}
+
+
+def big_scene():
+    yy, xx = np.mgrid[: BIG[0], : BIG[1]]
+    lab = np.zeros(BIG, np.int64)
+    img = np.zeros(BIG, np.float32)
+    logit = np.full(BIG, -6.0, np.float32)
+    bright, faint = [], []
+    for r, cy in enumerate((16, 48, 80)):
+        for c, cx in enumerate((16, 40, 64, 88, 112)):
+            i = r * 5 + c + 1
+            value, fg = BIG_DROPPED.get((r, c), (0.3, 6.0))
+            disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= 36
+            lab[disk], img[disk], logit[disk] = i, value, fg
+            if fg < 0:
+                (bright if value > 0.5 else faint).append(i)
+    return img, lab, logit, bright, faint
+
+
+class BlobPredictor:
+    """A 2D predictor that returns precomputed outputs (embeddings constant per blob, foreground
+    logit) of the whole image, sliced by the block's position."""
+
+    config = {"out_channels": 4, "foreground": True, "affinities": 0, "coord_scale": 0.0, "ndim": 2}
+
+    def __init__(self, outputs):
+        self.outputs = str(outputs)
+
+    def __call__(self, x, offset, full_shape):
+        region = tuple(slice(o, o + s) for o, s in zip(offset, x.shape[1:]))
+        return np.array(np.load(self.outputs, mmap_mode="r")[(slice(None),) + region])
+
+
+@pytest.fixture
+def big_model(tmp_path):
+    """(folder, image path, labels, bright, faint, whole-image segmentation)."""
+    zarr = pytest.importorskip("zarr")
+    img, lab, logit, bright, faint = big_scene()
+    table = np.random.default_rng(0).normal(0, 4.0, (lab.max() + 1, 4)).astype(np.float32)
+    emb = np.moveaxis(table[lab], -1, 0)
+    np.save(tmp_path / "outputs.npy", np.concatenate([emb, logit[None]]))
+    config = {"format": FORMAT, "version": 1, "method": "spoco", "offsets": default_offsets(2),
+              "loss": {"delta_var": 0.5, "delta_dist": 2.0}, "foreground": {"c": 1.0},
+              "object_area_median": float(np.sum(lab == 1)), "normalization": {"low": 1.0, "high": 99.8},
+              "scale": {"zoom": 1.0}, "network": {**BlobPredictor.config, "in_channels": 1},
+              "annotation": {"ring_contrast": 0.95, "interior_share": 0.1, "object_contrast": 0.3}}
     (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "config.json").write_text(json.dumps({"format": FORMAT}))
-    np.save(tmp_path / "img.npy", np.zeros((4, 16, 16), np.float32))
-    rc = main(["segment", "--model", str(tmp_path / "model"), "--images", str(tmp_path / "img.npy"),
-               "--out", str(tmp_path / "out"), "--block-shape", "4", "16", "16", "--rescue", "2"])
-    assert rc != 0
-    assert "--rescue 2: blockwise segmentation" in capsys.readouterr().err
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    z = zarr.create_array(str(tmp_path / "img.zarr"), shape=BIG, chunks=(48, 64), dtype=np.float32)
+    z[:] = img
+    whole = cluster(Model(net=None, config=config),
+                    Embedded(Prediction(emb, 1 / (1 + np.exp(-logit)), 1.0, BIG, None, image=img[None])), "mws")
+    return tmp_path, lab, bright, faint, whole
+
+
+def test_blockwise_keeps_dropped_objects_as_the_whole_image_does(big_model):
+    from skimage.metrics import adapted_rand_error
+    import zarr
+
+    from napari_sparseseg.core.blockwise import segment_blockwise
+
+    root, lab, bright, faint, whole = big_model
+    assert set(bright) <= set(kept(whole, lab)) and not set(faint) & set(kept(whole, lab))
+    kw = dict(method="mws", block_shape=(48, 64), predictor=BlobPredictor(root / "outputs.npy"))
+    res = segment_blockwise(root / "model", root / "img.zarr", root / "seg.zarr", **kw)
+    seg = zarr.open_array(str(root / "seg.zarr"))[:]
+    assert res.blocks == 4
+    assert kept(seg, lab) == kept(whole, lab)
+    for i in bright:  # whole, one id each, also across block borders
+        ids = np.unique(seg[lab == i])
+        assert ids.size == 1 and ids[0] > 0, f"blob {i}: ids {ids}"
+    assert adapted_rand_error(whole, seg)[0] <= 0.02
+    # off on request, and with the head alone
+    for extra in ({"rescue": 0}, {"background": "foreground"}):
+        segment_blockwise(root / "model", root / "img.zarr", root / f"off{len(extra)}{list(extra)[0]}.zarr", **kw, **extra)
+        off = zarr.open_array(str(root / f"off{len(extra)}{list(extra)[0]}.zarr"))[:]
+        assert not set(bright) & set(kept(off, lab)), extra
+
+
+def test_blockwise_rescue_errors_name_the_factor(big_model):
+    from napari_sparseseg.core.blockwise import segment_blockwise
+
+    root = big_model[0]
+    with pytest.raises(SparseSegError, match=r"rescue -1: expected 0 \(off\) or a factor"):
+        segment_blockwise(root / "model", root / "img.zarr", root / "seg.zarr", method="mws", block_shape=(48, 64),
+                          predictor=BlobPredictor(root / "outputs.npy"), rescue=-1)
+    assert not (root / "seg.zarr").exists()
 
 
 def test_on_by_default_in_2d_only_and_on_request_in_3d():

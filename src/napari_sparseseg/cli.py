@@ -181,9 +181,6 @@ def cmd_segment_blockwise(args, files: list[Path]) -> int:
 
     from .core.blockwise import default_work, segment_blockwise
 
-    if args.rescue:
-        raise SparseSegError(f"--rescue {args.rescue:g}: blockwise segmentation (zarr input, --block-shape or "
-                             "--scheduler) does not look for dropped objects yet; leave --rescue out")
     workers = (os.cpu_count() or 1) if args.workers is None else args.workers
     if workers < 0:
         raise SparseSegError(f"--workers {workers}: expected 0 (this process) or a positive number of processes")
@@ -205,7 +202,7 @@ def cmd_segment_blockwise(args, files: list[Path]) -> int:
                 diameter=args.diameter,
                 voxel_size=args.voxel_size, progress=progress, fg_threshold=args.fg_threshold, bias=args.bias, min_size=args.min_size,
                 max_size=args.max_size, background=args.background, agreement=args.agreement,
-                affinity_source=args.affinities, split_ratio=args.split_ratio)
+                affinity_source=args.affinities, split_ratio=args.split_ratio, rescue=args.rescue)
         except KeyboardInterrupt:
             print(f"interrupted (Ctrl-C); finished blocks are kept in {default_work(dst)}: run the same command "
                   "again to resume", file=sys.stderr)
@@ -432,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "again, where either affinity map sees a border (default: " + ", ".join(
                             f"{m.upper()} {r:.2f}" for m, r in SPLIT_RATIO.items()) + "; 0: off)")
     g.add_argument("--rescue", type=float, default=None, metavar="FACTOR",
-                   help="whole images, background decided by the foreground head: keep the segments it drops that "
+                   help="background decided by the foreground head: keep the segments it drops that "
                         "stand out from their surroundings at least FACTOR times as much as the painted objects "
                         f"(objects much brighter or darker than any painted one; default {RESCUE_CONTRAST:g} for 2D "
                         "models, off for 3D ones; 0: off)")

@@ -259,8 +259,7 @@ class SegmentPanel(QWidget):
             L.notify_error(str(err))
             return
         out = stack_job.new_output(image.name)
-        # blockwise segmentation does not look for dropped objects (core.rescue) yet
-        overrides = {k: v for k, v in self._overrides().items() if v is not None and k != "rescue"}
+        overrides = {k: v for k, v in self._overrides().items() if v is not None}
         self.worker = create_worker(stack_job.events, folder, path, out, self.method.value,
                                     voxel_size=L.voxel_size(image), diameter=self.diameter_value, **overrides)
         self.worker.yielded.connect(lambda p: setattr(self.status, "value", f"Whole stack: {p[0]} {p[1]}/{p[2]} blocks"))

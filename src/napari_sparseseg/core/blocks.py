@@ -9,7 +9,8 @@ exists returns at once, so a stopped run started again skips it. Steps:
    float16 channels in ``prediction.zarr`` (coordinate channels stored without their coordinates,
    which are added back exactly when read: float16 could not hold large coordinates).
 2. ``cluster``: prediction block + a halo as long as the longest offset -> the clustering the
-   whole-image path runs (:func:`.segment.cluster`) -> local ids in ``fragments.zarr``, sizes and
+   whole-image path runs (:func:`.segment.cluster`; the objects the foreground head dropped are
+   looked for in the image block, :mod:`.rescue`) -> local ids in ``fragments.zarr``, sizes and
    the ids on the faces shared with neighbouring blocks in ``blocks/<id>.npz``.
 3. ``stitch`` (in the caller): fragments of neighbouring blocks that overlap on their shared faces
    are merged by a multicut (elf), then size limits apply to whole objects -> ``lookup.npy``.
@@ -227,6 +228,10 @@ class Job:
     min_size: int = 0
     max_size: int | None = None
     z_zoom: float = 1.0
+    #: > 0: keep the objects the foreground head dropped (:mod:`.rescue`; the factor), measured
+    #: against the stack's normalised spread ``rescue_spread`` (per channel)
+    rescue: float = 0.0
+    rescue_spread: list | None = None
 
     @property
     def ndim(self) -> int:
@@ -320,8 +325,15 @@ def cluster_block(job: Job, i: int) -> dict:
     inner = block_region(i, full, job.block)
     outer = grow(inner, job.cluster_halo, full)
     pred = read_prediction(job, outer)
+    overrides = dict(job.overrides, rescue=0.0)
+    if job.rescue > 0:
+        # the block with its halo as the network saw it, and "auto" (the head) as the rule under
+        # which the whole-image path keeps dropped objects
+        pred.image = io.normalize(zoom_read(job.volume, outer, job.zoom, job.z_zoom), bounds=np.asarray(job.bounds))
+        pred.image_spread = np.asarray(job.rescue_spread, np.float64)
+        overrides.update(background="auto", rescue=job.rescue)
     seg = cluster(Model(net=None, config=job.config), Embedded(pred), job.method, fg_threshold=job.fg_threshold,
-                  **job.overrides)
+                  **overrides)
     inside = local(inner, outer)
     # ids present inside the block first (1..n): those are the block's fragments; ids met only in
     # the halo follow (n+1..) and take part in no merge

@@ -121,6 +121,9 @@ class Prediction:
     #: the normalised image (C, *S') the network saw, or None (:func:`.segment.cluster` reads it to
     #: find the objects the foreground head dropped, :mod:`.rescue`)
     image: np.ndarray | None = None
+    #: the 1-99 % spread of each channel of the whole image, when ``image`` is only a part of it (a
+    #: block of a stack, :mod:`.blocks`); None: ``image``'s own (:func:`.rescue.image_spread`)
+    image_spread: np.ndarray | None = None
 
 
 def resolve_zoom(model: Model, x: np.ndarray, diameter: float | None = None, device="cpu") -> float:

@@ -97,11 +97,13 @@ def painted_contrast(images: list[np.ndarray], labels: list[np.ndarray]) -> floa
 
 
 def dropped_objects(img: np.ndarray, candidates: np.ndarray, segmentation: np.ndarray, median_size: float,
-                    needed: float, covered: np.ndarray | None = None) -> tuple[list[int], np.ndarray]:
+                    needed: float, covered: np.ndarray | None = None,
+                    spread: np.ndarray | None = None) -> tuple[list[int], np.ndarray]:
     """The segments of ``candidates`` (a clustering without the foreground head) that stand out at
     least ``needed`` (:func:`ring_contrasts` on ``img`` (C, *S)), most contrasted first, with their
     contrasts: of the painted size (within :data:`SIZE_FACTOR` of ``median_size``) and left as
-    background by ``segmentation`` (less than :data:`DROPPED_SHARE` of them in it, or in ``covered``)."""
+    background by ``segmentation`` (less than :data:`DROPPED_SHARE` of them in it, or in ``covered``).
+    ``spread``: the whole image's (:func:`image_spread`) when ``img`` is a block of it."""
     ids = np.unique(candidates)
     ids = ids[ids > 0]
     if ids.size == 0:
@@ -114,19 +116,21 @@ def dropped_objects(img: np.ndarray, candidates: np.ndarray, segmentation: np.nd
     pick = [i for i, ok, k in zip(index, typical, kept) if ok and k < DROPPED_SHARE]
     if not pick:
         return [], np.zeros(0)
-    contrast = ring_contrasts(img, image_spread(img), candidates, pick, ring_width(median_size, candidates.ndim))
+    spread = image_spread(img) if spread is None else np.asarray(spread, np.float64)
+    contrast = ring_contrasts(img, spread, candidates, pick, ring_width(median_size, candidates.ndim))
     order = [k for k in np.argsort(-contrast, kind="stable") if contrast[k] >= needed]
     return [pick[k] for k in order], contrast[order]
 
 
 def rescue(img: np.ndarray, segmentation: np.ndarray, candidates: np.ndarray, median_size: float,
-           painted: float, factor: float = RESCUE_CONTRAST) -> np.ndarray:
+           painted: float, factor: float = RESCUE_CONTRAST, spread: np.ndarray | None = None) -> np.ndarray:
     """``segmentation`` with the segments of ``candidates`` the foreground head dropped that stand
-    out at least ``factor`` times the ``painted`` contrast (:func:`dropped_objects`) added, each
-    under a new id, on the pixels still background; unchanged when ``factor`` <= 0."""
+    out at least ``factor`` times the ``painted`` contrast (:func:`dropped_objects`; ``spread``: the
+    whole image's when ``img`` is a block of it) added, each under a new id, on the pixels still
+    background; unchanged when ``factor`` <= 0."""
     if factor <= 0 or not painted or painted <= 0:
         return segmentation
-    ids, _ = dropped_objects(img, candidates, segmentation, median_size, factor * painted)
+    ids, _ = dropped_objects(img, candidates, segmentation, median_size, factor * painted, spread=spread)
     if not ids:
         return segmentation
     out = np.array(segmentation, copy=True)

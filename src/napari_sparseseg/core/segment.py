@@ -420,7 +420,8 @@ def _rescue(model: Model, pred: Prediction, seg: np.ndarray, factor: float, mask
     _, opts = resolve(model.config, "mws", pred.zoom, pred.z_zoom, background="largest", **keep)
     opts.update(agreement=None, mask=mask, strides=[CANDIDATE_STRIDE] * seg.ndim)
     candidates = segment_embeddings(pred.embeddings, "mws", background="largest", affinities=pred.affinities, **opts)
-    return rescue(pred.image, seg, candidates, median, model.config["annotation"]["object_contrast"], factor)
+    return rescue(pred.image, seg, candidates, median, model.config["annotation"]["object_contrast"], factor,
+                  spread=pred.image_spread)
 
 
 def segment(model: Model, image: np.ndarray, method: str = "auto", device: str = "auto", name: str = "image",
