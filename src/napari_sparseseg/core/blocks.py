@@ -317,7 +317,7 @@ def cluster_block(job: Job, i: int) -> dict:
     import zarr
 
     from .checkpoint import Model
-    from .segment import Embedded, cluster
+    from .segment import Embedded, cluster, keep_dropped
 
     if (info := _done(job, "cluster", i)) is not None:
         return info
@@ -325,15 +325,14 @@ def cluster_block(job: Job, i: int) -> dict:
     inner = block_region(i, full, job.block)
     outer = grow(inner, job.cluster_halo, full)
     pred = read_prediction(job, outer)
-    overrides = dict(job.overrides, rescue=0.0)
+    model = Model(net=None, config=job.config)
+    seg = cluster(model, Embedded(pred), job.method, fg_threshold=job.fg_threshold, **dict(job.overrides, rescue=0))
     if job.rescue > 0:
-        # the block with its halo as the network saw it, and "auto" (the head) as the rule under
-        # which the whole-image path keeps dropped objects
+        # the objects the head dropped, looked for in the block with its halo as the network saw it;
+        # the block's pieces under the size limit (dropped after stitching) give way, as on the whole image
         pred.image = io.normalize(zoom_read(job.volume, outer, job.zoom, job.z_zoom), bounds=np.asarray(job.bounds))
         pred.image_spread = np.asarray(job.rescue_spread, np.float64)
-        overrides.update(background="auto", rescue=job.rescue)
-    seg = cluster(Model(net=None, config=job.config), Embedded(pred), job.method, fg_threshold=job.fg_threshold,
-                  **overrides)
+        seg = keep_dropped(model, pred, seg, job.rescue, give_way=job.min_size, **job.overrides)
     inside = local(inner, outer)
     # ids present inside the block first (1..n): those are the block's fragments; ids met only in
     # the halo follow (n+1..) and take part in no merge

@@ -123,20 +123,28 @@ def dropped_objects(img: np.ndarray, candidates: np.ndarray, segmentation: np.nd
 
 
 def rescue(img: np.ndarray, segmentation: np.ndarray, candidates: np.ndarray, median_size: float,
-           painted: float, factor: float = RESCUE_CONTRAST, spread: np.ndarray | None = None) -> np.ndarray:
+           painted: float, factor: float = RESCUE_CONTRAST, spread: np.ndarray | None = None,
+           min_size: int = 0) -> np.ndarray:
     """``segmentation`` with the segments of ``candidates`` the foreground head dropped that stand
     out at least ``factor`` times the ``painted`` contrast (:func:`dropped_objects`; ``spread``: the
     whole image's when ``img`` is a block of it) added, each under a new id, on the pixels still
-    background; unchanged when ``factor`` <= 0."""
+    background; unchanged when ``factor`` <= 0. Segments of ``segmentation`` under ``min_size``
+    pixels count as background and give way (a block's clustering keeps pieces that the size limit
+    drops later, :mod:`.blocks`; the whole image's has dropped them already)."""
     if factor <= 0 or not painted or painted <= 0:
         return segmentation
-    ids, _ = dropped_objects(img, candidates, segmentation, median_size, factor * painted, spread=spread)
+    base = segmentation
+    if min_size > 0:
+        small = np.bincount(np.asarray(segmentation).ravel().astype(np.int64)) < min_size
+        small[0] = False
+        base = np.where(small[segmentation], 0, segmentation)
+    ids, _ = dropped_objects(img, candidates, base, median_size, factor * painted, spread=spread)
     if not ids:
         return segmentation
     out = np.array(segmentation, copy=True)
     lookup = np.zeros(int(candidates.max()) + 1, np.int64)
     lookup[ids] = np.arange(len(ids)) + int(out.max()) + 1
     new = lookup[candidates]
-    free = (out == 0) & (new > 0)
+    free = (base == 0) & (new > 0)
     out[free] = new[free].astype(out.dtype, copy=False)
     return out

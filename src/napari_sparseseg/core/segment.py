@@ -388,7 +388,7 @@ def cluster(model: Model, embedded: Embedded, method: str = "auto", fg_threshold
                           **{k: opts[k] for k in ("delta_dist", "affinity_mix", "attractive_mix", "embedding_metric")
                              if k in opts})
     if asked and background == "foreground":
-        seg = _rescue(model, pred, seg, factor, user_mask, overrides)
+        seg = keep_dropped(model, pred, seg, factor, user_mask, **{k: v for k, v in overrides.items() if k != "mask"})
     return resize_labels(seg, pred.shape)
 
 
@@ -407,12 +407,13 @@ def rescue_factor(config: dict[str, Any], factor: float | None = None) -> float:
     return float(factor)
 
 
-def _rescue(model: Model, pred: Prediction, seg: np.ndarray, factor: float, mask: np.ndarray | None,
-            overrides: dict[str, Any]) -> np.ndarray:
+def keep_dropped(model: Model, pred: Prediction, seg: np.ndarray, factor: float, mask: np.ndarray | None = None,
+                 give_way: int = 0, **overrides) -> np.ndarray:
     """``seg`` (the model's scale) with the objects the foreground head dropped added (:func:`.rescue.rescue`):
     segments of a mutex watershed without the head (largest segment as background, within the user's
     ``mask``) of the painted size that stand out ``factor`` (:func:`rescue_factor`) times as much as
-    the painted objects."""
+    the painted objects. Segments of ``seg`` under ``give_way`` pixels count as background (a block
+    clustered without the size limit, :mod:`.blocks`). ``overrides``: those of :func:`cluster`."""
     median = model.config.get("object_area_median") or 0
     if factor <= 0 or median <= 0 or pred.image is None:
         return seg
@@ -421,7 +422,7 @@ def _rescue(model: Model, pred: Prediction, seg: np.ndarray, factor: float, mask
     opts.update(agreement=None, mask=mask, strides=[CANDIDATE_STRIDE] * seg.ndim)
     candidates = segment_embeddings(pred.embeddings, "mws", background="largest", affinities=pred.affinities, **opts)
     return rescue(pred.image, seg, candidates, median, model.config["annotation"]["object_contrast"], factor,
-                  spread=pred.image_spread)
+                  spread=pred.image_spread, min_size=give_way)
 
 
 def segment(model: Model, image: np.ndarray, method: str = "auto", device: str = "auto", name: str = "image",
