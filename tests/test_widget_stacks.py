@@ -37,8 +37,14 @@ def test_3d_stack_trains_previews_a_slab_and_segments(qtbot, make_napari_viewer,
         w.cleanup_model_folder()
 
 
-def test_whole_stack_block_by_block_into_a_lazy_layer(qtbot, make_napari_viewer, tmp_path, errors):
+def test_whole_stack_block_by_block_into_a_lazy_layer(qtbot, make_napari_viewer, tmp_path, errors, monkeypatch):
     import zarr
+
+    from napari_sparseseg._napari import stack_job
+
+    calls = []
+    run_blockwise = stack_job.segment_blockwise
+    monkeypatch.setattr(stack_job, "segment_blockwise", lambda *a, **kw: calls.append(kw) or run_blockwise(*a, **kw))
 
     from napari_sparseseg import TrainConfig, Trainer
     from napari_sparseseg.core.samples import synthetic_cells
@@ -66,10 +72,12 @@ def test_whole_stack_block_by_block_into_a_lazy_layer(qtbot, make_napari_viewer,
     seg.segment_stack()
     assert "block by block, the clustering is one of auto, mws, multicut" in errors[-1]
     seg.method.value = "auto"
+    seg.rescue.value = 3  # "keep dropped objects" reaches the blockwise run (off by default in 3D)
     n_errors = len(errors)
     seg.segment_stack()
     qtbot.waitUntil(lambda: seg.worker is None, timeout=TIMEOUT)
     assert len(errors) == n_errors, errors
+    assert calls and calls[-1]["rescue"] == 3
     out = viewer.layers[f"{stack.name} segmentation (stack)"]
     assert isinstance(out.data, zarr.Array) and out.data.shape == img.shape  # lazy: read as shown
     assert "objects in the whole stack" in seg.status.value
