@@ -12,8 +12,8 @@ from napari_sparseseg.core.checkpoint import FORMAT, Model
 from napari_sparseseg.core.errors import SparseSegError
 from napari_sparseseg.core.offsets import default_offsets
 from napari_sparseseg.core.prediction import Prediction
-from napari_sparseseg.core.rescue import RESCUE_CONTRAST, painted_contrast, rescue, ring_contrasts
-from napari_sparseseg.core.segment import Embedded, cluster, rescue_factor
+from napari_sparseseg.core.rescue import FAINT_CONTRAST, RESCUE_CONTRAST, drop_faint, painted_contrast, rescue, ring_contrasts
+from napari_sparseseg.core.segment import Embedded, cluster, faint_fraction, rescue_factor
 
 SHAPE = (64, 96)
 # centre, radius, intensity, foreground logit of each blob (label i + 1)
@@ -94,6 +94,38 @@ def test_cluster_keeps_what_the_head_drops_only_under_background_auto():
     assert kept(cluster(model, embedded, mask=mask), lab) == [1, 2]
 
 
+def test_drop_faint_removes_segments_fainter_than_a_fraction_of_the_painted_contrast():
+    img, lab, _ = scene()
+    img = img.copy()
+    img[lab == 2] = 0.1  # a third of the painted contrast (0.3)
+
+    def left(out):
+        # the blobs of ``lab`` still there, each one segment of the same pixels, ids consecutive
+        ids = sorted(i for i in range(1, lab.max() + 1) if np.all(out[lab == i] > 0))
+        assert np.array_equal(out > 0, np.isin(lab, ids))
+        assert np.array_equal(np.unique(out), np.arange(len(ids) + 1))
+        assert all(np.unique(out[lab == i]).size == 1 for i in ids)
+        return ids
+
+    for fraction, expected in ((0.5, [1, 3, 4, 5]), (0.3, [1, 2, 3, 4, 5]), (0.0, [1, 2, 3, 4, 5])):
+        assert left(drop_faint(img[None], lab, float(np.sum(lab == 1)), 0.3, fraction)) == expected, fraction
+    # against a given spread (a block of a larger image): twice the spread, half the contrast
+    assert left(drop_faint(img[None], lab, float(np.sum(lab == 1)), 0.3, 0.5, spread=np.array([2.0]))) == [3, 5]
+
+
+def test_cluster_drops_faint_segments_the_head_keeps_only_under_background_auto():
+    model, embedded, lab = model_and_prediction()
+    embedded.f.image[0][lab == 2] = 0.1
+    assert kept(cluster(model, embedded), lab) == [1, 3]
+    assert kept(cluster(model, embedded, min_contrast=0), lab) == [1, 2, 3]
+    assert kept(cluster(model, embedded, min_contrast=0.3), lab) == [1, 2, 3]
+    assert kept(cluster(model, embedded, background="foreground"), lab) == [1, 2]  # the head alone
+    with pytest.raises(SparseSegError, match=r"min contrast -1: expected 0 \(off\) or a fraction"):
+        cluster(model, embedded, min_contrast=-1)
+    assert faint_fraction(model.config) == FAINT_CONTRAST > 0
+    assert faint_fraction({"annotation": {}}) == 0  # models from before the measure
+
+
 def test_models_without_the_annotations_contrast_keep_the_heads_decision():
     model, embedded, lab = model_and_prediction(object_contrast=None)
     assert rescue_factor(model.config) == 0
@@ -115,7 +147,9 @@ BIG = (96, 128)
 # a grid of blobs of radius 6: (row, column) -> (intensity, foreground logit); the rest are painted-like
 # (0.3, +6). Bright ones the head drops stand 3.3x out, faint ones as little as the painted ones; two
 # bright ones cross block borders of the (48, 64) grid (y = 48, x = 64)
-BIG_DROPPED = {(0, 2): (1.0, -6.0), (1, 2): (1.0, -6.0), (1, 4): (1.0, -6.0), (2, 0): (0.3, -6.0), (0, 4): (0.3, -6.0)}
+BIG_DROPPED = {(0, 2): (1.0, -6.0), (1, 2): (1.0, -6.0), (1, 4): (1.0, -6.0), (2, 0): (0.3, -6.0), (0, 4): (0.3, -6.0),
+               (2, 4): (0.1, 6.0)}  # the last: kept by the head, a third of the painted contrast
+BIG_FAINT = 15
 
 
 def big_scene():
@@ -182,6 +216,7 @@ def test_blockwise_keeps_dropped_objects_as_the_whole_image_does(big_model):
 
     root, lab, bright, faint, whole = big_model
     assert set(bright) <= set(kept(whole, lab)) and not set(faint) & set(kept(whole, lab))
+    assert BIG_FAINT not in kept(whole, lab)  # fainter than half the painted contrast
     kw = dict(method="mws", block_shape=(48, 64), predictor=BlobPredictor(root / "outputs.npy"))
     res = segment_blockwise(root / "model", root / "img.zarr", root / "seg.zarr", **kw)
     seg = zarr.open_array(str(root / "seg.zarr"))[:]
@@ -196,6 +231,15 @@ def test_blockwise_keeps_dropped_objects_as_the_whole_image_does(big_model):
         segment_blockwise(root / "model", root / "img.zarr", root / f"off{len(extra)}{list(extra)[0]}.zarr", **kw, **extra)
         off = zarr.open_array(str(root / f"off{len(extra)}{list(extra)[0]}.zarr"))[:]
         assert not set(bright) & set(kept(off, lab)), extra
+
+
+def test_cli_min_contrast_error_names_the_option(big_model, capsys):
+    root = big_model[0]
+    rc = main(["segment", "--model", str(root / "model"), "--images", str(root / "img.zarr"),
+               "--out", str(root / "seg.zarr"), "--min-contrast", "-1"])
+    assert rc != 0
+    assert "min contrast -1: expected 0 (off) or a fraction of the painted objects' contrast" in capsys.readouterr().err
+    assert not (root / "seg.zarr").exists()
 
 
 def test_blockwise_rescue_errors_name_the_factor(big_model):

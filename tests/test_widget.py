@@ -257,7 +257,7 @@ def test_load_bioimageio_package_button_then_segment(qtbot, widget, tmp_path, er
 def test_segment_knobs_show_what_auto_means(qtbot, widget, tmp_path, errors, monkeypatch):
     viewer, w = widget
     seg = w.segment
-    auto_knobs = (seg.min_size, seg.fg_threshold, seg.agreement, seg.split_ratio, seg.rescue)
+    auto_knobs = (seg.min_size, seg.fg_threshold, seg.agreement, seg.split_ratio, seg.rescue, seg.min_contrast)
     # before a model exists: plain "auto" on the sentinel -1 (the spin box's minimum), no numbers
     for knob in auto_knobs:
         assert knob.value == knob.min == -1
@@ -315,12 +315,17 @@ def test_segment_knobs_show_what_auto_means(qtbot, widget, tmp_path, errors, mon
     assert config["annotation"]["object_contrast"] > 0
     assert seg.rescue.native.text() == f"auto ({core_segment.RESCUE_CONTRAST:g}x)"
     assert seg._overrides()["rescue"] is None
+    assert seg.min_contrast.native.text() == f"auto ({core_segment.FAINT_CONTRAST:g}x)"
+    assert seg._overrides()["min_contrast"] is None
     seg.background.value = "foreground"  # the head alone
-    assert seg.rescue.native.text() == "auto (off)"
+    assert seg.rescue.native.text() == "auto (off)" and seg.min_contrast.native.text() == "auto (off)"
     seg.background.value = "auto"
     seg.rescue.value = 0
     assert seg._overrides()["rescue"] == 0
     seg.rescue.value = -1
+    seg.min_contrast.value = 0
+    assert seg._overrides()["min_contrast"] == 0
+    seg.min_contrast.value = -1
     # a number the user sets is shown as such; back at -1 the auto text returns
     seg.min_size.value = 30
     assert seg.min_size.native.text() == "30"

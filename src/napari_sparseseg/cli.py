@@ -19,8 +19,8 @@ from .core import checkpoint, io
 from .core.device import PRECISIONS
 from .core.errors import SparseSegError
 from .core.methods import METHOD_NAMES, describe_default
-from .core.segment import (AFFINITY_SOURCES, AGREEMENT, BIAS, CLUSTERINGS, CRAC_AFFINITY_SOURCE, RESCUE_CONTRAST,
-                           SPLIT_RATIO)
+from .core.segment import (AFFINITY_SOURCES, AGREEMENT, BIAS, CLUSTERINGS, CRAC_AFFINITY_SOURCE, FAINT_CONTRAST,
+                           RESCUE_CONTRAST, SPLIT_RATIO)
 from .core.training import FINE_TUNE_LR, FOREGROUND_HOLDOUT, OBJECT_GAIN, OBJECT_GAIN_ON, default_lr_text
 from .core.real_samples import REAL_SAMPLES
 from .core.transfer import MIN_RECOVERY
@@ -202,7 +202,8 @@ def cmd_segment_blockwise(args, files: list[Path]) -> int:
                 diameter=args.diameter,
                 voxel_size=args.voxel_size, progress=progress, fg_threshold=args.fg_threshold, bias=args.bias, min_size=args.min_size,
                 max_size=args.max_size, background=args.background, agreement=args.agreement,
-                affinity_source=args.affinities, split_ratio=args.split_ratio, rescue=args.rescue)
+                affinity_source=args.affinities, split_ratio=args.split_ratio, rescue=args.rescue,
+                min_contrast=args.min_contrast)
         except KeyboardInterrupt:
             print(f"interrupted (Ctrl-C); finished blocks are kept in {default_work(dst)}: run the same command "
                   "again to resume", file=sys.stderr)
@@ -230,7 +231,7 @@ def cmd_segment(args) -> int:
     out = Path(args.out)
     overrides = dict(bias=args.bias, min_size=args.min_size, max_size=args.max_size, background=args.background,
                      agreement=args.agreement, fg_threshold=args.fg_threshold, affinity_source=args.affinities,
-                     split_ratio=args.split_ratio, rescue=args.rescue)
+                     split_ratio=args.split_ratio, rescue=args.rescue, min_contrast=args.min_contrast)
     need_g = needs_g(args.clustering, model.config, **overrides)
     for path in files:
         t0 = time.perf_counter()
@@ -433,6 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "stand out from their surroundings at least FACTOR times as much as the painted objects "
                         f"(objects much brighter or darker than any painted one; default {RESCUE_CONTRAST:g} for 2D "
                         "models, off for 3D ones; 0: off)")
+    g.add_argument("--min-contrast", type=float, default=None, metavar="FRACTION",
+                   help="background decided by the foreground head: drop the segments it keeps that stand out from "
+                        "their surroundings less than FRACTION of the painted objects' contrast (background texture, "
+                        f"pieces of an object; default {FAINT_CONTRAST:g}; 0: off)")
     g.add_argument("--diameter", type=float, default=None, metavar="PIXELS",
                    help="typical object diameter in these images, in pixels (default: the model's, or estimated "
                         "per image for a model trained on objects of mixed sizes)")

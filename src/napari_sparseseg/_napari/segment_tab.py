@@ -18,7 +18,7 @@ from ..core.prediction import to_image_shape
 from ..core.scale import diameter_note
 from ..core.segment import (
     AFFINITY_SOURCES, AGREEMENT, BACKGROUNDS, CLUSTERINGS, CRAC_AFFINITY_SOURCE, DENSE_BACKGROUND, default_bias,
-    default_min_size, foreground_threshold, needs_g, rescue_factor, split_ratio,
+    default_min_size, faint_fraction, foreground_threshold, needs_g, rescue_factor, split_ratio,
     PredictionCache, dense_reason, resolve, resolved_clustering,
 )
 from . import layers as L
@@ -71,6 +71,11 @@ class SegmentPanel(QWidget):
                                            "stand out from their surroundings at least this many times as much as "
                                            "the painted objects (objects much brighter or darker than any painted "
                                            "one); 0: off; -1: auto")
+        self.min_contrast = FloatSpinBox(value=-1.0, min=-1.0, max=10.0, step=0.05,
+                                         tooltip="background 'auto' by the foreground head: drop the segments it keeps "
+                                                 "that stand out from their surroundings less than this fraction of "
+                                                 "the painted objects' contrast (background texture, pieces of an "
+                                                 "object); 0: off; -1: auto")
         self.pca = CheckBox(value=False, text="show embeddings (PCA as RGB)")
         self.run_btn = PushButton(text="Segment")
         self.stack_btn = PushButton(text="Segment whole stack (block by block)",
@@ -88,13 +93,14 @@ class SegmentPanel(QWidget):
                             ("background", self.background), ("fg threshold", self.fg_threshold),
                             ("agreement", self.agreement), ("affinities (CRAC)", self.affinities),
                              ("split large (CRAC)", self.split_ratio), ("keep dropped objects", self.rescue),
+                             ("drop faint segments", self.min_contrast),
                              (None, self.pca), (None, self.run_btn),
                             (None, self.stack_btn), (None, self.status)))
         lay.addStretch()
         self.run_btn.changed.connect(self.run)
         self.stack_btn.changed.connect(self.segment_stack)
         for knob in (self.bias, self.min_size, self.max_size, self.background, self.fg_threshold, self.agreement,
-                     self.method, self.affinities, self.split_ratio, self.rescue):
+                     self.method, self.affinities, self.split_ratio, self.rescue, self.min_contrast):
             knob.changed.connect(self.recluster)
         self.diameter.changed.connect(self._diameter_changed)
         self.region.changed.connect(self._diameter_changed)  # another region: predict again
@@ -112,7 +118,7 @@ class SegmentPanel(QWidget):
         """What "auto" means for min size, fg threshold and agreement with the current model, method
         and background choice, as the engine resolves it (core.segment); plain "auto" without a model."""
         texts = {"min_size": "auto", "fg_threshold": "auto", "agreement": "auto", "bias": "auto", "split_ratio": "auto",
-                 "rescue": "auto"}
+                 "rescue": "auto", "min_contrast": "auto"}
         model = self.session.model
         if model is None:
             return texts
@@ -129,8 +135,11 @@ class SegmentPanel(QWidget):
         methods = GRAPH_METHODS if self.method.value == "auto" else (self.method.value,)
         ratio = max(split_ratio(model.config, m) for m in methods)
         texts["split_ratio"] = f"auto ({ratio:.2f}, mws)" if ratio else "auto (off)"
-        factor = rescue_factor(model.config) if self.background.value == "auto" and background == "foreground" else 0
+        by_head = self.background.value == "auto" and background == "foreground"
+        factor = rescue_factor(model.config) if by_head else 0
         texts["rescue"] = f"auto ({factor:g}x)" if factor else "auto (off)"
+        faint = faint_fraction(model.config) if by_head else 0
+        texts["min_contrast"] = f"auto ({faint:g}x)" if faint else "auto (off)"
         return texts
 
     def bias_text(self, config: dict) -> str:
@@ -156,7 +165,8 @@ class SegmentPanel(QWidget):
                     else None,
                     affinity_source=None if self.affinities.value == "auto" else self.affinities.value,
                     split_ratio=None if self.split_ratio.value < 0 else float(self.split_ratio.value),
-                    rescue=None if self.rescue.value < 0 else float(self.rescue.value))
+                    rescue=None if self.rescue.value < 0 else float(self.rescue.value),
+                    min_contrast=None if self.min_contrast.value < 0 else float(self.min_contrast.value))
 
     def _key(self, image, region=None):
         m = self.session.model

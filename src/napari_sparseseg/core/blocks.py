@@ -228,9 +228,11 @@ class Job:
     min_size: int = 0
     max_size: int | None = None
     z_zoom: float = 1.0
-    #: > 0: keep the objects the foreground head dropped (:mod:`.rescue`; the factor), measured
-    #: against the stack's normalised spread ``rescue_spread`` (per channel)
+    #: > 0: keep the objects the foreground head dropped (:mod:`.rescue`; the factor) / drop the
+    #: segments fainter than this fraction of the painted contrast (:func:`.rescue.drop_faint`),
+    #: measured against the stack's normalised spread ``rescue_spread`` (per channel)
     rescue: float = 0.0
+    faint: float = 0.0
     rescue_spread: list | None = None
 
     @property
@@ -317,7 +319,7 @@ def cluster_block(job: Job, i: int) -> dict:
     import zarr
 
     from .checkpoint import Model
-    from .segment import Embedded, cluster, keep_dropped
+    from .segment import Embedded, cluster, drop_faint_segments, keep_dropped
 
     if (info := _done(job, "cluster", i)) is not None:
         return info
@@ -327,12 +329,13 @@ def cluster_block(job: Job, i: int) -> dict:
     pred = read_prediction(job, outer)
     model = Model(net=None, config=job.config)
     seg = cluster(model, Embedded(pred), job.method, fg_threshold=job.fg_threshold, **dict(job.overrides, rescue=0))
-    if job.rescue > 0:
+    if job.rescue > 0 or job.faint > 0:
         # the objects the head dropped, looked for in the block with its halo as the network saw it;
         # the block's pieces under the size limit (dropped after stitching) give way, as on the whole image
         pred.image = io.normalize(zoom_read(job.volume, outer, job.zoom, job.z_zoom), bounds=np.asarray(job.bounds))
         pred.image_spread = np.asarray(job.rescue_spread, np.float64)
         seg = keep_dropped(model, pred, seg, job.rescue, give_way=job.min_size, **job.overrides)
+        seg = drop_faint_segments(model, pred, seg, job.faint)
     inside = local(inner, outer)
     # ids present inside the block first (1..n): those are the block's fragments; ids met only in
     # the halo follow (n+1..) and take part in no merge

@@ -150,15 +150,17 @@ def segment_blockwise(
     of a LocalCluster (0: this process); ``scheduler``: address of a running dask scheduler instead.
     ``method``: one of :data:`BLOCKWISE_METHODS`. ``predictor``: replaces the model's network (any
     :class:`.blocks.Predictor`). ``overrides``: bias, min_size, max_size (image pixels), background
-    ("auto", "foreground", "none"), affinity_source, rescue, as for :func:`.segment.cluster` (the
-    rescue looks at each block with its halo, against the stack's intensity spread). ``voxel_size``
+    ("auto", "foreground", "none"), affinity_source, rescue, min_contrast, as for
+    :func:`.segment.cluster` (both look at each block with its halo, against the stack's intensity
+    spread). ``voxel_size``
     (z, y, x): the stack's (default: what the file states, else the model's training voxel size).
     ``progress(step, done, total)`` is called after each block of each step.
     """
     import zarr
 
     from .checkpoint import read_config
-    from .segment import DENSE_BACKGROUND, foreground_threshold, is_dense, rescue_factor, resolve, resolve_background
+    from .segment import (DENSE_BACKGROUND, faint_fraction, foreground_threshold, is_dense, rescue_factor, resolve,
+                          resolve_background)
 
     if int(zarr.__version__.split(".")[0]) < 3:
         raise SparseSegError(f"blockwise segmentation needs zarr >= 3 (installed: {zarr.__version__}); "
@@ -179,8 +181,9 @@ def segment_blockwise(
         raise SparseSegError("agreement filtering is not available blockwise (it needs the EMA network's "
                              "prediction of every block as well); leave --agreement unset")
     user_min, user_max = overrides.pop("min_size", None), overrides.pop("max_size", None)
-    user_rescue = overrides.pop("rescue", None)
+    user_rescue, user_faint = overrides.pop("rescue", None), overrides.pop("min_contrast", None)
     factor = rescue_factor(config, user_rescue)  # a bad one is an error even where it would not be used
+    faint = faint_fraction(config, user_faint)
     volume = B.open_volume(image, ndim, channels, level)
     block = B.check_block_shape(block_shape or BLOCK[ndim], ndim, f"{image}: block shape")
     for existing in (out, out / "0"):  # a plain array, or an OME-Zarr labels image's level 0
@@ -197,7 +200,7 @@ def segment_blockwise(
                 "block": list(block), "method": method, "background": background, "diameter": diameter,
                 "voxel_size": None if voxel_size is None else [float(v) for v in voxel_size],
                 "fg_threshold": fg_threshold, "overrides": overrides, "min_size": user_min, "max_size": user_max,
-                "rescue": user_rescue, "out": str(out.resolve())}
+                "rescue": user_rescue, "min_contrast": user_faint, "out": str(out.resolve())}
     settings = _fingerprint(model, settings)
     record = work / "job.json"
     if record.exists():
@@ -245,9 +248,11 @@ def segment_blockwise(
             else:
                 method = "mws"
         job.method = method
-        if factor > 0 and method == "mws" and background == "foreground" and background_arg in (None, "auto"):
-            # as the whole-image path: objects the head dropped, when "auto" let the head decide
-            job.rescue, job.rescue_spread = factor, _normalized_spread(volume, bounds)
+        by_head = method == "mws" and background == "foreground" and background_arg in (None, "auto")
+        if by_head and (factor > 0 or faint > 0):
+            # as the whole-image path: objects the head dropped, and faint ones it kept, when "auto"
+            # let the head decide
+            job.rescue, job.faint, job.rescue_spread = factor, faint, _normalized_spread(volume, bounds)
         t = time.perf_counter()
         counts = [s["fragments"] for s in execute(partial(B.cluster_block, job), ids, client, "cluster", progress)]
         seconds["cluster"] = time.perf_counter() - t

@@ -19,7 +19,7 @@ from .checkpoint import Model
 from .clustering import GRAPH_METHODS, METHODS, default_offsets, segment_embeddings
 from .errors import SparseSegError
 from .prediction import Prediction, predict_scaled
-from .rescue import CANDIDATE_STRIDE, DEFAULT_NDIMS, RESCUE_CONTRAST, rescue
+from .rescue import CANDIDATE_STRIDE, DEFAULT_NDIMS, FAINT_CONTRAST, RESCUE_CONTRAST, drop_faint, rescue
 from .resplit import split_area, split_large
 
 #: segments smaller than this fraction of the median annotated object are fragments: dropped
@@ -348,11 +348,15 @@ def cluster(model: Model, embedded: Embedded, method: str = "auto", fg_threshold
     "auto" deciding by the foreground head, segments the head dropped that stand out from their
     surroundings at least this many times as much as the painted objects are kept (:mod:`.rescue`;
     default :data:`.rescue.RESCUE_CONTRAST`, 0 off; needs the image in ``embedded``).
+    ``min_contrast`` (override): in the same case, segments the head kept that stand out less than
+    this fraction of the painted objects' contrast become background (:func:`faint_fraction`;
+    default :data:`.rescue.FAINT_CONTRAST`, 0 off).
     """
     pred = embedded.f
     overrides = dict(overrides)
     ratio = overrides.pop("split_ratio", None)
     factor = rescue_factor(model.config, overrides.pop("rescue", None))  # a bad one is an error even unused
+    faint = faint_fraction(model.config, overrides.pop("min_contrast", None))
     asked = overrides.get("background") in (None, "auto")
     chosen = resolved_clustering(model, embedded, method, fg_threshold, **overrides)
     if method == "auto" and chosen == "multicut" and asked and resolve_background(model.config) == "foreground":
@@ -389,6 +393,7 @@ def cluster(model: Model, embedded: Embedded, method: str = "auto", fg_threshold
                              if k in opts})
     if asked and background == "foreground":
         seg = keep_dropped(model, pred, seg, factor, user_mask, **{k: v for k, v in overrides.items() if k != "mask"})
+        seg = drop_faint_segments(model, pred, seg, faint)
     return resize_labels(seg, pred.shape)
 
 
@@ -405,6 +410,27 @@ def rescue_factor(config: dict[str, Any], factor: float | None = None) -> float:
         ndim = int((config.get("network") or {}).get("ndim", 2))
         return float(RESCUE_CONTRAST) if ndim in DEFAULT_NDIMS else 0.0
     return float(factor)
+
+
+def faint_fraction(config: dict[str, Any], fraction: float | None = None) -> float:
+    """The fraction of the painted objects' contrast that a segment the foreground head kept must
+    stand out by to stay (:func:`.rescue.drop_faint`): ``fraction`` if given (0: off), else
+    :data:`.rescue.FAINT_CONTRAST`; 0 for a model that did not measure its annotation's contrast."""
+    if fraction is not None and fraction < 0:
+        raise SparseSegError(f"min contrast {fraction:g}: expected 0 (off) or a fraction of the painted objects' "
+                             "contrast, e.g. 0.5")
+    if not (config.get("annotation") or {}).get("object_contrast"):
+        return 0.0
+    return float(FAINT_CONTRAST if fraction is None else fraction)
+
+
+def drop_faint_segments(model: Model, pred: Prediction, seg: np.ndarray, fraction: float) -> np.ndarray:
+    """``seg`` (the model's scale) without the segments that stand out less than ``fraction``
+    (:func:`faint_fraction`) times the painted objects' contrast (:func:`.rescue.drop_faint`)."""
+    if fraction <= 0 or pred.image is None:
+        return seg
+    return drop_faint(pred.image, seg, model.config.get("object_area_median") or 0,
+                      model.config["annotation"]["object_contrast"], fraction, pred.image_spread)
 
 
 def keep_dropped(model: Model, pred: Prediction, seg: np.ndarray, factor: float, mask: np.ndarray | None = None,
