@@ -113,17 +113,18 @@ def test_drop_faint_removes_segments_fainter_than_a_fraction_of_the_painted_cont
     assert left(drop_faint(img[None], lab, float(np.sum(lab == 1)), 0.3, 0.5, spread=np.array([2.0]))) == [3, 5]
 
 
-def test_cluster_drops_faint_segments_the_head_keeps_only_under_background_auto():
+def test_cluster_drops_faint_segments_the_head_keeps_only_on_request_under_background_auto():
     model, embedded, lab = model_and_prediction()
     embedded.f.image[0][lab == 2] = 0.1
-    assert kept(cluster(model, embedded), lab) == [1, 3]
-    assert kept(cluster(model, embedded, min_contrast=0), lab) == [1, 2, 3]
+    assert kept(cluster(model, embedded, min_contrast=0.5), lab) == [1, 3]
+    assert kept(cluster(model, embedded), lab) == [1, 2, 3]  # off by default
     assert kept(cluster(model, embedded, min_contrast=0.3), lab) == [1, 2, 3]
-    assert kept(cluster(model, embedded, background="foreground"), lab) == [1, 2]  # the head alone
+    assert kept(cluster(model, embedded, background="foreground", min_contrast=0.5), lab) == [1, 2]  # the head alone
     with pytest.raises(SparseSegError, match=r"min contrast -1: expected 0 \(off\) or a fraction"):
         cluster(model, embedded, min_contrast=-1)
-    assert faint_fraction(model.config) == FAINT_CONTRAST > 0
-    assert faint_fraction({"annotation": {}}) == 0  # models from before the measure
+    assert faint_fraction(model.config) == FAINT_CONTRAST == 0
+    assert faint_fraction(model.config, 0.5) == 0.5
+    assert faint_fraction({"annotation": {}}, 0.5) == 0  # models from before the measure
 
 
 def test_models_without_the_annotations_contrast_keep_the_heads_decision():
@@ -204,7 +205,8 @@ def big_model(tmp_path):
     z = zarr.create_array(str(tmp_path / "img.zarr"), shape=BIG, chunks=(48, 64), dtype=np.float32)
     z[:] = img
     whole = cluster(Model(net=None, config=config),
-                    Embedded(Prediction(emb, 1 / (1 + np.exp(-logit)), 1.0, BIG, None, image=img[None])), "mws")
+                    Embedded(Prediction(emb, 1 / (1 + np.exp(-logit)), 1.0, BIG, None, image=img[None])), "mws",
+                    min_contrast=0.5)
     return tmp_path, lab, bright, faint, whole
 
 
@@ -216,8 +218,8 @@ def test_blockwise_keeps_dropped_objects_as_the_whole_image_does(big_model):
 
     root, lab, bright, faint, whole = big_model
     assert set(bright) <= set(kept(whole, lab)) and not set(faint) & set(kept(whole, lab))
-    assert BIG_FAINT not in kept(whole, lab)  # fainter than half the painted contrast
-    kw = dict(method="mws", block_shape=(48, 64), predictor=BlobPredictor(root / "outputs.npy"))
+    assert BIG_FAINT not in kept(whole, lab)  # fainter than half the painted contrast (min_contrast 0.5)
+    kw = dict(method="mws", block_shape=(48, 64), predictor=BlobPredictor(root / "outputs.npy"), min_contrast=0.5)
     res = segment_blockwise(root / "model", root / "img.zarr", root / "seg.zarr", **kw)
     seg = zarr.open_array(str(root / "seg.zarr"))[:]
     assert res.blocks == 4

@@ -315,16 +315,19 @@ def test_segment_knobs_show_what_auto_means(qtbot, widget, tmp_path, errors, mon
     assert config["annotation"]["object_contrast"] > 0
     assert seg.rescue.native.text() == f"auto ({core_segment.RESCUE_CONTRAST:g}x)"
     assert seg._overrides()["rescue"] is None
-    assert seg.min_contrast.native.text() == f"auto ({core_segment.FAINT_CONTRAST:g}x)"
+    assert seg.min_contrast.native.text() == "auto (off)"  # off by default (core.rescue.FAINT_CONTRAST)
     assert seg._overrides()["min_contrast"] is None
+    monkeypatch.setattr(core_segment, "FAINT_CONTRAST", 0.5)
+    seg.show_auto_values()
+    assert seg.min_contrast.native.text() == "auto (0.5x)"
     seg.background.value = "foreground"  # the head alone
     assert seg.rescue.native.text() == "auto (off)" and seg.min_contrast.native.text() == "auto (off)"
     seg.background.value = "auto"
     seg.rescue.value = 0
     assert seg._overrides()["rescue"] == 0
     seg.rescue.value = -1
-    seg.min_contrast.value = 0
-    assert seg._overrides()["min_contrast"] == 0
+    seg.min_contrast.value = 0.5
+    assert seg._overrides()["min_contrast"] == 0.5
     seg.min_contrast.value = -1
     # a number the user sets is shown as such; back at -1 the auto text returns
     seg.min_size.value = 30
