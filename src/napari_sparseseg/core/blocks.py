@@ -230,10 +230,10 @@ class Job:
     z_zoom: float = 1.0
     #: > 0: keep the objects the foreground head dropped (:mod:`.rescue`; the factor) / drop the
     #: segments fainter than this fraction of the painted contrast (:func:`.rescue.drop_faint`),
-    #: measured against the stack's normalised spread ``rescue_spread`` (per channel)
+    #: both measured against the stack's normalised spread ``image_spread`` (per channel)
     rescue: float = 0.0
     faint: float = 0.0
-    rescue_spread: list | None = None
+    image_spread: list | None = None
 
     @property
     def ndim(self) -> int:
@@ -333,7 +333,7 @@ def cluster_block(job: Job, i: int) -> dict:
         # the objects the head dropped, looked for in the block with its halo as the network saw it;
         # the block's pieces under the size limit (dropped after stitching) give way, as on the whole image
         pred.image = io.normalize(zoom_read(job.volume, outer, job.zoom, job.z_zoom), bounds=np.asarray(job.bounds))
-        pred.image_spread = np.asarray(job.rescue_spread, np.float64)
+        pred.image_spread = np.asarray(job.image_spread, np.float64)
         seg = keep_dropped(model, pred, seg, job.rescue, give_way=job.min_size, **job.overrides)
         seg = drop_faint_segments(model, pred, seg, job.faint)
     inside = local(inner, outer)

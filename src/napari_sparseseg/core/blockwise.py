@@ -252,7 +252,7 @@ def segment_blockwise(
         if by_head and (factor > 0 or faint > 0):
             # as the whole-image path: objects the head dropped, and faint ones it kept, when "auto"
             # let the head decide
-            job.rescue, job.faint, job.rescue_spread = factor, faint, _normalized_spread(volume, bounds)
+            job.rescue, job.faint, job.image_spread = factor, faint, _normalized_spread(volume, bounds)
         t = time.perf_counter()
         counts = [s["fragments"] for s in execute(partial(B.cluster_block, job), ids, client, "cluster", progress)]
         seconds["cluster"] = time.perf_counter() - t

@@ -25,6 +25,9 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
+from skimage.segmentation import relabel_sequential
+
+from .clustering import filter_sizes
 
 #: a dropped segment is an object when it stands out at least this many times as much as the median
 #: painted object. On the suite's blob datasets (run s30's models, training images) the nuclei the
@@ -145,11 +148,7 @@ def rescue(img: np.ndarray, segmentation: np.ndarray, candidates: np.ndarray, me
     drops later, :mod:`.blocks`; the whole image's has dropped them already)."""
     if factor <= 0 or not painted or painted <= 0:
         return segmentation
-    base = segmentation
-    if min_size > 0:
-        small = np.bincount(np.asarray(segmentation).ravel().astype(np.int64)) < min_size
-        small[0] = False
-        base = np.where(small[segmentation], 0, segmentation)
+    base = filter_sizes(segmentation, min_size) if min_size > 0 else segmentation  # only its background is read
     ids, _ = dropped_objects(img, candidates, base, median_size, factor * painted, spread=spread)
     if not ids:
         return segmentation
@@ -178,8 +177,4 @@ def drop_faint(img: np.ndarray, segmentation: np.ndarray, median_size: float, pa
     drop = [i for i, c in zip(ids, contrast) if c < fraction * painted]
     if not drop:
         return segmentation
-    lookup = np.arange(int(segmentation.max()) + 1)
-    lookup[drop] = 0
-    keep = lookup > 0
-    lookup[keep] = np.arange(1, int(keep.sum()) + 1)
-    return lookup[segmentation].astype(np.asarray(segmentation).dtype, copy=False)
+    return relabel_sequential(np.where(np.isin(segmentation, drop), 0, segmentation))[0]
