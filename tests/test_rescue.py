@@ -113,16 +113,39 @@ def test_drop_faint_removes_segments_fainter_than_a_fraction_of_the_painted_cont
     assert left(drop_faint(img[None], lab, float(np.sum(lab == 1)), 0.3, 0.5, spread=np.array([2.0]))) == [3, 5]
 
 
-def test_cluster_drops_faint_segments_the_head_keeps_only_on_request_under_background_auto():
+def test_drop_faint_measures_a_segment_against_the_background_beside_it_not_its_neighbours():
+    # a clump of three cells on a dark background: the middle one's whole ring (2 px: 40 pixels of
+    # its bright neighbours, 44 of background) is as bright as it is, so against that ring it looked
+    # faint; and a speck of texture (0.1) alone. Painted contrast 0.3, fraction 0.5: 0.15 is needed
+    dim = 40 / 84
+    img = np.zeros((40, 70), np.float32)
+    lab = np.zeros((40, 70), np.int64)
+    for i, (x0, value) in enumerate(((10, 1.0), (20, dim), (30, 1.0)), start=1):
+        lab[15:25, x0 : x0 + 10], img[15:25, x0 : x0 + 10] = i, value
+    lab[15:25, 52:62], img[15:25, 52:62] = 4, 0.1
+    whole = ring_contrasts(img[None], np.array([1.0]), lab, [2, 4], 2)
+    np.testing.assert_allclose(whole, [0.0, 0.1], atol=1e-5)
+    background = ring_contrasts(img[None], np.array([1.0]), lab, [1, 2, 4], 2, background_only=True)
+    np.testing.assert_allclose(background, [1.0, dim, 0.1], rtol=1e-5)
+    out = drop_faint(img[None], lab, 100.0, 0.3, 0.5)
+    assert [np.unique(out[lab == i]).tolist() for i in (1, 2, 3, 4)] == [[1], [2], [3], [0]]
+    # a segment with no background around it (it fills the gaps between the others) is kept
+    full = np.where(lab == 0, 5, lab)
+    assert ring_contrasts(img[None], np.array([1.0]), full, [2], 2, background_only=True)[0] == np.inf
+    assert np.array_equal(drop_faint(img[None], full, 100.0, 0.3, 0.5), full)
+
+
+def test_cluster_drops_faint_segments_the_head_keeps_by_default_under_background_auto():
     model, embedded, lab = model_and_prediction()
     embedded.f.image[0][lab == 2] = 0.1
+    assert kept(cluster(model, embedded), lab) == [1, 3]  # on by default, at half the painted contrast
     assert kept(cluster(model, embedded, min_contrast=0.5), lab) == [1, 3]
-    assert kept(cluster(model, embedded), lab) == [1, 2, 3]  # off by default
+    assert kept(cluster(model, embedded, min_contrast=0), lab) == [1, 2, 3]  # off
     assert kept(cluster(model, embedded, min_contrast=0.3), lab) == [1, 2, 3]
     assert kept(cluster(model, embedded, background="foreground", min_contrast=0.5), lab) == [1, 2]  # the head alone
     with pytest.raises(SparseSegError, match=r"min contrast -1: expected 0 \(off\) or a fraction"):
         cluster(model, embedded, min_contrast=-1)
-    assert faint_fraction(model.config) == FAINT_CONTRAST == 0
+    assert faint_fraction(model.config) == FAINT_CONTRAST == 0.5
     assert faint_fraction(model.config, 0.5) == 0.5
     assert faint_fraction({"annotation": {}}, 0.5) == 0  # models from before the measure
 

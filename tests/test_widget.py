@@ -315,8 +315,11 @@ def test_segment_knobs_show_what_auto_means(qtbot, widget, tmp_path, errors, mon
     assert config["annotation"]["object_contrast"] > 0
     assert seg.rescue.native.text() == f"auto ({core_segment.RESCUE_CONTRAST:g}x)"
     assert seg._overrides()["rescue"] is None
-    assert seg.min_contrast.native.text() == "auto (off)"  # off by default (core.rescue.FAINT_CONTRAST)
+    assert seg.min_contrast.native.text() == f"auto ({core_segment.FAINT_CONTRAST:g}x)"  # core.rescue's default
     assert seg._overrides()["min_contrast"] is None
+    monkeypatch.setattr(core_segment, "FAINT_CONTRAST", 0.0)
+    seg.show_auto_values()
+    assert seg.min_contrast.native.text() == "auto (off)"
     monkeypatch.setattr(core_segment, "FAINT_CONTRAST", 0.5)
     seg.show_auto_values()
     assert seg.min_contrast.native.text() == "auto (0.5x)"

@@ -19,8 +19,8 @@ from .core import checkpoint, io
 from .core.device import PRECISIONS
 from .core.errors import SparseSegError
 from .core.methods import METHOD_NAMES, describe_default
-from .core.segment import (AFFINITY_SOURCES, AGREEMENT, BIAS, CLUSTERINGS, CRAC_AFFINITY_SOURCE, RESCUE_CONTRAST,
-                           SPLIT_RATIO)
+from .core.segment import (AFFINITY_SOURCES, AGREEMENT, BIAS, CLUSTERINGS, CRAC_AFFINITY_SOURCE, FAINT_CONTRAST,
+                           RESCUE_CONTRAST, SPLIT_RATIO)
 from .core.training import FINE_TUNE_LR, FOREGROUND_HOLDOUT, OBJECT_GAIN, OBJECT_GAIN_ON, default_lr_text
 from .core.real_samples import REAL_SAMPLES
 from .core.transfer import MIN_RECOVERY
@@ -436,8 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "models, off for 3D ones; 0: off)")
     g.add_argument("--min-contrast", type=float, default=None, metavar="FRACTION",
                    help="background decided by the foreground head: drop the segments it keeps that stand out from "
-                        "their surroundings less than FRACTION of the painted objects' contrast (background texture, "
-                        "pieces of an object; e.g. 0.5; default: off, as it drops dim objects in clumps)")
+                        "the background beside them less than FRACTION of the painted objects' contrast (background "
+                        f"texture; default {FAINT_CONTRAST:g}; 0: off)")
     g.add_argument("--diameter", type=float, default=None, metavar="PIXELS",
                    help="typical object diameter in these images, in pixels (default: the model's, or estimated "
                         "per image for a model trained on objects of mixed sizes)")
