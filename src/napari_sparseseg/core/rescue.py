@@ -6,8 +6,8 @@ drops them whole (docs/method.md; the suite's nuclei 2D). Whether a region is an
 be read from the image and the annotation alone: a painted object stands out from the pixels just
 around it by some contrast, and a region that stands out from its surroundings much more than
 that, and is of the painted size, is an object however the head scores it. The other way round,
-a segment the head kept that stands out much less than the painted objects is background texture
-or a piece of an object (:func:`drop_faint`).
+a segment the head kept that stands out from the background beside it much less than the painted
+objects do from their surroundings is background texture (:func:`drop_faint`).
 
 :func:`painted_contrast` measures the annotation's contrast once, when training starts (stored in
 the model's ``config.json`` under ``annotation``); :func:`rescue` adds, to a segmentation whose
@@ -177,9 +177,10 @@ def rescue(img: np.ndarray, segmentation: np.ndarray, candidates: np.ndarray, me
 
 def drop_faint(img: np.ndarray, segmentation: np.ndarray, median_size: float, painted: float,
                fraction: float = FAINT_CONTRAST, spread: np.ndarray | None = None) -> np.ndarray:
-    """``segmentation`` with the segments that stand out from their ring (:func:`ring_contrasts`)
+    """``segmentation`` with the segments that stand out from the background beside them (the
+    pixels no segment holds within :data:`FAINT_RING_WIDTH` median diameters; :func:`ring_contrasts`)
     less than ``fraction`` times the ``painted`` contrast set to 0, ids made consecutive; unchanged
-    when ``fraction`` <= 0 or none is faint."""
+    when ``fraction`` <= 0 or none is faint. A segment with no background beside it stays."""
     if fraction <= 0 or not painted or painted <= 0:
         return segmentation
     ids = np.unique(segmentation)

@@ -348,9 +348,9 @@ def cluster(model: Model, embedded: Embedded, method: str = "auto", fg_threshold
     "auto" deciding by the foreground head, segments the head dropped that stand out from their
     surroundings at least this many times as much as the painted objects are kept (:mod:`.rescue`;
     default :data:`.rescue.RESCUE_CONTRAST`, 0 off; needs the image in ``embedded``).
-    ``min_contrast`` (override): in the same case, segments the head kept that stand out less than
-    this fraction of the painted objects' contrast become background (:func:`faint_fraction`;
-    default :data:`.rescue.FAINT_CONTRAST`, 0 off).
+    ``min_contrast`` (override): in the same case, segments the head kept that stand out from the
+    background beside them less than this fraction of the painted objects' contrast become
+    background (:func:`faint_fraction`; default :data:`.rescue.FAINT_CONTRAST`, 0 off).
     """
     pred = embedded.f
     overrides = dict(overrides)
