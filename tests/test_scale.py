@@ -67,6 +67,29 @@ def test_zoom_limits_and_errors():
     assert scale.model_zoom({"scale": {"zoom": 0.25}}) == 0.25
 
 
+
+def test_the_diameter_note_says_when_objects_are_seen_at_another_size_than_theirs():
+    # objects smaller than half the target are enlarged 2x only: the note must not claim 16 px painted
+    small = {"scale": scale.scale_config([10.0, 10.0], 2)}
+    assert scale.model_zoom(small) == scale.MAX_ZOOM
+    assert scale.diameter_note(small, 2, scale.model_zoom(small)) == (
+        "object diameter 10 px, the training scale")  # the training images were zoomed the same way
+    usual = {"scale": scale.scale_config([30.4, 30.4], 2)}
+    assert scale.diameter_note(usual, 2, scale.model_zoom(usual)) == "object diameter 30 px, the training scale"
+    assert scale.diameter_note(usual, 2, scale.zoom_for(12, 2), 12) == (
+        "object diameter 12 px, given; zoomed as for 16 px: objects are enlarged at most 2x")
+    assert scale.diameter_note(usual, 2, scale.zoom_for(20, 2), 20) == "object diameter 20 px, given"
+    # a size model's estimate at a zoom limit is a bound
+    mixed = {"scale": dict(scale.scale_config([20.0, 60.0], 2), size_model={"weights": []})}
+    assert scale.uses_size_model(mixed)
+    assert scale.diameter_note(mixed, 2, 1.0) == "object diameter 32 px, estimated from the image"
+    assert scale.diameter_note(mixed, 2, scale.MAX_ZOOM) == (
+        "object diameter 16 px or less, estimated from the image: objects are enlarged at most 2x")
+    assert scale.diameter_note(mixed, 2, scale.MIN_ZOOM) == (
+        "object diameter 512 px or more, estimated from the image: objects are shrunk at most 16x")
+    assert scale.diameter_note({"scale": 0.5}, 2, 0.5) == "object diameter 64 px, the training scale"  # old models
+
+
 def _disks(radius: float, size: int = 192, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size]

@@ -216,10 +216,23 @@ def diameter_note(config: dict[str, Any], ndim: int, zoom: float, diameter: floa
     """The object diameter an image was segmented at and where it came from, for the user (whose
     objects may be another size: then they set the diameter), e.g. "object diameter 46 px,
     estimated from the image"."""
+    seen = TARGET_DIAMETER[ndim] / zoom
+    # at a zoom limit the image is zoomed as for objects of another size, and an estimate is a bound
+    enlarged, shrunk = zoom >= MAX_ZOOM * (1 - 1e-6), zoom <= MIN_ZOOM * (1 + 1e-6)
+    why = (f"objects are enlarged at most {MAX_ZOOM:g}x" if enlarged else
+           f"objects are shrunk at most {1 / MIN_ZOOM:g}x" if shrunk else "")
     if diameter:
-        return f"object diameter {diameter:g} px, given"
-    source = "estimated from the image" if uses_size_model(config) else "the training scale"
-    return f"object diameter {TARGET_DIAMETER[ndim] / zoom:.0f} px, {source}"
+        clipped = why and abs(diameter - seen) >= 0.5
+        return f"object diameter {diameter:g} px, given" + (f"; zoomed as for {seen:.0f} px: {why}" if clipped else "")
+    if uses_size_model(config):
+        bound = " or less" if enlarged else " or more" if shrunk else ""
+        return f"object diameter {seen:.0f} px{bound}, estimated from the image" + (f": {why}" if why else "")
+    scale = config.get("scale")
+    painted = scale.get("diameter") if isinstance(scale, dict) else None
+    # the painted objects' diameter (at a zoom limit the training images were zoomed the same way)
+    if painted and math.isclose(zoom, model_zoom(config), rel_tol=1e-6):
+        seen = painted
+    return f"object diameter {seen:.0f} px, the training scale"
 
 
 # -- size model -----------------------------------------------------------------------------------
