@@ -67,7 +67,6 @@ def test_zoom_limits_and_errors():
     assert scale.model_zoom({"scale": {"zoom": 0.25}}) == 0.25
 
 
-
 def test_the_diameter_note_says_when_objects_are_seen_at_another_size_than_theirs():
     # objects smaller than half the target are enlarged 2x only: the note must not claim 16 px painted
     small = {"scale": scale.scale_config([10.0, 10.0], 2)}
