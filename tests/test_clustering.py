@@ -233,3 +233,16 @@ def test_prediction_cache_serves_the_same_key_and_never_lacks_g():
     assert cache.get(("img", 1, 30.0), need_g=True) is both and cache.get(("img", 1, 30.0)) is both
     cache.clear()
     assert cache.get(("img", 1, 30.0)) is None and cache.extra is None
+
+
+def test_mws_on_weights_leaves_the_callers_weights_as_they_were():
+    # elf's mutex watershed flips the attractive channels of its input in place; a caller that
+    # clusters one weight array twice (a knob changed) must get the same segmentation twice
+    from napari_sparseseg.core.clustering import mws_on_weights
+
+    w = np.random.default_rng(0).random((4, 24, 24)).astype(np.float32)
+    before = w.copy()
+    offsets = [[-1, 0], [0, -1], [-3, 0], [0, -3]]
+    first = mws_on_weights(w, offsets, 0.0)
+    np.testing.assert_array_equal(w, before)
+    np.testing.assert_array_equal(mws_on_weights(w, offsets, 0.0), first)

@@ -136,9 +136,9 @@ def mws_on_weights(w: np.ndarray, offsets: list[list[int]], bias: float = 0.0, s
     (:func:`mws_weights`); ``bias`` > 0 favours splits."""
     from elf.segmentation.mutex_watershed import mutex_watershed as elf_mws
 
-    if bias:
-        # w is a disaffinity in every channel, so one shift raises repulsion and lowers attraction
-        w = np.clip(w + bias, 0.0, 1.0)
+    # w is a disaffinity in every channel, so one shift raises repulsion and lowers attraction; a
+    # copy either way: elf flips the attractive channels of what it is given in place
+    w = np.clip(w + bias, 0.0, 1.0) if bias else np.array(w, np.float32, copy=True)
     # elf expects "disaffinities" for every channel and flips the first ndim (attractive) itself
     strides = list(strides) if strides is not None else [1] * (w.ndim - 1)
     seg = elf_mws(w, offsets, strides=strides, randomize_strides=False, mask=mask)
