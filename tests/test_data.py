@@ -216,3 +216,26 @@ def test_object_contrast_fades_around_labeled_objects_without_an_edge():
     # p = 0 leaves the crop as it was; the input is never modified
     assert np.array_equal(object_contrast(img, lab, np.random.default_rng(0), 3.0, p=0.0), img)
     assert np.allclose(img[0][lab > 0], 0.5)
+
+
+def test_object_contrast_dims_down_to_its_lower_bound_and_leaves_held_out_objects_alone():
+    from napari_sparseseg.core.data import object_contrast
+
+    img = np.full((1, 80, 80), 0.1, np.float32)
+    lab = np.zeros((80, 80), np.int64)
+    lab[5:15, 5:15], lab[60:70, 60:70], lab[5:15, 60:70] = 1, 2, 3
+    img[0][lab > 0] = 0.5
+    factors = []
+    for seed in range(20):
+        out = object_contrast(img, lab, np.random.default_rng(seed), gain=1.0, p=1.0, low=1 / 3, skip=np.array([3]))
+        factors += [(out[0, 10, 10] - 0.1) / 0.4, (out[0, 65, 65] - 0.1) / 0.4]
+        # the held-out object keeps its contrast (up to the tails of its neighbours' bumps, which are far)
+        assert abs(out[0, 10, 65] - 0.5) < 0.01
+    factors = np.array(factors)
+    # dimmed only, never below a third: the objects stay apart from the background
+    assert factors.min() >= 1 / 3 - 1e-6 and factors.max() <= 1 + 1e-6
+    assert factors.min() < 0.5 and np.median(factors) < 0.8
+    # both ways at once: log-uniform in [low, gain]
+    both = [(object_contrast(img, lab, np.random.default_rng(s), 3.0, p=1.0, low=1 / 3)[0, 10, 10] - 0.1) / 0.4
+            for s in range(30)]
+    assert min(both) < 1 < max(both) and 1 / 3 - 1e-6 <= min(both) and max(both) <= 3 + 1e-6

@@ -211,7 +211,8 @@ class CropSampler:
 
     ``zoom_jitter`` J > 1 zooms each crop by a random factor in [1/J, J] (log-uniform, in y/x), so
     the network tolerates objects somewhat larger or smaller than the target diameter (the zoom of a
-    new image is estimated, not known).
+    new image is estimated, not known). ``object_gain`` >= 1 and ``object_dim`` <= 1 bound the factor
+    by which :func:`object_contrast` changes some annotated objects' contrast (1 and 1: never).
     """
 
     def __init__(
@@ -223,9 +224,11 @@ class CropSampler:
         elastic: bool = True,
         zoom_jitter: float = 1.0,
         object_gain: float = 1.0,
+        object_dim: float = 1.0,
     ):
         self.samples = samples
         self.object_gain = float(object_gain)
+        self.object_dim = float(object_dim)
         self.patch = tuple(int(p) for p in patch_shape)
         self.rng = np.random.default_rng(seed)
         self.p_object = p_object
@@ -262,8 +265,8 @@ class CropSampler:
         if tuple(region) != self.patch:
             img, lab, val = _zoom_crop(img, lab, val, self.patch)
         img, lab, val = self._geometric(img, lab, val)
-        if self.object_gain > 1:
-            img = object_contrast(img, lab, self.rng, self.object_gain)
+        if self.object_gain > 1 or self.object_dim < 1:
+            img = object_contrast(img, lab, self.rng, self.object_gain, low=self.object_dim, skip=smp.heldout)
         held = np.isin(lab, smp.heldout)  # held-out ids are > 0
         return img, relabel_consecutive(lab), val, held
 
@@ -303,23 +306,28 @@ OBJECT_GAIN_SPREAD = 2.0
 
 
 def object_contrast(img: np.ndarray, lab: np.ndarray, rng: np.random.Generator, gain: float,
-                    p: float = OBJECT_GAIN_P) -> np.ndarray:
-    """``img`` (C, *S) with the contrast to the crop's median raised around some annotated objects
-    of ``lab`` (*S), each (with probability ``p``) by its own factor, log-uniform in [1, gain].
+                    p: float = OBJECT_GAIN_P, low: float = 1.0, skip=None) -> np.ndarray:
+    """``img`` (C, *S) with the contrast to the crop's median changed around some annotated objects
+    of ``lab`` (*S), each (with probability ``p``) by its own factor, log-uniform in [low, gain]
+    (``low`` <= 1 <= ``gain``). Objects whose ids are in ``skip`` (those held out of the foreground
+    loss, whose mean calibrates its threshold) keep their contrast.
 
     The factor is a smooth bump on the object: a Gaussian at its centroid whose width along each
     axis is :data:`OBJECT_GAIN_SPREAD` times the object's extent there (twice the standard deviation
     of its coordinates, the radius of a disc), so it is nearly flat over the object and its
-    neighbours share most of it. Never toward the background: a dimmed object would teach the
-    foreground head that background can be an object.
+    neighbours share most of it.
 
     Why: with a few labeled objects, the positive-unlabeled foreground head learns "as bright as the
-    labeled ones" and calls much brighter unlabeled objects background (docs/method.md). A gain
-    field on the whole crop (:func:`intensity_field`) does not break that: every real bright object
-    is unlabeled. Brightening the labeled objects themselves does, whatever the polarity (the
-    contrast is to the median: about the background on sparse images, the tissue on dense ones)."""
+    labeled ones" and calls much brighter or dimmer unlabeled objects background (docs/method.md). A
+    gain field on the whole crop (:func:`intensity_field`) does not break that: every real bright or
+    dim object is unlabeled. Changing the contrast of the labeled objects themselves does, whatever
+    the polarity (the contrast is to the median: about the background on sparse images, the tissue
+    on dense ones). Dimming stops at ``low`` (a third with ``--object-dim``): an object dimmed to
+    the background would teach the head that background can be an object."""
     ids = np.unique(lab)
     ids = ids[ids > 0]
+    if skip is not None and len(skip):
+        ids = ids[~np.isin(ids, skip)]
     ids = ids[rng.random(ids.size) < p]
     if ids.size == 0:
         return img
@@ -331,7 +339,7 @@ def object_contrast(img: np.ndarray, lab: np.ndarray, rng: np.random.Generator, 
     for i in ids:
         box = boxes[i - 1]
         coords = np.nonzero(lab[box] == i)  # within the object's box, not the whole crop
-        bump = np.float32(rng.uniform(0.0, np.log(gain)))
+        bump = np.float32(rng.uniform(np.log(low), np.log(gain)))
         for ax, c in enumerate(coords):
             width = OBJECT_GAIN_SPREAD * 2 * max(float(c.std()), 0.5)
             t = (np.arange(lab.shape[ax], dtype=np.float32) - (box[ax].start + float(c.mean()))) / width
