@@ -384,11 +384,13 @@ def test_ignore_mask_layer_and_object_diameter(qtbot, widget, errors):
     assert [b.native.text() for b in (w.train.lr, w.train.batch, w.train.diameter)] == ["auto"] * 3
     w.train.diameter.value = 30.0
     w.train.object_contrast.value = True
+    w.train.object_dim.value = True
     _train(qtbot, w, iterations=2, preview_every=0)
     # the mask travels with the job to the training process (test_training: what the trainer does with it)
     assert w.train.job.ignore is not None and np.array_equal(w.train.job.ignore[0], mask.astype(bool))
     assert w.session.model.config["scale"]["diameter"] == 30.0
     assert w.session.model.config["training"]["train_config"]["object_gain"] == 3.0  # the check box
+    assert w.session.model.config["training"]["train_config"]["object_dim"] == pytest.approx(1 / 3)  # and its sibling
     # the Segment tab's diameter sets the zoom: changing it predicts again
     seg = w.segment
     assert seg.diameter.native.text() == "auto"

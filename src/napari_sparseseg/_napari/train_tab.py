@@ -20,7 +20,7 @@ from ..core import checkpoint
 from ..core.errors import SparseSegError
 from ..core.losses import SpocoLossConfig
 from ..core.methods import METHOD_NAMES, describe_default
-from ..core.training import FINE_TUNE_LR, OBJECT_GAIN_ON, TrainConfig, default_lr_text
+from ..core.training import FINE_TUNE_LR, OBJECT_DIM_ON, OBJECT_GAIN_ON, TrainConfig, default_lr_text
 from . import layers as L
 from . import workers
 from .annotate_tab import AnnotatePanel
@@ -64,6 +64,11 @@ class TrainPanel(QWidget):
                                                 f"to {OBJECT_GAIN_ON:g}x, so that much brighter objects are not called "
                                                 "background: for objects on a background (nuclei); on the benchmark "
                                                 "suite it cost CVPPP leaves and ovule cells")
+        self.object_dim = CheckBox(value=False, text="dimmer objects than the painted ones",
+                                   tooltip=f"lower the contrast of half the painted objects of each crop down to "
+                                           f"{OBJECT_DIM_ON:.2g}x, so that much dimmer objects are not called "
+                                           "background: for nuclei; on the benchmark suite it cost CVPPP leaves "
+                                           "and mitochondria")
         self.start_btn = PushButton(text="Train")
         self.stop_btn = PushButton(text="Stop", enabled=False)
         self.load_btn = QPushButton("Load model…")
@@ -78,7 +83,8 @@ class TrainPanel(QWidget):
         advanced.addWidget(L.form(("learning rate", self.lr), ("batch size", self.batch),
                                  ("consistency weight", self.consistency), ("anchor", self.anchor),
                                   ("seed", self.seed), ("preview every (s)", self.preview_every),
-                                  ("object diameter", self.diameter), ("object contrast", self.object_contrast)))
+                                  ("object diameter", self.diameter), ("object contrast", self.object_contrast),
+                                  ("", self.object_dim)))
         lay = QVBoxLayout(self)
         lay.addWidget(L.form(("method", self.method), ("budget", self.preset), ("iterations", self.iterations), ("device", self.device)))
         lay.addWidget(advanced)
@@ -152,6 +158,7 @@ class TrainPanel(QWidget):
             background_id=self.annotate.background_id,
             diameter=float(self.diameter.value) or None,
             object_gain=OBJECT_GAIN_ON if self.object_contrast.value else 1.0,
+            object_dim=OBJECT_DIM_ON if self.object_dim.value else 1.0,
             loss=SpocoLossConfig(anchor=self.anchor.value, w_consistency=float(self.consistency.value)),
             checkpoint_every=30.0,
         )
