@@ -154,64 +154,31 @@ def test_resuming_after_painting_more_keeps_the_held_out_objects(tmp_path):
     assert len(fresh.model_config["heldout_objects"]["cells"]) == 2
 
 
-def test_object_contrast_is_opt_in_from_the_api_and_the_cli(tmp_path, capsys):
-    from napari_sparseseg.core.training import OBJECT_GAIN_ON
+@pytest.mark.parametrize("field, flag, on, other, bad, message", [
+    ("object_gain", "--object-contrast", "OBJECT_GAIN_ON", 2.0, 0.5, "object contrast must be a factor >= 1 (1: off)"),
+    ("object_dim", "--object-dim", "OBJECT_DIM_ON", 0.5, 2.0, "object dimming must be a factor in (0, 1] (1: off)"),
+])
+def test_object_contrast_options_are_opt_in_from_the_api_and_the_cli(tmp_path, capsys, field, flag, on, other, bad,
+                                                                     message):
+    import re
 
-    with pytest.raises(SparseSegError, match=r"object contrast must be a factor >= 1 \(1: off\), got 0.5"):
-        TrainConfig(object_gain=0.5)
+    from napari_sparseseg.core import training
+
+    on = getattr(training, on)
+    with pytest.raises(SparseSegError, match=re.escape(f"{message}, got {bad}")):
+        TrainConfig(**{field: bad})
     img, gt = synthetic_cells((96, 96), seed=2)
     labels = sparsify(gt, 1.0)
-    assert TrainConfig().object_gain == 1.0  # off by default
+    assert getattr(TrainConfig(), field) == 1.0  # off by default
     # the trainer's crops get it: with it on, a labeled object's contrast changes, off it does not
-    for gain, changed in ((1.0, False), (3.0, True)):
-        t = Trainer([img], [labels], TrainConfig(method="crac", iterations=1, object_gain=gain, **FAST))
-        assert t.sampler.object_gain == gain
-        t.sampler.p_object, t.sampler.elastic = 1.0, False
-        plain = Trainer([img], [labels], TrainConfig(method="crac", iterations=1, **FAST)).sampler
-        plain.p_object, plain.elastic = 1.0, False
-        diffs = [not np.allclose(t.sampler.crop()[0], plain.crop()[0]) for _ in range(6)]
-        assert any(diffs) == changed
-    import tifffile
-
-    tifffile.imwrite(tmp_path / "img.tif", img)
-    tifffile.imwrite(tmp_path / "lab.tif", labels)
-    args = ["train", "--images", str(tmp_path / "img.tif"), "--labels", str(tmp_path / "lab.tif"), "--iterations", "1",
-            "--patch-shape", "64,64", "--quiet", "--base-channels", "4"]
-    import json
-
-    def used(folder):
-        return json.loads((tmp_path / folder / "config.json").read_text())["training"]["train_config"]["object_gain"]
-
-    assert main([*args, "--out", str(tmp_path / "a")]) == 0 and used("a") == 1.0
-    assert main([*args, "--out", str(tmp_path / "b"), "--object-contrast"]) == 0 and used("b") == OBJECT_GAIN_ON
-    assert main([*args, "--out", str(tmp_path / "c"), "--object-contrast", "2"]) == 0 and used("c") == 2.0
-    capsys.readouterr()
-    assert main([*args, "--out", str(tmp_path / "d"), "--object-contrast", "0.5"]) == 2
-    assert "object contrast must be a factor >= 1 (1: off), got 0.5" in capsys.readouterr().err
-
-
-def test_object_dimming_is_opt_in_from_the_api_and_the_cli(tmp_path, capsys):
-    from napari_sparseseg.core.training import OBJECT_DIM_ON
-
-    assert TrainConfig().object_dim == 1.0  # off by default
-    for bad in (0.0, 1.5, -1.0):
-        with pytest.raises(SparseSegError, match=rf"object dimming must be a factor in \(0, 1\] \(1: off\), got {bad}"):
-            TrainConfig(object_dim=bad)
-    img, gt = synthetic_cells((96, 96), seed=2)
-    labels = sparsify(gt, 1.0)
-    # the trainer's crops get it: with it on, a labeled object's contrast changes; off it does not
-    crops = {}
-    for dim in (OBJECT_DIM_ON, 1.0):
-        t = Trainer([img], [labels], TrainConfig(method="crac", iterations=1, object_dim=dim, foreground_holdout=0,
-                                                 **FAST))
-        assert t.sampler.object_dim == dim
-        t.sampler.p_object, t.sampler.elastic = 1.0, False
-        crops[dim] = [t.sampler.crop()[0] for _ in range(6)]
-    plain = Trainer([img], [labels], TrainConfig(method="crac", iterations=1, foreground_holdout=0, **FAST)).sampler
+    plain = Trainer([img], [labels], TrainConfig(method="crac", iterations=1, **FAST)).sampler
     plain.p_object, plain.elastic = 1.0, False
     plain_crops = [plain.crop()[0] for _ in range(6)]
-    assert all(np.allclose(a, b) for a, b in zip(crops[1.0], plain_crops))
-    assert not all(np.allclose(a, b) for a, b in zip(crops[OBJECT_DIM_ON], plain_crops))
+    for value, changed in ((1.0, False), (on, True)):
+        t = Trainer([img], [labels], TrainConfig(method="crac", iterations=1, **{field: value}, **FAST))
+        assert getattr(t.sampler, field) == value
+        t.sampler.p_object, t.sampler.elastic = 1.0, False
+        assert any(not np.allclose(t.sampler.crop()[0], c) for c in plain_crops) == changed
     import tifffile
 
     tifffile.imwrite(tmp_path / "img.tif", img)
@@ -221,15 +188,14 @@ def test_object_dimming_is_opt_in_from_the_api_and_the_cli(tmp_path, capsys):
     import json
 
     def used(folder):
-        return json.loads((tmp_path / folder / "config.json").read_text())["training"]["train_config"]["object_dim"]
+        return json.loads((tmp_path / folder / "config.json").read_text())["training"]["train_config"][field]
 
     assert main([*args, "--out", str(tmp_path / "a")]) == 0 and used("a") == 1.0
-    assert main([*args, "--out", str(tmp_path / "b"), "--object-dim"]) == 0
-    assert used("b") == pytest.approx(OBJECT_DIM_ON)
-    assert main([*args, "--out", str(tmp_path / "c"), "--object-dim", "0.5"]) == 0 and used("c") == 0.5
+    assert main([*args, "--out", str(tmp_path / "b"), flag]) == 0 and used("b") == pytest.approx(on)
+    assert main([*args, "--out", str(tmp_path / "c"), flag, str(other)]) == 0 and used("c") == other
     capsys.readouterr()
-    assert main([*args, "--out", str(tmp_path / "d"), "--object-dim", "2"]) == 2
-    assert "object dimming must be a factor in (0, 1] (1: off), got 2.0" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "d"), flag, str(bad)]) == 2
+    assert f"{message}, got {bad}" in capsys.readouterr().err
 
 
 def test_threshold_never_falls_below_the_trained_mean(monkeypatch):
