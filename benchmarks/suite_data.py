@@ -20,7 +20,7 @@ from skimage.feature import peak_local_max
 from skimage.filters import threshold_otsu
 from skimage.segmentation import find_boundaries, relabel_sequential, watershed
 
-from napari_sparseseg.core.annotation import fisher_direction, speck_ids
+from napari_sparseseg.core.annotation import fisher_direction
 
 #: the shared data folder; SPARSESEG_DATA overrides (e.g. when running from a copy of benchmarks/)
 SHARED = Path(os.environ.get("SPARSESEG_DATA") or Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
@@ -265,10 +265,7 @@ def _min_size(seg: np.ndarray, diam: float, ndim: int) -> np.ndarray:
 
 
 def classical(ds: Dataset, train_images, sparse, test_images) -> list[np.ndarray]:
-    """The classical floor of dataset ``ds`` on its test images, tuned only by the sparse labels,
-    without the painted objects that training leaves out (no interior pixel: annotation.speck_ids),
-    so that both read their scales from the same objects."""
-    sparse = [np.where(np.isin(s, speck_ids(s)), 0, s) for s in sparse]
+    """The classical floor of dataset ``ds`` on its test images, tuned only by the sparse labels."""
     if ds.polarity_per_image:
         diam = _annotation_stats([_gray(i, ds.ndim) for i in train_images], sparse, ds.ndim, ds.kind)[0]
         return [blob_floor(g, diam, _minority_polarity(g), ds.ndim) for g in (_gray(i, ds.ndim) for i in test_images)]

@@ -2,8 +2,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from napari_sparseseg import SparseSegError
-from napari_sparseseg.core.annotation import annotation_statistics, check_annotations, drop_specks, speck_ids
+from napari_sparseseg.core.annotation import annotation_statistics, check_annotations, speck_ids
 
 
 def test_counts_and_warnings():
@@ -18,7 +17,7 @@ def test_counts_and_warnings():
     assert r.n_objects == 4 and r.ids == [1, 2, 3, 4]
     text = " ".join(r.warnings)
     assert "Label(s) 2 consist of separate pieces" in text
-    assert "Label(s) 3 have no interior pixel: training leaves them out (stray brush strokes?)" in text
+    assert "Label(s) 3 have no interior pixel: too thin or small to learn from (stray brush strokes?)" in text
     assert "Label(s) 4 touch the image border" in text
     assert len(r.warnings) == 3  # object 1 and the background raise nothing
 
@@ -34,24 +33,6 @@ def test_specks_are_objects_without_an_in_plane_interior_pixel():
     assert speck_ids(lab[1]).tolist() == [2]  # 2D: the slice's own objects
     lab[1, 26, 11] = 7  # as an object, a single pixel is a speck; as the background id it is not
     assert 7 in speck_ids(lab).tolist() and 7 not in speck_ids(lab, background_id=7).tolist()
-
-
-def test_drop_specks_leaves_the_users_labels_alone_and_names_what_it_left_out():
-    a = np.zeros((20, 20), np.uint16)
-    a[2:8, 2:8] = 1
-    a[12, 12] = 2
-    b = np.zeros((20, 20), np.uint16)
-    b[5:10, 5:10] = 4
-    out, note = drop_specks([a, b], ["left", "right"])
-    assert out[0][12, 12] == 0 and out[0][3, 3] == 1 and out[1] is b and a[12, 12] == 2
-    assert note == ("1 painted object with no interior pixel left out of training (too thin or small to learn "
-                    "from; stray brush strokes?): left: 2")
-    assert drop_specks([b], ["right"]) == ([b], "")
-    with pytest.raises(SparseSegError, match=r"every painted object has no interior pixel \(left: 2, 5\): paint whole "
-                       r"objects, at least 3 pixels across"):
-        c = np.zeros((20, 20), int)
-        c[12, 12], c[3, 3:9] = 2, 5
-        drop_specks([c], ["left"])
 
 
 def test_empty():

@@ -397,24 +397,6 @@ def test_ignore_mask_removes_pixels_from_training(cells2d):
         Trainer([img, img], [sparse, sparse], TrainConfig(iterations=1, **FAST), ignore=[ignore])
 
 
-def test_specks_are_left_out_of_training_and_of_the_scale_and_the_user_is_told(cells2d):
-    img, gt = cells2d[0]
-    sparse = sparsify(gt, 0.5)
-    clean = Trainer([img], [sparse], TrainConfig(iterations=1, **FAST))
-    specked = sparse.copy()
-    free = np.argwhere(gt == 0)[::97][:5]  # five stray clicks outside every object
-    specked[tuple(free.T)] = np.arange(1000, 1005)
-    trainer = Trainer([img], [specked], TrainConfig(iterations=1, **FAST), names=["cells"])
-    assert trainer.note == ("5 painted objects with no interior pixel left out of training (too thin or small to "
-                            "learn from; stray brush strokes?): cells: 1000, 1001, 1002, 1003, 1004")
-    assert (specked[tuple(free.T)] == np.arange(1000, 1005)).all()  # the user's labels are untouched
-    assert trainer.samples[0].zoom == clean.samples[0].zoom and clean.note == ""
-    assert len(trainer.samples[0].objects) == len(clean.samples[0].objects)
-    assert set(trainer.samples[0].ids.tolist()) == set(np.unique(sparse[sparse > 0]).tolist())
-    event = next(trainer.run())
-    assert event.note == trainer.note
-
-
 def test_unknown_method_is_named_in_the_error():
     with pytest.raises(SparseSegError, match="method 'crack': expected auto or one of spoco, crac"):
         TrainConfig(method="crack")

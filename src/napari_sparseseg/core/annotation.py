@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage, stats
 
-from .errors import SparseSegError
 from .rescue import painted_contrast
 from .scale import object_diameters
 
@@ -47,8 +46,8 @@ def check_annotations(labels: np.ndarray, background_id: int | None = None) -> A
             f"Label(s) {_ids_text(split)} consist of separate pieces: touching or distant objects need their own id."
         )
     if specks:
-        report.warnings.append(f"Label(s) {_ids_text(specks)} have no interior pixel: training leaves them out "
-                               "(stray brush strokes?)")
+        report.warnings.append(f"Label(s) {_ids_text(specks)} have no interior pixel: too thin or small to learn "
+                               "from (stray brush strokes?)")
     if border:
         report.warnings.append(
             f"Label(s) {_ids_text(border)} touch the image border: they are treated as complete objects."
@@ -62,9 +61,9 @@ def speck_ids(labels: np.ndarray, background_id: int | None = None) -> np.ndarra
     counts as the same object, so an object cut by the border keeps its interior.
 
     Such an object has no inside to tell from its boundary: a stray click, a line, what is left of
-    an erased object. Its size says nothing about the scale of the objects either, and a few of
-    them among few painted objects halve the median diameter the zoom is read from (two to six of
-    the nine objects of a 10 % draw of the FIB-SEM gala volume's labels are single voxels)."""
+    an erased object, a sliver cut by the border. The Annotate tab warns about them; training uses
+    them as painted (leaving them out of training and of the object size was measured on the
+    suite and is not the default: docs/benchmarks.md, "Painted specks")."""
     lab = np.asarray(labels)
     p = np.pad(lab, [(0, 0)] * (lab.ndim - 2) + [(1, 1), (1, 1)], mode="edge")
     c = p[..., 1:-1, 1:-1]
@@ -75,29 +74,6 @@ def speck_ids(labels: np.ndarray, background_id: int | None = None) -> np.ndarra
 
 def _ids_text(v) -> str:
     return ", ".join(map(str, v[:8])) + (" ..." if len(v) > 8 else "")
-
-
-def drop_specks(labels: list[np.ndarray], names: list[str],
-                background_id: int | None = None) -> tuple[list[np.ndarray], str]:
-    """The label images with their specks (:func:`speck_ids`) made unlabeled, for training (the
-    user's arrays are not changed; an image without specks is passed on as it is), and a note for
-    the user naming them ("" when there are none). Raises if every painted object is a speck."""
-    out, found, n, left = [], [], 0, False
-    for lab, name in zip(labels, names):
-        ids = speck_ids(lab, background_id)
-        if ids.size:
-            lab = np.where(np.isin(lab, ids), 0, lab)
-            found.append(f"{name}: {_ids_text(ids.tolist())}")
-            n += ids.size
-        left = left or bool(np.any((lab > 0) & (lab != (background_id if background_id is not None else 0))))
-        out.append(lab)
-    if n and not left:
-        raise SparseSegError(f"every painted object has no interior pixel ({'; '.join(found)}): paint whole objects, "
-                             "at least 3 pixels across")
-    if not n:
-        return out, ""
-    return out, (f"{n} painted object{'s' if n > 1 else ''} with no interior pixel left out of training (too thin or "
-                 f"small to learn from; stray brush strokes?): {'; '.join(found)}")
 
 
 #: annotation_statistics: the image is smoothed by this many object diameters before pixels are compared

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import checkpoint, scale as scales
-from .annotation import annotation_statistics, drop_specks
+from .annotation import annotation_statistics
 from .data import CropSampler, heldout_objects, hold_out, prepare
 from .device import resolve_device, resolve_precision, tune_allocator
 from .errors import SparseSegError
@@ -252,19 +252,17 @@ class Trainer:
         for lab, name in zip(labels, names):
             if lab.ndim != ndim:
                 raise SparseSegError(f"{name}: labels are {lab.ndim}D but {names[0]} is {ndim}D; mix no dimensionalities")
-        # objects with no inside to learn from, whose sizes would skew the zoom (annotation.speck_ids)
-        labels, self.note = drop_specks(labels, names, cfg.background_id)
         imgs = _channels_first(images, names, ndim, None if init is None else init.in_channels)
         channels = imgs[0].shape[0]
         #: what the trainer decided at its start, for the user (the first TrainEvent carries it)
+        self.note = ""
         self.fine_tune: dict[str, Any] | None = None
         if init is not None:
             checkpoint.check_compatible(init.config, ndim, channels, names[0])
             if not resume and cfg.finetune == "auto":
                 from .transfer import keep_parent
 
-                keep, self.fine_tune, note = keep_parent(init, images, labels, cfg, voxel_sizes)
-                self.note = " ".join(t for t in (self.note, note) if t)
+                keep, self.fine_tune, self.note = keep_parent(init, images, labels, cfg, voxel_sizes)
                 if not keep:
                     init = None
                     imgs = _channels_first(images, names, ndim, None)
