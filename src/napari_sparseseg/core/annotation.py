@@ -30,10 +30,11 @@ def check_annotations(labels: np.ndarray, background_id: int | None = None) -> A
     report = AnnotationReport(len(ids), ids)
     slices = ndimage.find_objects(labels)
     specks = speck_ids(labels, background_id).tolist()
+    speck_set = set(specks)
     split, border = [], []
     for i in ids:
         sl = slices[i - 1] if i - 1 < len(slices) else None
-        if sl is None or i in specks:
+        if sl is None or i in speck_set:
             continue
         mask = labels[sl] == i
         if ndimage.label(mask)[1] > 1:
