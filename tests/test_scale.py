@@ -58,6 +58,19 @@ def test_one_odd_object_does_not_make_its_image_a_scale_of_its_own():
     assert d[-1] < 20 and scale.mixed_sizes(d)
 
 
+def test_a_diameter_from_a_few_painted_objects_is_reported_as_uncertain():
+    labs = [_squares(0, 3, sides=[40, 60, 90])]  # 45, 68 and 102 px across
+    note = scale.few_objects_note(labs, scale.image_diameters(labs))
+    assert note == ("object diameter 68 px, from only 3 painted objects (45-102 px): it may be off by up to 1.7x, "
+                    "and the images are zoomed by it; set the object diameter if you know it")
+    one = [_squares(0, 1, sides=[40])]
+    assert "from only 1 painted object: it may be off by up to 2.4x" in scale.few_objects_note(
+        one, scale.image_diameters(one))
+    # sixteen objects of about one size: no warning
+    many = [_squares(60, 16, jitter=3)]
+    assert scale.few_objects_note(many, scale.image_diameters(many)) == ""
+
+
 def test_zoom_limits_and_errors():
     assert scale.zoom_for(1000, 2) == scale.MIN_ZOOM and scale.zoom_for(2, 2) == scale.MAX_ZOOM
     assert scale.zoom_for(16, 3) == 1.0

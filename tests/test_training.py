@@ -184,9 +184,10 @@ def test_fine_tuning_sets_aside_a_model_that_does_not_find_the_painted_objects(c
 
     # "always" and resuming never ask
     monkeypatch.setattr(transfer, "painted_recovery", lambda *a, **k: pytest.fail("asked"))
-    assert Trainer([img], [sparse], TrainConfig(iterations=1, finetune="always", **FAST), init=parent).note == ""
-    assert Trainer([img], [sparse], TrainConfig(iterations=1, **FAST), init=load_model(tmp_path / "p"),
-                   resume=True).note == ""
+    notes = [Trainer([img], [sparse], TrainConfig(iterations=1, finetune="always", **FAST), init=parent).note,
+             Trainer([img], [sparse], TrainConfig(iterations=1, **FAST), init=load_model(tmp_path / "p"),
+                     resume=True).note]
+    assert not any("fine-tuning" in n or "mean best IoU" in n for n in notes)
 
 
 def test_painted_recovery_matches_each_painted_object_with_its_best_segment(monkeypatch):
@@ -483,3 +484,13 @@ def test_grey_and_rgb_images_train_together_and_a_grey_image_fits_an_rgb_model(c
     model = load_model(tmp_path / "m")
     assert predict_scaled(model, img, device="cpu").shape == img.shape
     Trainer([img], [gt], TrainConfig(iterations=1, **FAST), init=model)  # fine-tuning it on a grey image
+
+
+def test_a_diameter_from_a_few_painted_objects_is_reported_and_a_given_one_is_not():
+    img = np.random.default_rng(0).random((200, 200)).astype(np.float32)
+    lab = np.zeros((200, 200), int)
+    lab[10:90, 10:90], lab[100:160, 100:160], lab[20:60, 120:160] = 1, 2, 3  # 90, 68, 45 px across
+    note = Trainer([img], [lab], TrainConfig(iterations=1, **FAST)).note
+    assert note.startswith("object diameter 68 px, from only 3 painted objects (45-90 px): it may be off by up to")
+    assert note.endswith("set the object diameter if you know it")
+    assert Trainer([img], [lab], TrainConfig(iterations=1, diameter=68, **FAST)).note == ""

@@ -101,6 +101,39 @@ def image_diameters(labels: list[np.ndarray], background_id: int | None = None) 
     return out
 
 
+#: training warns that the painted objects' median diameter may be off when two standard errors
+#: of it span more than this factor (a handful of painted objects of different sizes)
+UNCERTAIN_DIAMETER = 1.5
+
+
+def few_objects_note(labels: list[np.ndarray], diameters: list[float | None],
+                     background_id: int | None = None) -> str:
+    """A warning when the painted objects' median diameter says little about the objects' size,
+    e.g. "object diameter 27 px, from only 3 painted objects (6-42 px): it may be off by up to
+    3.0x ...". The median's standard error is read off the painted objects (half the spread between
+    their quantiles at 0.5 -/+ 0.5/sqrt(n), distribution-free: sqrt(pi/2) sd / sqrt(n) for normal
+    log diameters), and is at least what a within-image spread of PRIOR_LOG_SD gives. A wrong
+    diameter zooms the images to the wrong scale (docs/benchmarks.md, "The object size from a few
+    painted objects"); moving it towards the target by that uncertainty was measured and is not
+    the default."""
+    used = common_diameter(diameters)
+    logs = [np.log(object_diameters(lab, background_id)) for lab in labels]
+    logs = [v[np.isfinite(v)] for v in logs if v.size]
+    if not used or not logs:
+        return ""
+    residuals = np.concatenate([v - np.median(v) for v in logs])
+    n = residuals.size
+    half = 0.5 / math.sqrt(n)
+    spread = float(np.quantile(residuals, 0.5 + half) - np.quantile(residuals, 0.5 - half)) / 2 if n > 1 else 0.0
+    factor = math.exp(2 * max(spread, math.sqrt(np.pi / 2) * PRIOR_LOG_SD / math.sqrt(n)))
+    if factor < UNCERTAIN_DIAMETER:
+        return ""
+    d = np.exp(np.concatenate(logs))
+    sizes = f" ({d.min():.0f}-{d.max():.0f} px)" if n > 1 else ""
+    return (f"object diameter {used:.0f} px, from only {n} painted object{'s' * (n > 1)}{sizes}: it may be off by up "
+            f"to {factor:.1f}x, and the images are zoomed by it; set the object diameter if you know it")
+
+
 #: coordinate channels: embedding units across one object of the target diameter (objects are
 #: zoomed to it, so the scale follows the annotation), so that the centres of two touching objects
 #: start 2 dd apart (the push margin). SPOCO's network only: CRAC's (the default) has no coordinate

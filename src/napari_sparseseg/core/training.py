@@ -286,6 +286,8 @@ class Trainer:
             labels = [np.where(np.asarray(m).astype(bool), 0, lab) if m is not None and np.shape(m) == lab.shape
                       else lab for lab, m in zip(labels, ignore)]
         diameters = scales.image_diameters(labels, cfg.background_id)
+        note = "" if cfg.diameter else scales.few_objects_note(labels, diameters, cfg.background_id)
+        self.note = " ".join(filter(None, [self.note, note]))
         zooms = scales.training_zooms(diameters, ndim, cfg.diameter)
         voxels = _voxel_sizes(cfg, voxel_sizes, init, ndim, names)
         z_zooms = [scales.z_zoom(z, v) for z, v in zip(zooms, voxels)]
