@@ -53,6 +53,12 @@ def object_diameters(labels: np.ndarray, background_id: int | None = None) -> np
     return 2 * np.sqrt(counts / np.pi)
 
 
+def _log_diameters(labels: list[np.ndarray], background_id: int | None) -> list[np.ndarray]:
+    """Each label image's annotated objects' log diameters (empty for an image without any)."""
+    logs = [np.log(object_diameters(lab, background_id)) for lab in labels]
+    return [v[np.isfinite(v)] for v in logs]
+
+
 #: within-image spread (sd of log diameter) assumed when no image has two annotated objects
 PRIOR_LOG_SD = 0.35
 
@@ -66,8 +72,7 @@ def image_diameters(labels: list[np.ndarray], background_id: int | None = None) 
     of truly different scales (say 10 vs 60 px nuclei) keep their own; a plant with one small
     labeled leaf among many does not become a "small-object image".
     """
-    logs = [np.log(object_diameters(lab, background_id)) for lab in labels]
-    logs = [v[np.isfinite(v)] for v in logs]
+    logs = _log_diameters(labels, background_id)
     have = [v for v in logs if v.size]
     if not have:
         return [None] * len(labels)
@@ -117,8 +122,7 @@ def few_objects_note(labels: list[np.ndarray], diameters: list[float | None],
     painted objects"); moving it towards the target by that uncertainty was measured and is not
     the default."""
     used = common_diameter(diameters)
-    logs = [np.log(object_diameters(lab, background_id)) for lab in labels]
-    logs = [v[np.isfinite(v)] for v in logs if v.size]
+    logs = [v for v in _log_diameters(labels, background_id) if v.size]
     if not used or not logs:
         return ""
     residuals = np.concatenate([v - np.median(v) for v in logs])
