@@ -2,6 +2,7 @@
 downloaded on first use."""
 
 import os
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -113,6 +114,87 @@ def test_download_failure_says_where_to_put_the_file(monkeypatch, tmp_path):
     msg = str(err.value)
     assert f"could not download {URL} (ConnectionError: no route to host)" in msg
     assert str(tmp_path / "cache" / "repo-01234567-sample.h5") in msg
+
+
+# --- the same over real HTTP: a server on this machine, pooch's own download -------------------
+@pytest.fixture
+def http_root(tmp_path):
+    """A folder served over HTTP on 127.0.0.1 (a thread; stopped after the test): (folder, base URL).
+    A file whose name ends in ``.cut`` is sent with a Content-Length twice its size, then the
+    connection is closed: a download that breaks off."""
+    import http.server
+    import threading
+    from functools import partial
+
+    root = tmp_path / "www"
+    root.mkdir()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the stdlib's name
+            path = Path(self.translate_path(self.path))
+            if path.suffix != ".cut":
+                return super().do_GET()
+            body = path.read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(2 * len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _publish(root: Path, name: str, arrays: dict[str, np.ndarray]) -> str:
+    """Writes an HDF5 file at ``root/owner/repo/<commit>/name``; returns its path under the server."""
+    rel = f"owner/repo/0123456789abcdef/{name}"
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(root / rel, "w") as f:
+        for key, arr in arrays.items():
+            f.create_dataset(key, data=arr)
+    return rel
+
+
+def test_read_remote_downloads_over_http_once(http_root, tmp_path):
+    root, base = http_root
+    raw = np.arange(60, dtype=np.uint16).reshape(3, 4, 5)
+    url = f"{base}/{_publish(root, 'sample.h5', {'raw': raw})}"
+    cache = tmp_path / "cache"
+    np.testing.assert_array_equal(read_remote(Remote(url, "raw", content_hash(raw)), cache), raw)
+    assert [p.name for p in cache.iterdir()] == ["repo-01234567-sample.h5"]
+    (root / "owner").rename(root / "gone")  # the server no longer has it: the cache answers
+    np.testing.assert_array_equal(read_remote(Remote(url, "raw", content_hash(raw)), cache), raw)
+
+
+def test_http_error_says_what_failed_and_leaves_no_file(http_root, tmp_path):
+    _, base = http_root
+    url = f"{base}/owner/repo/0123456789abcdef/missing.h5"
+    cache = tmp_path / "cache"
+    expected = (rf"could not download {url} \(HTTPError: 404 .*; try again, or download that file .*, "
+                rf"copy it to .*repo-01234567-missing\.h5 and open the sample again")
+    with pytest.raises(SparseSegError, match=expected):
+        read_remote(Remote(url, "raw", "0" * 64), cache)
+    assert not (cache / "repo-01234567-missing.h5").exists()
+
+
+def test_broken_off_download_leaves_no_file_behind(http_root, tmp_path):
+    root, base = http_root
+    rel = _publish(root, "sample.h5.cut", {"raw": np.zeros((4, 64, 64), np.uint8)})
+    url = f"{base}/{rel}"
+    cache = tmp_path / "cache"
+    with pytest.raises(SparseSegError, match=rf"could not download {url} \("):
+        read_remote(Remote(url, "raw", "0" * 64), cache)
+    # nothing half-written where the next try (or the user's copy) goes
+    assert not (cache / "repo-01234567-sample.h5.cut").exists()
 
 
 def test_unknown_real_sample_lists_the_choices():

@@ -130,8 +130,8 @@ def fetch(url: str, folder: Path | None = None) -> Path:
         return Path(pooch.retrieve(url, known_hash=None, fname=path.name, path=folder, progressbar=False))
     except Exception as err:  # noqa: BLE001 - any failure to download reads the same to a user
         raise SparseSegError(
-            f"could not download {url} ({type(err).__name__}: {err}); without a network, copy that "
-            f"file to {path} and open the sample again") from err
+            f"could not download {url} ({type(err).__name__}: {err}); try again, or download that file "
+            f"where there is a network, copy it to {path} and open the sample again") from err
 
 
 def read_remote(remote: Remote, folder: Path | None = None) -> np.ndarray:
