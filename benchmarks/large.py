@@ -1,6 +1,6 @@
 """Blockwise segmentation of a synthetic stack on disk: throughput and peak memory.
 
-    python benchmarks/large.py [--size-gib 0.01] [--workers 1 2] [--model MODEL] [--whole]
+    python benchmarks/large.py [--size-gib 0.01] [--workers 1 2] [--model MODEL] [--whole] [--clustering mws]
     python benchmarks/large.py --size-gib 1 --workers --train 60     # training only
 
 Writes a synthetic uint8 stack (cells, generated block by block, never whole in memory) as zarr,
@@ -115,6 +115,7 @@ def main() -> None:
     p.add_argument("--model", type=Path, default=None)
     p.add_argument("--base-channels", type=int, default=None, help="of the trained model (default: 8)")
     p.add_argument("--depth", type=int, default=4, help="of the trained model")
+    p.add_argument("--clustering", default=None, help="sparseseg segment's --clustering (default: its own, auto)")
     p.add_argument("--whole", action="store_true", help="also run the whole-image path (TIFF input)")
     p.add_argument("--tmp", type=Path, default=None, help="folder for the stack and outputs (default: a temp dir)")
     p.add_argument("--train", type=float, default=None, metavar="SECONDS",
@@ -142,6 +143,8 @@ def main() -> None:
         cmd = base + ["--images", str(stack), "--out", str(out), "--workers", str(w)]
         if args.block_shape:
             cmd += ["--block-shape", *map(str, args.block_shape)]
+        if args.clustering:
+            cmd += ["--clustering", args.clustering]
         secs, peak, out = run(cmd, env)
         rows.append((f"blockwise, {w} worker(s)", secs, peak, out.strip().splitlines()[-1]))
     if args.train:
