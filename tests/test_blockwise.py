@@ -144,6 +144,21 @@ def test_resume_refuses_other_settings(oracle, tmp_path):
                           work=work, predictor=OraclePredictor(root / "outputs.npy"))
 
 
+def test_an_output_that_cannot_be_written_is_refused_before_any_block_is_predicted(oracle, tmp_path):
+    root, lab = oracle
+    calls = tmp_path / "calls"
+    kw = dict(predictor=OraclePredictor(root / "outputs.npy", calls))
+    # img.zarr is a plain array, not an OME-Zarr image: it has no labels group to write into
+    with pytest.raises(SparseSegError, match=r"img.zarr/labels/seg: .*img.zarr is not an OME-Zarr image, so it has "
+                                             r"no labels group"):
+        run(root, oracle_outputs(lab), root / "img.zarr" / "labels" / "seg", work=tmp_path / "w1", **kw)
+    with pytest.raises(SparseSegError, match=r"other.zarr/labels/seg: a labels image belongs to the image it labels; "
+                                             r"the input is .*img.zarr"):
+        run(root, oracle_outputs(lab), tmp_path / "other.zarr" / "labels" / "seg", work=tmp_path / "w2", **kw)
+    assert not calls.exists()  # refused up front, not after predicting and clustering every block
+    assert not (root / "img.zarr" / "labels").exists()
+
+
 def test_local_cluster_gives_the_same_labels(oracle, tmp_path):
     root, lab = oracle
     outputs = oracle_outputs(lab, noise=0.3, seed=3)

@@ -41,6 +41,8 @@ from .errors import SparseSegError
 BLOCK = {2: (1024, 1024), 3: (48, 128, 128)}
 #: clustering methods that run blockwise: graph methods on local pixel neighbourhoods
 BLOCKWISE_METHODS = ("auto", "mws", "multicut")
+#: how long to try to reach a dask scheduler given by its address
+CONNECT_TIMEOUT = "30s"
 #: what the CLI's --out may end with to be a single file (else a folder for <stem>.zarr)
 TIFF_SUFFIXES = (".tif", ".tiff")
 
@@ -186,6 +188,8 @@ def segment_blockwise(
     faint = faint_fraction(config, user_faint)
     volume = B.open_volume(image, ndim, channels, level)
     block = B.check_block_shape(block_shape or BLOCK[ndim], ndim, f"{image}: block shape")
+    if out.suffix.lower() not in TIFF_SUFFIXES:
+        _check_output(out, image, level, len(volume.shape))
     for existing in (out, out / "0"):  # a plain array, or an OME-Zarr labels image's level 0
         if existing.exists() and out.suffix.lower() not in TIFF_SUFFIXES:
             try:
@@ -299,7 +303,7 @@ def _client(workers: int, scheduler: str | None):
         from distributed import Client
 
         try:
-            return Client(scheduler, timeout="30s")
+            return Client(scheduler, timeout=CONNECT_TIMEOUT)
         except OSError as err:
             raise SparseSegError(f"scheduler {scheduler!r}: could not connect ({err})") from err
     if workers == 0:
@@ -367,21 +371,36 @@ def _ome_axes(image: Path, level: int, ndim: int) -> tuple[list, list] | None:
     return [axes[i] for i in keep], [scale[i] for i in keep]
 
 
+def _labels_group_output(out: Path) -> bool:
+    """Whether ``out`` names a labels image inside a zarr (``<root>.zarr/.../labels/<name>``)."""
+    root = zarr_root(out)
+    return out.parent.name == "labels" and root is not None and root != out
+
+
+def _check_output(out: Path, image: Path, level: int, ndim: int) -> tuple | None:
+    """Refuse, before any block is predicted, an output that cannot be written: a labels image
+    of another image than the input, or in an input that is not an OME-Zarr image. Returns the
+    image's OME axes for a labels-group output, None for a plain output."""
+    if not _labels_group_output(out):
+        return None
+    if zarr_root(out).resolve() != image.resolve():
+        raise SparseSegError(f"--out {out}: a labels image belongs to the image it labels; the input is {image}")
+    axes = _ome_axes(image, level, ndim)
+    if axes is None:
+        raise SparseSegError(f"--out {out}: {image} is not an OME-Zarr image, so it has no labels group")
+    return axes
+
+
 def _create_output(out: Path, volume: Volume, block, dtype: str, image: Path, level: int) -> Path:
     """Create the output array; inside ``<image>.zarr/labels/<name>`` an OME-Zarr labels image
     (NGFF 0.4 or 0.5, as the image) listed in the labels group. Returns the array's path."""
     import zarr
 
     chunks = tuple(min(b, s) for b, s in zip(block, volume.shape))
-    if out.parent.name != "labels" or zarr_root(out) is None or zarr_root(out) == out:
+    axes = _check_output(out, image, level, len(volume.shape))
+    if axes is None:
         _make_array(out, volume.shape, chunks, dtype)
         return out
-    root = zarr_root(out)
-    if root.resolve() != image.resolve():
-        raise SparseSegError(f"--out {out}: a labels image belongs to the image it labels; the input is {image}")
-    axes = _ome_axes(image, level, len(volume.shape))
-    if axes is None:
-        raise SparseSegError(f"--out {out}: {image} is not an OME-Zarr image, so it has no labels group")
     fmt = zarr.open_group(str(image), mode="r").metadata.zarr_format
     labels = zarr.open_group(str(out.parent), mode="a", zarr_format=fmt)
     group = zarr.open_group(str(out), mode="a", zarr_format=fmt)
