@@ -62,7 +62,7 @@ def _read_zarr(path: Path) -> np.ndarray:
     node = zarr.open(str(path), mode="r")
     if isinstance(node, zarr.Array):
         return node
-    arrays = list(node.array_keys())
+    arrays = sorted(node.array_keys())
     if len(arrays) != 1:
         raise SparseSegError(
             f"{path}: zarr group holds arrays {arrays}; expected exactly one array (or point to it: {path}/<name>)"
