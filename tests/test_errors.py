@@ -3,29 +3,23 @@
 (The errors of a workflow are tested beside it; these are the ones a coverage run of the suite
 found raised by no test.)"""
 
+import hashlib
 import json
 import zipfile
+from io import BytesIO
 
 import numpy as np
 import pytest
 import tifffile
 import torch
 import zarr
+from test_checkpoint import _model
 
 from napari_sparseseg import SparseSegError, TrainConfig, Trainer
 from napari_sparseseg.cli import main
 from napari_sparseseg.core import blocks, blockwise, checkpoint, clustering, io
 from napari_sparseseg.core.methods import get_method
-from napari_sparseseg.core.network import UNet, make_ema
 from napari_sparseseg.core.package import PACKAGE_CONFIG, read_package
-
-
-def _model(ndim=2):
-    torch.manual_seed(0)
-    net = UNet(ndim=ndim, in_channels=1, base_channels=4, depth=2)
-    cfg = {"network": net.config, "normalization": {"low": 1, "high": 99.8}, "scale": 1.0,
-           "training": {"iteration": 3}}
-    return checkpoint.Model(net=net, ema=make_ema(net), config=cfg)
 
 
 # --- reading images and labels ------------------------------------------------------------------
@@ -179,8 +173,6 @@ def _package(tmp_path, files: dict[str, bytes], entries: dict) -> str:
 
 
 def test_package_files_that_are_missing_or_not_weights(tmp_path):
-    import hashlib
-
     with pytest.raises(SparseSegError, match=r"model package .*pkg.zip: sparseseg_config.json names no weights file"):
         read_package(_package(tmp_path, {}, {}))
     with pytest.raises(SparseSegError, match=r"model package .*pkg.zip: w.pt is missing"):
@@ -189,9 +181,7 @@ def test_package_files_that_are_missing_or_not_weights(tmp_path):
     entry = {"weights": {"name": "w.pt", "sha256": hashlib.sha256(junk).hexdigest()}}
     with pytest.raises(SparseSegError, match=r"model package .*pkg.zip: w.pt could not be read as weights \("):
         read_package(_package(tmp_path, {"w.pt": junk}, entry))
-    import io as _io
-
-    buf = _io.BytesIO()
+    buf = BytesIO()
     torch.save({"step": 3}, buf)  # loads without running code, but holds no tensors
     data = buf.getvalue()
     entry = {"weights": {"name": "w.pt", "sha256": hashlib.sha256(data).hexdigest()}}

@@ -188,10 +188,10 @@ def segment_blockwise(
     faint = faint_fraction(config, user_faint)
     volume = B.open_volume(image, ndim, channels, level)
     block = B.check_block_shape(block_shape or BLOCK[ndim], ndim, f"{image}: block shape")
-    if out.suffix.lower() not in TIFF_SUFFIXES:
-        _check_output(out, image, level, len(volume.shape))
+    tiff = out.suffix.lower() in TIFF_SUFFIXES
+    ome_axes = None if tiff else _check_output(out, image, level, len(volume.shape))  # before any block
     for existing in (out, out / "0"):  # a plain array, or an OME-Zarr labels image's level 0
-        if existing.exists() and out.suffix.lower() not in TIFF_SUFFIXES:
+        if existing.exists() and not tiff:
             try:
                 shape = zarr.open_array(str(existing), mode="r").shape
             except Exception:
@@ -270,9 +270,8 @@ def segment_blockwise(
         seconds["stitch"] = time.perf_counter() - t
         n_objects = int(lookup.max()) if lookup.size else 0
         dtype = "uint32" if n_objects < 2**32 - 1 else "uint64"
-        tiff = out.suffix.lower() in TIFF_SUFFIXES
         target = work / "labels.zarr" if tiff else out
-        arr_path = _create_output(target, volume, block, dtype, image, level)
+        arr_path = _create_output(target, volume, block, dtype, image, ome_axes)
         t = time.perf_counter()
         out_ids = list(range(int(np.prod(B.grid(volume.shape, block)))))
         execute(partial(B.write_block, job, str(arr_path)), out_ids, client, "write", progress)
@@ -371,19 +370,14 @@ def _ome_axes(image: Path, level: int, ndim: int) -> tuple[list, list] | None:
     return [axes[i] for i in keep], [scale[i] for i in keep]
 
 
-def _labels_group_output(out: Path) -> bool:
-    """Whether ``out`` names a labels image inside a zarr (``<root>.zarr/.../labels/<name>``)."""
-    root = zarr_root(out)
-    return out.parent.name == "labels" and root is not None and root != out
-
-
 def _check_output(out: Path, image: Path, level: int, ndim: int) -> tuple | None:
     """Refuse, before any block is predicted, an output that cannot be written: a labels image
-    of another image than the input, or in an input that is not an OME-Zarr image. Returns the
-    image's OME axes for a labels-group output, None for a plain output."""
-    if not _labels_group_output(out):
+    (``<root>.zarr/.../labels/<name>``) of another image than the input, or in an input that is
+    not an OME-Zarr image. Returns the image's OME axes for a labels image, None for a plain output."""
+    root = zarr_root(out)
+    if out.parent.name != "labels" or root is None or root == out:
         return None
-    if zarr_root(out).resolve() != image.resolve():
+    if root.resolve() != image.resolve():
         raise SparseSegError(f"--out {out}: a labels image belongs to the image it labels; the input is {image}")
     axes = _ome_axes(image, level, ndim)
     if axes is None:
@@ -391,13 +385,13 @@ def _check_output(out: Path, image: Path, level: int, ndim: int) -> tuple | None
     return axes
 
 
-def _create_output(out: Path, volume: Volume, block, dtype: str, image: Path, level: int) -> Path:
-    """Create the output array; inside ``<image>.zarr/labels/<name>`` an OME-Zarr labels image
-    (NGFF 0.4 or 0.5, as the image) listed in the labels group. Returns the array's path."""
+def _create_output(out: Path, volume: Volume, block, dtype: str, image: Path, axes: tuple | None) -> Path:
+    """Create the output array; with ``axes`` (:func:`_check_output`: ``out`` is
+    ``<image>.zarr/labels/<name>``) an OME-Zarr labels image (NGFF 0.4 or 0.5, as the image) listed
+    in the labels group. Returns the array's path."""
     import zarr
 
     chunks = tuple(min(b, s) for b, s in zip(block, volume.shape))
-    axes = _check_output(out, image, level, len(volume.shape))
     if axes is None:
         _make_array(out, volume.shape, chunks, dtype)
         return out
