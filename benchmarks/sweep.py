@@ -36,6 +36,7 @@ from suite_data import DATASETS, LOWER_IS_BETTER  # noqa: E402
 
 from napari_sparseseg.core import checkpoint, io  # noqa: E402
 from napari_sparseseg.core import prediction  # noqa: E402
+from napari_sparseseg.core.annotation import border_statistics  # noqa: E402
 from napari_sparseseg.core import rescue as rescue_mod  # noqa: E402
 from napari_sparseseg.core import scale as scale_mod  # noqa: E402
 from napari_sparseseg.core import segment as seg_mod  # noqa: E402
@@ -115,12 +116,14 @@ def constants(setting: dict):
 
 
 def measure_annotation(model, run: Path, root: Path) -> None:
-    """Give a model trained before ``annotation.object_contrast`` existed (:mod:`.core.rescue`) the
-    figure of its run's own sparse labels, measured at the images' resolution (the contrast is a
-    ratio of intensities over the image's spread, the ring scaled to the objects: it does not
-    depend on the zoom); the model folder is not touched."""
+    """Give a model trained before ``annotation.object_contrast`` or ``annotation.border_contrast``
+    existed (:mod:`.core.rescue`, :mod:`.core.annotation`) the figures of its run's own sparse
+    labels, measured at the images' resolution (the contrast is a ratio of intensities over the
+    image's spread, the ring scaled to the objects: it does not depend on the zoom); the model
+    folder is not touched."""
     ann = model.config.get("annotation") or {}
-    if ann.get("object_contrast") is not None or not (run / "sparse").is_dir():
+    missing = ann.get("object_contrast") is None or "border_contrast" not in ann
+    if not missing or not (run / "sparse").is_dir():
         return
     images, labels = [], []
     for path in sorted((run / "sparse").iterdir()):
@@ -128,7 +131,14 @@ def measure_annotation(model, run: Path, root: Path) -> None:
         if found:
             labels.append(io.read_labels(path))
             images.append(io.to_channels_first(io.read(found[0]), model.ndim).astype(np.float32))
-    ann["object_contrast"] = rescue_mod.painted_contrast(images, labels) if labels else None
+    if ann.get("object_contrast") is None:
+        ann["object_contrast"] = rescue_mod.painted_contrast(images, labels) if labels else None
+    if "border_contrast" not in ann:
+        # at the images' resolution, normalised as the network sees them (training measures them at
+        # the model's scale; the polarity and the ranks barely depend on it)
+        norm = model.config["normalization"]
+        normed = [io.normalize(i, norm["low"], norm["high"]) for i in images]
+        ann["border_direction"], ann["border_contrast"] = border_statistics(normed, labels) if labels else (None, None)
     model.config["annotation"] = ann
 
 

@@ -242,3 +242,79 @@ def test_each_clustering_takes_its_own_default_bias(monkeypatch):
     cluster(model, e)
     cluster(model, e, "mws", bias=-0.1)
     assert seen == [("multicut", -0.03), ("multicut", 0.2), ("mws", 0.07), ("mws", -0.1)]
+
+
+def test_image_boundaries_follow_the_border_direction():
+    img = np.full((1, 16, 16), 0.2, np.float32)
+    img[0, :, 8] = 1.0  # a bright membrane
+    bright = A.image_boundaries(img, [1.0])
+    assert bright.shape == (16, 16) and bright[:, 8].min() > bright[:, 2].max()
+    dark = A.image_boundaries(1.0 - img, [-1.0])  # a dark one (EM), as its annotation says
+    np.testing.assert_allclose(dark, bright, atol=1e-6)
+    # two channels, the membrane in the first: the weights pick it
+    two = np.concatenate([img, np.full_like(img, 0.5)])
+    np.testing.assert_allclose(A.image_boundaries(two, [1.0, 0.0]), bright, atol=1e-6)
+    with pytest.raises(SparseSegError, match=r"border direction: expected one weight per channel \(2\), got \(1,\)"):
+        A.image_boundaries(two, [1.0])
+
+
+def test_image_weight_grows_with_the_border_contrast(monkeypatch):
+    monkeypatch.setattr(A, "IMAGE_WEIGHT", 0.8)  # the rule, whatever the constant
+    assert A.image_weight(None) == 0.0 and A.image_weight({}) == 0.0  # models from before the statistic
+    assert A.image_weight({"border_direction": [1.0], "border_contrast": 1.0}) == pytest.approx(0.8)
+    assert A.image_weight({"border_direction": [1.0], "border_contrast": 0.75}) == pytest.approx(0.4)
+    assert A.image_weight({"border_direction": [1.0], "border_contrast": 0.5}) == 0.0  # borders look like interiors
+    assert A.image_weight({"border_direction": [1.0], "border_contrast": 0.3}) == 0.0
+    assert A.image_weight({"border_direction": None, "border_contrast": 0.9}) == 0.0
+
+
+def test_image_boundaries_split_a_superpixel_the_network_map_misses():
+    """Two cells side by side: the network's nearest-neighbour weights miss the wall between them
+    (one superpixel, one object), its long-range weights see it. A membrane in the image splits the
+    superpixel, and the network's own weights across the new boundary cut it."""
+    lab = np.ones((32, 32), np.int64)
+    lab[:, 16:] = 2
+    offsets = default_offsets(2)
+    w = _weights(lab, offsets)
+    w[:2] = 0.0  # the nearest-neighbour channels: no boundary anywhere
+    image = np.zeros((32, 32), np.float32)
+    image[:, 15:17] = 1.0
+    alone = A.multicut_segmentation(w, offsets)
+    assert len(np.unique(alone)) == 1
+    both = A.multicut_segmentation(w, offsets, image_boundaries=image, image_weight=0.75)
+    assert evaluate(both, lab)["arand"] < 0.05 and len(np.unique(both)) == 2
+    # the image alone decides nothing: where the network's weights see no wall, the superpixels merge
+    same = _weights(np.ones_like(lab), offsets)
+    assert len(np.unique(A.multicut_segmentation(same, offsets, image_boundaries=image, image_weight=0.75))) == 1
+    msg = r"image boundaries: shape \(8, 8\) does not match the weights' \(32, 32\)"
+    with pytest.raises(SparseSegError, match=msg):
+        A.multicut_segmentation(w, offsets, image_boundaries=np.zeros((8, 8), np.float32), image_weight=0.5)
+
+
+def test_cluster_gives_the_multicut_the_image_boundaries_of_a_model_with_border_statistics(monkeypatch):
+    from napari_sparseseg import TrainConfig, Trainer
+    from napari_sparseseg.core import segment as seg_mod
+    from napari_sparseseg.core.samples import synthetic_cells
+    from napari_sparseseg.core.segment import cluster, embed
+    from napari_sparseseg.core.sparsify import sparsify
+
+    img, gt = synthetic_cells((96, 96), seed=0)
+    model = Trainer([img], [sparsify(gt, 0.5)], TrainConfig(iterations=1, patch_shape=(64, 64), base_channels=8,
+                                                            depth=3, checkpoint_every=1e9)).model
+    ann = model.config["annotation"]
+    assert ann["border_direction"] in ([1.0], [-1.0]) and 0.0 <= ann["border_contrast"] <= 1.0
+    seen = []
+    real = seg_mod.segment_embeddings
+    monkeypatch.setattr(seg_mod, "segment_embeddings",
+                        lambda emb, method, **kw: seen.append((method, kw.get("image_boundaries"),
+                                                               kw.get("image_weight"))) or real(emb, method, **kw))
+    e = embed(model, img, device="cpu")
+    ann.update(border_direction=[1.0], border_contrast=0.9)
+    cluster(model, e, "multicut", background="none")
+    method, bmap, weight = seen[-1]
+    assert bmap.shape == e.f.embeddings.shape[1:] and weight == pytest.approx(A.image_weight(ann))
+    cluster(model, e, "mws", background="none")
+    assert seen[-1][1:] == (None, None)  # the mutex watershed has no superpixels
+    ann.update(border_direction=None, border_contrast=None)  # a model from before the statistic
+    cluster(model, e, "multicut", background="none")
+    assert seen[-1][1:] == (None, None)

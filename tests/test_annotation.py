@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from napari_sparseseg.core.annotation import annotation_statistics, check_annotations, speck_ids
+from napari_sparseseg.core.annotation import annotation_statistics, border_statistics, check_annotations, speck_ids
 
 
 def test_counts_and_warnings():
@@ -134,3 +134,30 @@ def test_annotation_statistics_in_3d_and_with_many_objects(monkeypatch):
     # objects beyond RING_OBJECTS are left out: the same answer from a subset
     monkeypatch.setattr(annotation, "RING_OBJECTS", 1)
     assert _stats([img[None]], [lab])[0] > 0.95
+
+
+def test_border_statistics_find_the_membranes_and_their_polarity():
+    img, lab = _tissue()
+    ids = [i for i in np.unique(lab) if 0 < i][::10][:3]
+    sparse = _keep(lab, ids)
+    w, auc = border_statistics([img], [sparse])
+    assert w == [1.0] and auc > 0.9  # bright membranes: the painted cells' borders are bright
+    w, auc_dark = border_statistics([1.0 - img], [sparse])
+    assert w == [-1.0] and auc_dark == pytest.approx(auc)  # dark membranes (EM): the same contrast
+    # colour: the membranes are in one channel, the other is noise; the weights find the first
+    rng = np.random.default_rng(1)
+    rgb = np.concatenate([img, rng.uniform(0, 1, img.shape).astype(np.float32)])
+    w, auc_rgb = border_statistics([rgb], [sparse])
+    assert abs(w[0]) > 0.8 and w[0] > 0 and sum(abs(x) for x in w) == pytest.approx(1.0) and auc_rgb > 0.85
+    assert annotation_statistics([img], [sparse])["border_contrast"] == pytest.approx(auc)
+
+
+def test_border_statistics_see_no_border_in_objects_without_one():
+    disc, lab = _discs()  # uniform discs: their outermost pixels look like their interiors
+    w, auc = border_statistics([disc], [lab])
+    assert 0.4 < auc < 0.6
+    assert border_statistics([disc], [np.zeros_like(lab)]) == (None, None)
+    # the ignore mask leaves nothing painted
+    assert border_statistics([disc], [lab], [np.zeros(lab.shape, bool)]) == (None, None)
+    s = annotation_statistics([disc], [np.zeros_like(lab)])
+    assert s["border_direction"] is None and s["border_contrast"] is None

@@ -428,3 +428,29 @@ def test_auto_on_a_stack_whose_annotation_looks_like_tissue_takes_the_dense_rule
         out = tmp_path / f"auto-{contrast}.zarr"
         segment_blockwise(model, root / "img.zarr", out, **kw)
         assert bool((zarr.open_array(str(out))[:] > 0).all()) is dense
+
+
+def test_blockwise_multicut_follows_the_image_borders_as_the_whole_volume_does(oracle, tmp_path):
+    """A model whose annotation found the borders in the image (agglomeration.image_boundaries): each
+    block's superpixels read the block's image, normalised by the whole stack's percentiles, so the
+    stitched result agrees with the whole-volume multicut that reads the whole image."""
+    from napari_sparseseg.core.agglomeration import image_weight
+
+    root, lab = oracle
+    outputs = oracle_outputs(lab, noise=0.3, seed=3)
+    config = json.loads((root / "model" / "config.json").read_text())
+    config["annotation"] = {"border_direction": [-1.0], "border_contrast": 0.9}
+    assert image_weight(config["annotation"]) > 0
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(config))
+    np.save(root / "outputs.npy", outputs)
+    image = io.normalize(zarr.open_array(str(root / "img.zarr"))[:][None])
+    pred = Prediction(outputs[:D], 1 / (1 + np.exp(-outputs[D])), 1.0, SHAPE, None, image=image)
+    whole = cluster(Model(net=None, config=config), Embedded(pred), "multicut")
+    without = cluster(Model(net=None, config=dict(config, annotation={})), Embedded(pred), "multicut")
+    assert adapted_rand_error(whole, without)[0] > 0.001, "the image must change the whole-volume result"
+    segment_blockwise(model, root / "img.zarr", tmp_path / "seg.zarr", method="multicut", block_shape=(12, 32, 32),
+                      predictor=OraclePredictor(root / "outputs.npy"))
+    seg = zarr.open_array(str(tmp_path / "seg.zarr"))[:]
+    assert adapted_rand_error(whole, seg)[0] <= 0.02

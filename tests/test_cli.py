@@ -352,6 +352,21 @@ def test_segment_auto_on_dense_tissue_keeps_every_pixel(data, model, tmp_path, m
     assert (run("--background", "foreground") == 0).mean() > 0.15  # a named rule keeps the head's band
 
 
+def test_segment_says_how_much_of_the_superpixels_come_from_the_image(data, model, tmp_path, capsys):
+    """The multicut's superpixels follow the image's own borders as much as the annotation showed
+    them (agglomeration.image_weight); the line that reports an image says so."""
+    from napari_sparseseg.core.agglomeration import image_weight
+
+    w = image_weight(json.loads((model / "config.json").read_text())["annotation"])
+    assert w > 0  # the sample's painted cells have borders the image shows
+    out = tmp_path / "s"
+    argv = ["segment", "--model", str(model), "--images", str(data / "img" / "c0.tif"), "--out", str(out)]
+    assert main(argv + ["--clustering", "multicut"]) == 0
+    assert f"(multicut, superpixels {w:.0%} from the image's own borders;" in capsys.readouterr().out
+    assert main(argv + ["--clustering", "mws"]) == 0
+    assert "superpixels" not in capsys.readouterr().out
+
+
 def test_sample_writes_image_at_its_voxel_size_painted_objects_and_ground_truth(tmp_path, monkeypatch, capsys):
     from napari_sparseseg.core import io, real_samples
 

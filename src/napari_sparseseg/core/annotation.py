@@ -93,7 +93,7 @@ RING_OBJECTS = 200
 
 
 def annotation_statistics(images: list[np.ndarray], labels: list[np.ndarray],
-                          valid: list[np.ndarray] | None = None, seed: int = 0) -> dict[str, float | None]:
+                          valid: list[np.ndarray] | None = None, seed: int = 0) -> dict:
     """What the annotation shows about the images, before any training: dense tissue (cells that
     fill the image) or objects on a background, and how much the objects stand out. Two figures,
     each a mean over the images, and a median:
@@ -113,13 +113,21 @@ def annotation_statistics(images: list[np.ndarray], labels: list[np.ndarray],
       (:func:`.rescue.painted_contrast`): how much an object stands out, for the objects the
       foreground head drops (:mod:`.rescue`).
 
+    - ``border_direction`` and ``border_contrast``: the channel weighting that is high on the
+      painted objects' own borders and low in their interiors, and the ROC AUC in [0, 1] of that
+      projection between border and interior pixels (:func:`border_statistics`): where a membrane
+      stain or an EM membrane shows in the image itself, for the multicut's superpixels
+      (:func:`.agglomeration.image_boundaries`).
+
     A figure is None where there is nothing to compare (no object; every pixel annotated)."""
     valid = valid if valid is not None else [None] * len(labels)
-    out: dict[str, float | None] = {"ring_contrast": None, "interior_share": None, "object_contrast": None}
+    out: dict = {"ring_contrast": None, "interior_share": None, "object_contrast": None,
+                 "border_direction": None, "border_contrast": None}
     diam = [d for lab in labels if np.any(lab) for d in object_diameters(lab)]
     if not diam:
         return out
     out["object_contrast"] = painted_contrast(images, labels)
+    out["border_direction"], out["border_contrast"] = border_statistics(images, labels, valid, seed)
     d = float(np.median(diam))
     rng = np.random.default_rng(seed)
     aucs, shares, weights, rest = [], [], [], []
@@ -145,6 +153,41 @@ def annotation_statistics(images: list[np.ndarray], labels: list[np.ndarray],
         out["ring_contrast"] = float(np.average(aucs, weights=weights))
         out["interior_share"] = float(np.average(shares, weights=rest))
     return out
+
+
+def border_statistics(images: list[np.ndarray], labels: list[np.ndarray], valid: list[np.ndarray | None] | None = None,
+                      seed: int = 0) -> tuple[list[float] | None, float | None]:
+    """How the image itself marks the painted objects' borders: (channel weights, ROC AUC).
+
+    Border pixels are a painted object's own outermost pixels (where it meets anything else),
+    interior pixels the rest of it. The weights (C,) point from the interiors to the borders
+    (Fisher's discriminant; for one channel +1 if borders are brighter, else -1), scaled so that
+    their absolute values sum to 1; the AUC (in [0, 1], 0.5: the borders look like the interiors)
+    is that projection's, borders against interiors. (None, None) without both kinds of pixel."""
+    from skimage.segmentation import find_boundaries
+
+    rng = np.random.default_rng(seed)
+    valid = valid if valid is not None else [None] * len(labels)
+    border, inside = [], []
+    for img, lab, ok in zip(images, labels, valid):
+        lab = np.asarray(lab)
+        if not lab.any():
+            continue
+        painted = lab > 0 if ok is None else (lab > 0) & np.asarray(ok, bool)
+        edge = find_boundaries(lab, mode="inner") & painted
+        pixels = np.moveaxis(np.asarray(img, np.float32), 0, -1)
+        border.append(_draw(pixels[edge], rng))
+        inside.append(_draw(pixels[painted & ~edge], rng))
+    b = np.concatenate(border) if border else np.zeros((0, 1))
+    a = np.concatenate(inside) if inside else np.zeros((0, 1))
+    if min(len(a), len(b)) < 2:
+        return None, None
+    w = fisher_direction(b, a) if b.shape[1] > 1 else np.array([1.0 if b.mean() >= a.mean() else -1.0])
+    w = w / max(float(np.abs(w).sum()), 1e-12)
+    pb, pa = b @ w, a @ w
+    ranks = stats.rankdata(np.concatenate([pb, pa]))
+    auc = (ranks[: len(pb)].sum() - len(pb) * (len(pb) + 1) / 2) / (len(pb) * len(pa))
+    return [float(x) for x in w], float(auc)
 
 
 def _object_pixels(smooth: np.ndarray, lab: np.ndarray, ok: np.ndarray, d: float,

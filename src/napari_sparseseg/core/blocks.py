@@ -319,6 +319,7 @@ def cluster_block(job: Job, i: int) -> dict:
     import zarr
 
     from .checkpoint import Model
+    from .agglomeration import image_weight
     from .segment import Embedded, cluster, drop_faint_segments, keep_dropped
 
     if (info := _done(job, "cluster", i)) is not None:
@@ -328,11 +329,15 @@ def cluster_block(job: Job, i: int) -> dict:
     outer = grow(inner, job.cluster_halo, full)
     pred = read_prediction(job, outer)
     model = Model(net=None, config=job.config)
+    if job.method == "multicut" and image_weight(job.config.get("annotation")) > 0:
+        # the multicut's superpixels also follow the image's own borders (agglomeration.image_boundaries)
+        pred.image = io.normalize(zoom_read(job.volume, outer, job.zoom, job.z_zoom), bounds=np.asarray(job.bounds))
     seg = cluster(model, Embedded(pred), job.method, fg_threshold=job.fg_threshold, **dict(job.overrides, rescue=0))
     if job.rescue > 0 or job.faint > 0:
         # the objects the head dropped, looked for in the block with its halo as the network saw it;
         # the block's pieces under the size limit (dropped after stitching) give way, as on the whole image
-        pred.image = io.normalize(zoom_read(job.volume, outer, job.zoom, job.z_zoom), bounds=np.asarray(job.bounds))
+        if pred.image is None:
+            pred.image = io.normalize(zoom_read(job.volume, outer, job.zoom, job.z_zoom), bounds=np.asarray(job.bounds))
         pred.image_spread = np.asarray(job.image_spread, np.float64)
         seg = keep_dropped(model, pred, seg, job.rescue, give_way=job.min_size, **job.overrides)
         seg = drop_faint_segments(model, pred, seg, job.faint)

@@ -146,14 +146,17 @@ def mws_on_weights(w: np.ndarray, offsets: list[list[int]], bias: float = 0.0, s
 
 
 def multicut(embeddings: np.ndarray, offsets: list[list[int]] | None = None, bias: float = 0.0,
-             mask: np.ndarray | None = None, **weights) -> np.ndarray:
+             mask: np.ndarray | None = None, image_boundaries: np.ndarray | None = None, image_weight: float = 0.0,
+             **weights) -> np.ndarray:
     """Multicut on superpixels (:func:`.agglomeration.multicut_segmentation`) of the same weights
     the mutex watershed reads (:func:`mws_weights`, whose options ``weights`` are: delta_dist,
-    affinities, affinity_mix, attractive_mix, embedding_metric); ``bias`` > 0 splits more."""
+    affinities, affinity_mix, attractive_mix, embedding_metric); ``bias`` > 0 splits more; the
+    superpixels also follow ``image_boundaries`` at ``image_weight``."""
     from .agglomeration import multicut_segmentation
 
     offsets = offsets or default_offsets(embeddings.ndim - 1)
-    return multicut_segmentation(mws_weights(embeddings, offsets, **weights), offsets, bias, mask)
+    return multicut_segmentation(mws_weights(embeddings, offsets, **weights), offsets, bias, mask,
+                                 image_boundaries, image_weight)
 
 
 def _flat(embeddings: np.ndarray, mask: np.ndarray | None):
@@ -352,6 +355,8 @@ def segment_embeddings(
     affinity_mix: float = 0.5,
     attractive_mix: float | None = None,
     embedding_metric: str = "distance",
+    image_boundaries: np.ndarray | None = None,
+    image_weight: float = 0.0,
 ) -> np.ndarray:
     """Instance labels from embeddings (D, Y, X) or (D, Z, Y, X).
 
@@ -361,7 +366,9 @@ def segment_embeddings(
     (by default the largest segment, the background cluster, comes out as 0; "foreground" needs
     ``foreground`` and ``fg_threshold``). With ``agreement`` (and ``embeddings_g``), g's
     embeddings are clustered the same way and segments of f that g does not reproduce with at
-    least that IoU become 0 (:func:`agreement_filter`).
+    least that IoU become 0 (:func:`agreement_filter`). The multicut's superpixels also follow
+    ``image_boundaries`` (a boundary map of the image, :func:`.agglomeration.image_boundaries`) at
+    ``image_weight``.
     """
     embeddings = _check(embeddings)
     if mask is not None and mask.shape != embeddings.shape[1:]:
@@ -387,8 +394,9 @@ def segment_embeddings(
             return mutex_watershed(emb, offsets, delta_dist, bias, strides, mws_mask, aff, affinity_mix, attractive_mix,
                                    embedding_metric)
         if method == "multicut":
-            return multicut(emb, offsets, bias, mws_mask, delta_dist=delta_dist, affinities=aff,
-                            affinity_mix=affinity_mix, attractive_mix=attractive_mix, embedding_metric=embedding_metric)
+            return multicut(emb, offsets, bias, mws_mask, image_boundaries, image_weight, delta_dist=delta_dist,
+                            affinities=aff, affinity_mix=affinity_mix, attractive_mix=attractive_mix,
+                            embedding_metric=embedding_metric)
         if method == "hdbscan":
             return hdbscan_clustering(emb, max(min_size, 2) if min_size else 200, mask)
         return meanshift_clustering(emb, delta_var, mask)

@@ -381,6 +381,8 @@ def cluster(model: Model, embedded: Embedded, method: str = "auto", fg_threshold
             premask &= np.asarray(opts["mask"], bool)
         opts.update(mask=premask, foreground=pred.foreground, fg_threshold=thr)
     g = embedded.g
+    if method == "multicut":
+        opts.update(image_boundary_options(model.config, pred))
     seg = segment_embeddings(pred.embeddings, method, embeddings_g=None if g is None else g.embeddings,
                              background=background, affinities=pred.affinities,
                              affinities_g=None if g is None else g.affinities, **opts)
@@ -395,6 +397,19 @@ def cluster(model: Model, embedded: Embedded, method: str = "auto", fg_threshold
         seg = keep_dropped(model, pred, seg, factor, user_mask, **{k: v for k, v in overrides.items() if k != "mask"})
         seg = drop_faint_segments(model, pred, seg, faint)
     return resize_labels(seg, pred.shape)
+
+
+def image_boundary_options(config: dict[str, Any], pred: Prediction) -> dict[str, Any]:
+    """The multicut's ``image_boundaries`` and ``image_weight`` for an image (:mod:`.agglomeration`):
+    from the image the network saw and the border statistics of the model's annotation; none
+    without either."""
+    from .agglomeration import image_boundaries, image_weight
+
+    ann = config.get("annotation") or {}
+    weight = image_weight(ann)
+    if weight <= 0 or pred.image is None:
+        return {}
+    return {"image_boundaries": image_boundaries(pred.image, ann["border_direction"]), "image_weight": weight}
 
 
 def rescue_factor(config: dict[str, Any], factor: float | None = None) -> float:
