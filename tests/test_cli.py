@@ -133,6 +133,8 @@ def test_segment_and_evaluate(data, model, capsys):
 
 
 def test_segment_clustering_choices(data, model, capsys):
+    from napari_sparseseg.core.agglomeration import image_weight
+
     image = tifffile.imread(data / "img" / "c0.tif")
     for method in ("hdbscan", "consistency", "multicut"):
         out = data / f"seg_{method}"
@@ -147,7 +149,9 @@ def test_segment_clustering_choices(data, model, capsys):
         assert np.array_equal(ids, np.arange(ids[0], ids[0] + ids.size)), f"{method}: ids not consecutive: {ids}"
         assert np.all(np.bincount(seg.ravel())[1:] >= 10), f"{method}: an object under --min-size 10"
         report = capsys.readouterr().out
-        assert f": {ids.max()} objects in" in report and f"s ({method}; object diameter " in report
+        share = image_weight(json.loads((model / "config.json").read_text())["annotation"])
+        own = f", superpixels {share:.0%} from the image's own borders" if method == "multicut" and share > 0 else ""
+        assert f": {ids.max()} objects in" in report and f"s ({method}{own}; object diameter " in report
         assert report.rstrip().endswith(" px, the training scale)"), report
         if method in ("hdbscan", "multicut"):
             assert ids.size >= 2, f"{method}: no object"
