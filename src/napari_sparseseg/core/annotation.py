@@ -184,10 +184,7 @@ def border_statistics(images: list[np.ndarray], labels: list[np.ndarray], valid:
         return None, None
     w = fisher_direction(b, a) if b.shape[1] > 1 else np.array([1.0 if b.mean() >= a.mean() else -1.0])
     w = w / max(float(np.abs(w).sum()), 1e-12)
-    pb, pa = b @ w, a @ w
-    ranks = stats.rankdata(np.concatenate([pb, pa]))
-    auc = (ranks[: len(pb)].sum() - len(pb) * (len(pb) + 1) / 2) / (len(pb) * len(pa))
-    return [float(x) for x in w], float(auc)
+    return [float(x) for x in w], _roc_auc(b @ w, a @ w)
 
 
 def _object_pixels(smooth: np.ndarray, lab: np.ndarray, ok: np.ndarray, d: float,
@@ -217,12 +214,17 @@ def _object_pixels(smooth: np.ndarray, lab: np.ndarray, ok: np.ndarray, d: float
             np.concatenate(ring) if ring else np.zeros((0, channels), np.float32))
 
 
+def _roc_auc(a: np.ndarray, b: np.ndarray) -> float:
+    """ROC AUC in [0, 1] of two sets of scores: the chance that a score of ``a`` exceeds one of ``b``."""
+    ranks = stats.rankdata(np.concatenate([a, b]))
+    return float((ranks[: len(a)].sum() - len(a) * (len(a) + 1) / 2) / (len(a) * len(b)))
+
+
 def _auc(a: np.ndarray, b: np.ndarray) -> float:
     """ROC AUC in [0.5, 1] of two sets of scores (either polarity: per image, objects may be
     brighter or darker than their surroundings)."""
-    ranks = stats.rankdata(np.concatenate([a, b]))
-    auc = (ranks[: len(a)].sum() - len(a) * (len(a) + 1) / 2) / (len(a) * len(b))
-    return float(max(auc, 1.0 - auc))
+    auc = _roc_auc(a, b)
+    return max(auc, 1.0 - auc)
 
 
 def _draw(pixels: np.ndarray, rng: np.random.Generator, dtype=np.float64) -> np.ndarray:
