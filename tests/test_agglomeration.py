@@ -258,14 +258,14 @@ def test_image_boundaries_follow_the_border_direction():
         A.image_boundaries(two, [1.0])
 
 
-def test_image_weight_grows_with_the_border_contrast(monkeypatch):
+def test_image_share_grows_with_the_border_contrast(monkeypatch):
     monkeypatch.setattr(A, "IMAGE_WEIGHT", 0.8)  # the rule, whatever the constant
-    assert A.image_weight(None) == 0.0 and A.image_weight({}) == 0.0  # models from before the statistic
-    assert A.image_weight({"border_direction": [1.0], "border_contrast": 1.0}) == pytest.approx(0.8)
-    assert A.image_weight({"border_direction": [1.0], "border_contrast": 0.75}) == pytest.approx(0.4)
-    assert A.image_weight({"border_direction": [1.0], "border_contrast": 0.5}) == 0.0  # borders look like interiors
-    assert A.image_weight({"border_direction": [1.0], "border_contrast": 0.3}) == 0.0
-    assert A.image_weight({"border_direction": None, "border_contrast": 0.9}) == 0.0
+    assert A.image_share(None) == 0.0 and A.image_share({}) == 0.0  # models from before the statistic
+    assert A.image_share({"border_direction": [1.0], "border_contrast": 1.0}) == pytest.approx(0.8)
+    assert A.image_share({"border_direction": [1.0], "border_contrast": 0.75}) == pytest.approx(0.4)
+    assert A.image_share({"border_direction": [1.0], "border_contrast": 0.5}) == 0.0  # borders look like interiors
+    assert A.image_share({"border_direction": [1.0], "border_contrast": 0.3}) == 0.0
+    assert A.image_share({"border_direction": None, "border_contrast": 0.9}) == 0.0
 
 
 def test_image_boundaries_split_a_superpixel_the_network_map_misses():
@@ -312,7 +312,7 @@ def test_cluster_gives_the_multicut_the_image_boundaries_of_a_model_with_border_
     ann.update(border_direction=[1.0], border_contrast=0.9)
     cluster(model, e, "multicut", background="none")
     method, bmap, weight = seen[-1]
-    assert bmap.shape == e.f.embeddings.shape[1:] and weight == pytest.approx(A.image_weight(ann))
+    assert bmap.shape == e.f.embeddings.shape[1:] and weight == pytest.approx(A.image_share(ann))
     cluster(model, e, "mws", background="none")
     assert seen[-1][1:] == (None, None)  # the mutex watershed has no superpixels
     ann.update(border_direction=None, border_contrast=None)  # a model from before the statistic

@@ -434,13 +434,13 @@ def test_blockwise_multicut_follows_the_image_borders_as_the_whole_volume_does(o
     """A model whose annotation found the borders in the image (agglomeration.image_boundaries): each
     block's superpixels read the block's image, normalised by the whole stack's percentiles, so the
     stitched result agrees with the whole-volume multicut that reads the whole image."""
-    from napari_sparseseg.core.agglomeration import image_weight
+    from napari_sparseseg.core.agglomeration import image_share
 
     root, lab = oracle
     outputs = oracle_outputs(lab, noise=0.3, seed=3)
     config = json.loads((root / "model" / "config.json").read_text())
     config["annotation"] = {"border_direction": [-1.0], "border_contrast": 0.9}
-    assert image_weight(config["annotation"]) > 0
+    assert image_share(config["annotation"]) > 0
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text(json.dumps(config))

@@ -133,7 +133,7 @@ def test_segment_and_evaluate(data, model, capsys):
 
 
 def test_segment_clustering_choices(data, model, capsys):
-    from napari_sparseseg.core.agglomeration import image_weight
+    from napari_sparseseg.core.agglomeration import image_share
 
     image = tifffile.imread(data / "img" / "c0.tif")
     for method in ("hdbscan", "consistency", "multicut"):
@@ -149,7 +149,7 @@ def test_segment_clustering_choices(data, model, capsys):
         assert np.array_equal(ids, np.arange(ids[0], ids[0] + ids.size)), f"{method}: ids not consecutive: {ids}"
         assert np.all(np.bincount(seg.ravel())[1:] >= 10), f"{method}: an object under --min-size 10"
         report = capsys.readouterr().out
-        share = image_weight(json.loads((model / "config.json").read_text())["annotation"])
+        share = image_share(json.loads((model / "config.json").read_text())["annotation"])
         own = f", superpixels {share:.0%} from the image's own borders" if method == "multicut" and share > 0 else ""
         assert f": {ids.max()} objects in" in report and f"s ({method}{own}; object diameter " in report
         assert report.rstrip().endswith(" px, the training scale)"), report
@@ -358,10 +358,10 @@ def test_segment_auto_on_dense_tissue_keeps_every_pixel(data, model, tmp_path, m
 
 def test_segment_says_how_much_of_the_superpixels_come_from_the_image(data, model, tmp_path, capsys):
     """The multicut's superpixels follow the image's own borders as much as the annotation showed
-    them (agglomeration.image_weight); the line that reports an image says so."""
-    from napari_sparseseg.core.agglomeration import image_weight
+    them (agglomeration.image_share); the line that reports an image says so."""
+    from napari_sparseseg.core.agglomeration import image_share
 
-    w = image_weight(json.loads((model / "config.json").read_text())["annotation"])
+    w = image_share(json.loads((model / "config.json").read_text())["annotation"])
     assert w > 0  # the sample's painted cells have borders the image shows
     out = tmp_path / "s"
     argv = ["segment", "--model", str(model), "--images", str(data / "img" / "c0.tif"), "--out", str(out)]

@@ -29,7 +29,7 @@ SUPERPIXEL_SIGMA = 1.0
 SUPERPIXEL_MIN_SIZE = 10
 #: weight of the image's own border signal in the superpixels' boundary map (the network's map
 #: takes the rest) at a border contrast (ROC AUC) of 1; at AUC a it is IMAGE_WEIGHT (2 a - 1)
-#: (:func:`image_weight`), so with 1 the annotation alone sets it. A network trained on a few
+#: (:func:`image_share`), so with 1 the annotation alone sets it. A network trained on a few
 #: painted objects draws weaker, patchier membranes than a membrane stain or an EM image shows, and
 #: a superpixel that spans two cells cannot be undone by the multicut. 0 / 0.5 / 0.75 / 1 on the
 #: stored models of the suite's dense sets (benchmarks/sweep.py, docs/benchmarks.md): mean rank
@@ -61,7 +61,7 @@ def boundary_map(weights: np.ndarray, offsets: list[list[int]]) -> np.ndarray:
     return out
 
 
-def image_weight(annotation: dict | None) -> float:
+def image_share(annotation: dict | None) -> float:
     """The weight of the image's border signal for a model's ``annotation`` statistics
     (:func:`.annotation.border_statistics`): :data:`IMAGE_WEIGHT` scaled by how much better than
     chance the image tells the painted objects' borders from their interiors (2 AUC - 1, clipped to

@@ -319,7 +319,7 @@ def cluster_block(job: Job, i: int) -> dict:
     import zarr
 
     from .checkpoint import Model
-    from .agglomeration import image_weight
+    from .agglomeration import image_share
     from .segment import Embedded, cluster, drop_faint_segments, keep_dropped
 
     if (info := _done(job, "cluster", i)) is not None:
@@ -329,7 +329,7 @@ def cluster_block(job: Job, i: int) -> dict:
     outer = grow(inner, job.cluster_halo, full)
     pred = read_prediction(job, outer)
     model = Model(net=None, config=job.config)
-    if job.method == "multicut" and image_weight(job.config.get("annotation")) > 0:
+    if job.method == "multicut" and image_share(job.config.get("annotation")) > 0:
         # the multicut's superpixels also follow the image's own borders (agglomeration.image_boundaries)
         pred.image = io.normalize(zoom_read(job.volume, outer, job.zoom, job.z_zoom), bounds=np.asarray(job.bounds))
     seg = cluster(model, Embedded(pred), job.method, fg_threshold=job.fg_threshold, **dict(job.overrides, rescue=0))

@@ -403,10 +403,10 @@ def image_boundary_options(config: dict[str, Any], pred: Prediction) -> dict[str
     """The multicut's ``image_boundaries`` and ``image_weight`` for an image (:mod:`.agglomeration`):
     from the image the network saw and the border statistics of the model's annotation; none
     without either."""
-    from .agglomeration import image_boundaries, image_weight
+    from .agglomeration import image_boundaries, image_share
 
     ann = config.get("annotation") or {}
-    weight = image_weight(ann)
+    weight = image_share(ann)
     if weight <= 0 or pred.image is None:
         return {}
     return {"image_boundaries": image_boundaries(pred.image, ann["border_direction"]), "image_weight": weight}
