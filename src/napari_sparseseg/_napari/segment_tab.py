@@ -86,7 +86,7 @@ class SegmentPanel(QWidget):
         self.status = Label(value="")
         self.status.native.setWordWrap(True)
         # room for a wrapped message: the form does not always grow a wrapping label's row
-        self.status.native.setMinimumHeight(4 * self.status.native.fontMetrics().lineSpacing())
+        self.status.native.setMinimumHeight(6 * self.status.native.fontMetrics().lineSpacing())
         lay = QVBoxLayout(self)
         lay.addWidget(L.form(("image", self.image), ("only inside", self.region), ("object diameter", self.diameter), ("clustering", self.method),
                              ("bias", self.bias),
