@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from scipy import ndimage
+from skimage.segmentation import find_boundaries
 
 from napari_sparseseg.core import agglomeration as A
 from napari_sparseseg.core.clustering import mutex_watershed, segment_embeddings
@@ -318,3 +320,46 @@ def test_cluster_gives_the_multicut_the_image_boundaries_of_a_model_with_border_
     ann.update(border_direction=None, border_contrast=None)  # a model from before the statistic
     cluster(model, e, "multicut", background="none")
     assert seen[-1][1:] == (None, None)
+
+
+def test_rank_match_puts_values_on_the_reference_scale():
+    ref = np.array([0.9, 0.1, 0.5, 0.3])
+    np.testing.assert_allclose(A.rank_match(np.array([10.0, 40.0, 20.0, 30.0]), ref), [0.1, 0.9, 0.3, 0.5])
+    # ties share the mean of their reference values; the order of the reference does not matter
+    np.testing.assert_allclose(A.rank_match(np.array([1.0, 1.0, 2.0, 0.0]), ref), [0.4, 0.4, 0.9, 0.1])
+    assert A.rank_match(np.zeros(0), np.zeros(0)).shape == (0,)
+    with pytest.raises(SparseSegError, match=r"rank match: expected two 1D arrays of one length, got \(3,\) and \(4,\)"):
+        A.rank_match(np.zeros(3), ref)
+
+
+def test_image_borders_in_the_costs_cut_a_wall_the_network_misses(monkeypatch):
+    """Sixteen cells; the network's weights see every wall but one (cells 1 and 2 look like one).
+    The image shows every wall: its superpixels split the pair, and with the image in the edge
+    costs (IMAGE_COST_WEIGHT) the multicut keeps them apart; with the costs the network's alone it
+    joins them. Where the network sees no wall anywhere, the image's signal, put on the network's
+    scale by rank, still cuts nothing."""
+    lab = _blocks()
+    seen = lab.copy()
+    seen[seen == 2] = 1
+    offsets = default_offsets(2)
+    w = _weights(seen, offsets)
+    walls = find_boundaries(lab, mode="thick")  # two pixels wide, one on each side
+    image = A.image_boundaries(np.stack([ndimage.binary_dilation(walls).astype(np.float32)]), [1.0])
+    monkeypatch.setattr(A, "IMAGE_COST_WEIGHT", 0.0)
+    alone = A.multicut_segmentation(w, offsets, image_boundaries=image, image_weight=0.75)
+    assert len(np.unique(alone)) == 15
+    monkeypatch.setattr(A, "IMAGE_COST_WEIGHT", 1.0)
+    both = A.multicut_segmentation(w, offsets, image_boundaries=image, image_weight=0.75)
+    assert len(np.unique(both)) == 16 and evaluate(both, lab)["arand"] < 0.05
+    blank = _weights(np.ones_like(lab), offsets)
+    assert len(np.unique(A.multicut_segmentation(blank, offsets, image_boundaries=image, image_weight=0.75))) == 1
+
+
+def test_image_share_note_says_what_the_image_decides(monkeypatch):
+    assert A.image_share_note(0.0) == ""
+    monkeypatch.setattr(A, "IMAGE_COST_WEIGHT", 1.0)
+    assert A.image_share_note(0.78) == ", superpixels and edge costs 78% from the image's own borders"
+    monkeypatch.setattr(A, "IMAGE_COST_WEIGHT", 0.5)
+    assert A.image_share_note(0.78) == ", superpixels 78% and edge costs 39% from the image's own borders"
+    monkeypatch.setattr(A, "IMAGE_COST_WEIGHT", 0.0)
+    assert A.image_share_note(0.78) == ", superpixels 78% from the image's own borders"

@@ -133,7 +133,7 @@ def test_segment_and_evaluate(data, model, capsys):
 
 
 def test_segment_clustering_choices(data, model, capsys):
-    from napari_sparseseg.core.agglomeration import image_share
+    from napari_sparseseg.core.agglomeration import image_share, image_share_note
 
     image = tifffile.imread(data / "img" / "c0.tif")
     for method in ("hdbscan", "consistency", "multicut"):
@@ -150,7 +150,7 @@ def test_segment_clustering_choices(data, model, capsys):
         assert np.all(np.bincount(seg.ravel())[1:] >= 10), f"{method}: an object under --min-size 10"
         report = capsys.readouterr().out
         share = image_share(json.loads((model / "config.json").read_text())["annotation"])
-        own = f", superpixels {share:.0%} from the image's own borders" if method == "multicut" and share > 0 else ""
+        own = image_share_note(share) if method == "multicut" else ""
         assert f": {ids.max()} objects in" in report and f"s ({method}{own}; object diameter " in report
         assert report.rstrip().endswith(" px, the training scale)"), report
         if method in ("hdbscan", "multicut"):
@@ -357,16 +357,17 @@ def test_segment_auto_on_dense_tissue_keeps_every_pixel(data, model, tmp_path, m
 
 
 def test_segment_says_how_much_of_the_superpixels_come_from_the_image(data, model, tmp_path, capsys):
-    """The multicut's superpixels follow the image's own borders as much as the annotation showed
-    them (agglomeration.image_share); the line that reports an image says so."""
-    from napari_sparseseg.core.agglomeration import image_share
+    """The multicut's superpixels and edge costs follow the image's own borders as much as the
+    annotation showed them (agglomeration.image_share); the line that reports an image says so."""
+    from napari_sparseseg.core.agglomeration import image_share, image_share_note
 
     w = image_share(json.loads((model / "config.json").read_text())["annotation"])
     assert w > 0  # the sample's painted cells have borders the image shows
     out = tmp_path / "s"
     argv = ["segment", "--model", str(model), "--images", str(data / "img" / "c0.tif"), "--out", str(out)]
     assert main(argv + ["--clustering", "multicut"]) == 0
-    assert f"(multicut, superpixels {w:.0%} from the image's own borders;" in capsys.readouterr().out
+    note = image_share_note(w)  # its words: test_agglomeration
+    assert "edge costs" in note and f"(multicut{note};" in capsys.readouterr().out
     assert main(argv + ["--clustering", "mws"]) == 0
     assert "superpixels" not in capsys.readouterr().out
 

@@ -13,7 +13,7 @@ import napari_sparseseg._napari.widget as W  # noqa: E402
 import napari_sparseseg.core.scale as scale  # noqa: E402
 import napari_sparseseg.core.segment as core_segment  # noqa: E402
 from napari_sparseseg import load_model  # noqa: E402
-from napari_sparseseg.core.agglomeration import image_share  # noqa: E402
+from napari_sparseseg.core.agglomeration import image_share, image_share_note  # noqa: E402
 from napari_sparseseg.core.samples import HISTOLOGY_POINTS  # noqa: E402
 
 TIMEOUT = 180_000
@@ -138,7 +138,7 @@ def test_segment_adds_new_layer_and_reclusters_without_network(qtbot, widget, er
     chosen = core_segment.resolved_clustering(w.session.model, w.segment.cache.embedded, "auto")
     by = " by the annotation" if core_segment.dense_reason(w.session.model, w.segment.cache.embedded) == "the annotation" else ""
     share = image_share(w.session.model.config["annotation"])
-    own = f", superpixels {share:.0%} from the image's own borders" if share > 0 else ""
+    own = image_share_note(share)
     why = f"dense tissue{by}, no background{own}" if chosen == "multicut" else "objects on a background"
     # and the object diameter the image was seen at (this model's training scale)
     across = round(scale.TARGET_DIAMETER[2] / w.segment.cache.embedded.zoom)

@@ -223,7 +223,7 @@ def cmd_segment_blockwise(args, files: list[Path]) -> int:
 def cmd_segment(args) -> int:
     from .core.pairs import is_zarr
     from .core.scale import check_voxel_size, diameter_note
-    from .core.agglomeration import image_share
+    from .core.agglomeration import image_share, image_share_note
     from .core.segment import cluster, dense_reason, embed, needs_g, resolved_clustering
 
     check_voxel_size(args.voxel_size, "--voxel-size")
@@ -243,8 +243,8 @@ def cmd_segment(args) -> int:
         how = resolved_clustering(model, embedded, args.clustering, **overrides)  # reported below
         if args.clustering == "auto" and how == "multicut":
             how += f", dense tissue by {dense_reason(model, embedded, **overrides)}"
-        if how.startswith("multicut") and (w := image_share(model.config.get("annotation"))) > 0:
-            how += f", superpixels {w:.0%} from the image's own borders"
+        if how.startswith("multicut"):
+            how += image_share_note(image_share(model.config.get("annotation")))
         seg = cluster(model, embedded, args.clustering, **overrides)  # "auto" decides clustering and background
         dst = io.write(_out_path(out, path), seg.astype(np.uint32 if seg.max() > 65535 else np.uint16))
         print(f"{path} -> {dst}: {int(seg.max())} objects in {time.perf_counter() - t0:.2f} s "

@@ -12,7 +12,7 @@ from napari.qt.threading import create_worker
 from qtpy.QtWidgets import QVBoxLayout, QWidget
 
 from ..core import checkpoint
-from ..core.agglomeration import image_share
+from ..core.agglomeration import image_share, image_share_note
 from ..core.clustering import GRAPH_METHODS
 from ..core.errors import SparseSegError
 from ..core.prediction import to_image_shape
@@ -365,8 +365,7 @@ class SegmentPanel(QWidget):
         kept = self.background.value == "auto" and DENSE_BACKGROUND == "none"
         reason = dense_reason(self.session.model, self.cache.embedded, **self._overrides())
         by = " by the annotation" if reason == "the annotation" else ""
-        share = image_share(self.session.model.config.get("annotation"))
-        own = f", superpixels {share:.0%} from the image's own borders" if share > 0 else ""
+        own = image_share_note(image_share(self.session.model.config.get("annotation")))
         return f" (auto: {chosen}, dense tissue{by}{', no background' if kept else ''}{own})"
 
 

@@ -35,6 +35,13 @@ SUPERPIXEL_MIN_SIZE = 10
 #: stored models of the suite's dense sets (benchmarks/sweep.py, docs/benchmarks.md): mean rank
 #: 4 / 2.67 / 1.67 / 1.67; 1 the lowest VOI on the ovule and gala, 0.75 on VNC cells (by 0.006)
 IMAGE_WEIGHT = 1.0
+#: weight of the image's border signal in the multicut's edge costs, relative to its share in the
+#: superpixels (:func:`image_share`): each superpixel boundary's mean image border signal, put on
+#: the scale of the network's edge probabilities of the same image by rank (:func:`rank_match`), is
+#: mixed with the network's at IMAGE_COST_WEIGHT x share. A wall the image shows and the network
+#: misses is then not merged again. 0 / 0.5 / 0.75 / 1 on the stored models of the suite's dense
+#: sets (benchmarks/sweep.py, docs/benchmarks.md): 0.75 the best mean rank, each set better than at 0
+IMAGE_COST_WEIGHT = 0.75
 #: smoothing (pixels at the model's scale) of the image before it becomes a boundary map (as the
 #: superpixels' seeds, SUPERPIXEL_SIGMA; not swept)
 IMAGE_SIGMA = 1.0
@@ -73,6 +80,20 @@ def image_share(annotation: dict | None) -> float:
     return IMAGE_WEIGHT * float(np.clip(2.0 * auc - 1.0, 0.0, 1.0))
 
 
+def image_share_note(share: float) -> str:
+    """What a report line says about the image's part in a multicut at ``share``
+    (:func:`image_share`), e.g. ", superpixels and edge costs 78% from the image's own borders";
+    "" at 0."""
+    if share <= 0:
+        return ""
+    cost = IMAGE_COST_WEIGHT * share
+    if round(cost * 100) == round(share * 100):
+        return f", superpixels and edge costs {share:.0%} from the image's own borders"
+    if round(cost * 100) > 0:
+        return f", superpixels {share:.0%} and edge costs {cost:.0%} from the image's own borders"
+    return f", superpixels {share:.0%} from the image's own borders"
+
+
 def image_boundaries(image: np.ndarray, direction) -> np.ndarray:
     """A boundary map in [0, 1] from a normalised image (C, *S) (about 0 to 1 per channel, as the
     network sees it): each channel counted with the weight of ``direction``
@@ -89,6 +110,23 @@ def image_boundaries(image: np.ndarray, direction) -> np.ndarray:
         out += abs(float(wc)) * (x[c] if wc >= 0 else 1.0 - x[c])
     out /= max(float(np.abs(w).sum()), 1e-12)
     return ndimage.gaussian_filter(out, IMAGE_SIGMA)
+
+
+def rank_match(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """``values`` mapped monotonically onto the distribution of ``reference`` (same length): the
+    k-th smallest value takes the k-th smallest reference value, tied values the mean of theirs.
+    Puts the image's border signal on the network's probability scale, image by image, without a
+    calibration constant."""
+    from scipy.stats import rankdata
+
+    values = np.asarray(values, np.float64)
+    reference = np.asarray(reference, np.float64)
+    if values.shape != reference.shape or values.ndim != 1:
+        raise SparseSegError(f"rank match: expected two 1D arrays of one length, got {values.shape} and {reference.shape}")
+    if len(values) == 0:
+        return reference.copy()
+    ranks = rankdata(values, method="average") - 1.0  # tied values share their mean rank
+    return np.interp(ranks, np.arange(len(reference)), np.sort(reference))
 
 
 def superpixels(boundaries: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
@@ -111,7 +149,8 @@ def multicut_segmentation(weights: np.ndarray, offsets: list[list[int]], bias: f
     by greedy additive contraction). ``bias`` > 0 splits more, < 0 merges more (the boundary bias
     beta = 0.5 + bias of the costs). Pixels outside ``mask`` are 0. The superpixels follow the
     weights' boundary map mixed with ``image_boundaries`` (*S, in [0, 1]; :func:`image_boundaries`)
-    at ``image_weight``; the edge costs are the network's alone."""
+    at ``image_weight``; the edge costs are the network's, mixed with the image's border signal at
+    :data:`IMAGE_COST_WEIGHT` x ``image_weight``."""
     import elf.segmentation.features as feats
     import elf.segmentation.multicut as mc
 
@@ -135,7 +174,12 @@ def multicut_segmentation(weights: np.ndarray, offsets: list[list[int]], bias: f
     if rag.number_of_edges == 0:
         return ws.astype(np.int64)  # no two superpixels touch: nothing to decide
     edge = feats.compute_affinity_features(rag, ws, np.nan_to_num(weights, nan=0.0), offsets)
-    costs = mc.transform_probabilities_to_costs(edge[:, 0], beta=0.5 + bias, edge_sizes=edge[:, -1])
+    probs = edge[:, 0]
+    cost_share = IMAGE_COST_WEIGHT * image_weight if image_boundaries is not None else 0.0
+    if cost_share > 0:
+        img = feats.compute_boundary_mean_and_length(rag, ws, image_boundaries.astype(np.float32))[:, 0]
+        probs = (1.0 - cost_share) * probs + cost_share * rank_match(img, probs)
+    costs = mc.transform_probabilities_to_costs(probs, beta=0.5 + bias, edge_sizes=edge[:, -1])
     if mask is not None:
         # superpixel 0 is the masked-out region: never joined to an object (it would bridge objects)
         costs[(rag.uv_ids() == 0).any(axis=1)] = -np.abs(costs).max() - 1.0
