@@ -430,10 +430,13 @@ def test_auto_on_a_stack_whose_annotation_looks_like_tissue_takes_the_dense_rule
         assert bool((zarr.open_array(str(out))[:] > 0).all()) is dense
 
 
-def test_blockwise_multicut_follows_the_image_borders_as_the_whole_volume_does(oracle, tmp_path):
+def test_blockwise_multicut_follows_the_image_borders_as_the_whole_volume_does(oracle, tmp_path, monkeypatch):
     """A model whose annotation found the borders in the image (agglomeration.image_boundaries): each
     block's superpixels read the block's image, normalised by the whole stack's percentiles, so the
-    stitched result agrees with the whole-volume multicut that reads the whole image."""
+    stitched result agrees with the whole-volume multicut that reads the whole image. The edge
+    costs read it too, ranked against the block's own network edges (agglomeration.rank_match):
+    they change the blocks' result, which then follows the blocks' ranks, not the whole volume's."""
+    from napari_sparseseg.core import agglomeration
     from napari_sparseseg.core.agglomeration import image_share
 
     root, lab = oracle
@@ -447,10 +450,17 @@ def test_blockwise_multicut_follows_the_image_borders_as_the_whole_volume_does(o
     np.save(root / "outputs.npy", outputs)
     image = io.normalize(zarr.open_array(str(root / "img.zarr"))[:][None])
     pred = Prediction(outputs[:D], 1 / (1 + np.exp(-outputs[D])), 1.0, SHAPE, None, image=image)
+
+    def blockwise(name):
+        segment_blockwise(model, root / "img.zarr", tmp_path / name, method="multicut", block_shape=(12, 32, 32),
+                          predictor=OraclePredictor(root / "outputs.npy"))
+        return zarr.open_array(str(tmp_path / name))[:]
+
+    with_costs = blockwise("costs.zarr")
+    monkeypatch.setattr(agglomeration, "IMAGE_COST_WEIGHT", 0.0)  # the superpixels alone read the image
     whole = cluster(Model(net=None, config=config), Embedded(pred), "multicut")
     without = cluster(Model(net=None, config=dict(config, annotation={})), Embedded(pred), "multicut")
     assert adapted_rand_error(whole, without)[0] > 0.001, "the image must change the whole-volume result"
-    segment_blockwise(model, root / "img.zarr", tmp_path / "seg.zarr", method="multicut", block_shape=(12, 32, 32),
-                      predictor=OraclePredictor(root / "outputs.npy"))
-    seg = zarr.open_array(str(tmp_path / "seg.zarr"))[:]
+    seg = blockwise("seg.zarr")
     assert adapted_rand_error(whole, seg)[0] <= 0.02
+    assert adapted_rand_error(seg, with_costs)[0] > 0.001, "the image must reach the blocks' edge costs"

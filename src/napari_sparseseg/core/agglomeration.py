@@ -8,8 +8,8 @@ graph, with edge costs from the mean of *all* offsets' weights along each superp
 decides which superpixels form one object: a decision over whole boundaries, not pixels. Where
 the annotation shows that the image itself marks the objects' borders (a membrane stain, EM
 membranes: :func:`.annotation.border_statistics`), the superpixels follow the image's border
-signal too, as much as it told the painted borders from their interiors; the costs stay the
-network's.
+signal too, as much as it told the painted borders from their interiors, and the edge costs read
+it at a share of that (:data:`IMAGE_COST_WEIGHT`), put on the network's scale by rank.
 
 Lengths are at the model's scale, where objects have the target diameter (:mod:`.scale`), so the
 constants below hold across datasets (chosen on the benchmark suite, ``benchmarks/sweep.py``).

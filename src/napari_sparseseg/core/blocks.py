@@ -330,7 +330,7 @@ def cluster_block(job: Job, i: int) -> dict:
     pred = read_prediction(job, outer)
     model = Model(net=None, config=job.config)
     if job.method == "multicut" and image_share(job.config.get("annotation")) > 0:
-        # the multicut's superpixels also follow the image's own borders (agglomeration.image_boundaries)
+        # the multicut's superpixels and edge costs also follow the image's own borders (agglomeration)
         pred.image = io.normalize(zoom_read(job.volume, outer, job.zoom, job.z_zoom), bounds=np.asarray(job.bounds))
     seg = cluster(model, Embedded(pred), job.method, fg_threshold=job.fg_threshold, **dict(job.overrides, rescue=0))
     if job.rescue > 0 or job.faint > 0:
