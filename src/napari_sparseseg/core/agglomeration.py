@@ -162,7 +162,8 @@ def multicut_segmentation(weights: np.ndarray, offsets: list[list[int]], bias: f
     if mask is not None and not np.any(mask):
         return np.zeros(weights.shape[1:], np.int64)
     boundaries = boundary_map(weights, offsets)
-    if image_boundaries is not None and image_weight > 0:
+    use_image = image_boundaries is not None and image_weight > 0
+    if use_image:
         if image_boundaries.shape != boundaries.shape:
             raise SparseSegError(f"image boundaries: shape {image_boundaries.shape} does not match the weights' "
                                  f"{boundaries.shape}")
@@ -175,7 +176,7 @@ def multicut_segmentation(weights: np.ndarray, offsets: list[list[int]], bias: f
         return ws.astype(np.int64)  # no two superpixels touch: nothing to decide
     edge = feats.compute_affinity_features(rag, ws, np.nan_to_num(weights, nan=0.0), offsets)
     probs = edge[:, 0]
-    cost_share = IMAGE_COST_WEIGHT * image_weight if image_boundaries is not None else 0.0
+    cost_share = IMAGE_COST_WEIGHT * image_weight if use_image else 0.0
     if cost_share > 0:
         img = feats.compute_boundary_mean_and_length(rag, ws, image_boundaries.astype(np.float32))[:, 0]
         probs = (1.0 - cost_share) * probs + cost_share * rank_match(img, probs)

@@ -116,8 +116,8 @@ def annotation_statistics(images: list[np.ndarray], labels: list[np.ndarray],
     - ``border_direction`` and ``border_contrast``: the channel weighting that is high on the
       painted objects' own borders and low in their interiors, and the ROC AUC in [0, 1] of that
       projection between border and interior pixels (:func:`border_statistics`): where a membrane
-      stain or an EM membrane shows in the image itself, for the multicut's superpixels
-      (:func:`.agglomeration.image_boundaries`).
+      stain or an EM membrane shows in the image itself, for the multicut's superpixels and edge
+      costs (:func:`.agglomeration.image_boundaries`).
 
     A figure is None where there is nothing to compare (no object; every pixel annotated)."""
     valid = valid if valid is not None else [None] * len(labels)

@@ -151,7 +151,7 @@ def multicut(embeddings: np.ndarray, offsets: list[list[int]] | None = None, bia
     """Multicut on superpixels (:func:`.agglomeration.multicut_segmentation`) of the same weights
     the mutex watershed reads (:func:`mws_weights`, whose options ``weights`` are: delta_dist,
     affinities, affinity_mix, attractive_mix, embedding_metric); ``bias`` > 0 splits more; the
-    superpixels also follow ``image_boundaries`` at ``image_weight``."""
+    superpixels and edge costs also follow ``image_boundaries`` at ``image_weight``."""
     from .agglomeration import multicut_segmentation
 
     offsets = offsets or default_offsets(embeddings.ndim - 1)
@@ -366,8 +366,8 @@ def segment_embeddings(
     (by default the largest segment, the background cluster, comes out as 0; "foreground" needs
     ``foreground`` and ``fg_threshold``). With ``agreement`` (and ``embeddings_g``), g's
     embeddings are clustered the same way and segments of f that g does not reproduce with at
-    least that IoU become 0 (:func:`agreement_filter`). The multicut's superpixels also follow
-    ``image_boundaries`` (a boundary map of the image, :func:`.agglomeration.image_boundaries`) at
+    least that IoU become 0 (:func:`agreement_filter`). The multicut's superpixels and edge costs also
+    follow ``image_boundaries`` (a boundary map of the image, :func:`.agglomeration.image_boundaries`) at
     ``image_weight``.
     """
     embeddings = _check(embeddings)
