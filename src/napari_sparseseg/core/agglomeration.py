@@ -122,7 +122,8 @@ def rank_match(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
     values = np.asarray(values, np.float64)
     reference = np.asarray(reference, np.float64)
     if values.shape != reference.shape or values.ndim != 1:
-        raise SparseSegError(f"rank match: expected two 1D arrays of one length, got {values.shape} and {reference.shape}")
+        raise SparseSegError(f"rank match: expected two 1D arrays of one length, "
+                             f"got {values.shape} and {reference.shape}")
     if len(values) == 0:
         return reference.copy()
     ranks = rankdata(values, method="average") - 1.0  # tied values share their mean rank
