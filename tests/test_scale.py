@@ -66,9 +66,75 @@ def test_a_diameter_from_a_few_painted_objects_is_reported_as_uncertain():
     one = [_squares(0, 1, sides=[40])]
     assert "from only 1 painted object: it may be off by up to 2.4x" in scale.few_objects_note(
         one, scale.image_diameters(one))
+    assert scale.diameter_uncertainty(labs) == pytest.approx(1.7, abs=0.05) and scale.uncertain_diameter(labs)
     # sixteen objects of about one size: no warning
     many = [_squares(60, 16, jitter=3)]
     assert scale.few_objects_note(many, scale.image_diameters(many)) == ""
+    assert not scale.uncertain_diameter(many) and scale.diameter_uncertainty([np.zeros((8, 8), int)]) == 1.0
+
+
+def test_a_few_painted_objects_may_enlarge_images_but_keep_their_resolution():
+    few = [_squares(0, 3, sides=[40, 60, 90])]  # median 68 px: zoom 32/68 if it were trusted
+    d = scale.image_diameters(few)
+    assert scale.training_zooms(d, 2) == [pytest.approx(32 / d[0])]
+    assert scale.training_zooms(d, 2, keep_resolution=True) == [1.0]
+    cfg = scale.scale_config(d, 2, keep_resolution=True)
+    assert cfg["zoom"] == 1.0 and cfg["unshrunk"] and cfg["diameter"] == pytest.approx(d[0])
+    assert not scale.scale_config(d, 2)["unshrunk"]
+    assert scale.diameter_note({"scale": cfg}, 2, 1.0) == (
+        "object diameter 68 px, the training scale, at full resolution (few painted cells)")
+    assert scale.few_objects_note(few, d, kept=True) == (
+        "object diameter 68 px, from only 3 painted objects (45-102 px): it may be off by up to 1.7x, so the images "
+        "are not shrunk for it (dense tissue kept at full resolution); set the object diameter if you know it")
+    # small objects are still enlarged; the user's diameter rules
+    small = [_squares(0, 3, sides=[12, 18, 30])]
+    ds = scale.image_diameters(small)
+    assert scale.training_zooms(ds, 2, keep_resolution=True) == [pytest.approx(32 / ds[0])]
+    assert not scale.scale_config(ds, 2, keep_resolution=True)["unshrunk"]
+    assert scale.training_zooms(d, 2, user_diameter=64, keep_resolution=True) == [0.5]
+    assert scale.scale_config(d, 2, user_diameter=64, keep_resolution=True)["zoom"] == 0.5
+
+
+def _tissue_and_blobs(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A 240 x 240 tissue of ~60 px cells between bright walls, and bright ~60 px discs on a dark
+    background; dense labels of each (the cells, the discs)."""
+    from skimage.segmentation import find_boundaries
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:240, :240]
+    grid = np.array([(y, x) for y in range(30, 240, 60) for x in range(30, 240, 60)])
+    centres = grid + rng.integers(-8, 9, grid.shape)
+    cells = 1 + np.argmin((yy[..., None] - centres[:, 0]) ** 2 + (xx[..., None] - centres[:, 1]) ** 2, axis=-1)
+    tissue = 0.3 + 0.7 * find_boundaries(cells, mode="thick") + 0.05 * rng.normal(size=cells.shape)
+    discs = np.zeros((240, 240), int)
+    for i, (y, x) in enumerate(centres[::2], start=1):
+        discs[(yy - y) ** 2 + (xx - x) ** 2 < 27**2] = i
+    blobs = 0.1 + 0.8 * (discs > 0) + 0.05 * rng.normal(size=discs.shape)
+    return tissue.astype(np.float32), cells, blobs.astype(np.float32), discs
+
+
+def test_dense_tissue_from_a_few_painted_cells_keeps_its_resolution_and_blobs_are_zoomed():
+    from napari_sparseseg import TrainConfig, Trainer
+    from napari_sparseseg.core.annotation import looks_dense
+
+    tissue, cells, blobs, discs = _tissue_and_blobs()
+    cfg = TrainConfig(iterations=1, method="spoco", patch_shape=(32, 32), base_channels=4, depth=2)
+    painted = np.where(np.isin(cells, [1, 6, 11]), cells, 0)  # 3 of 16 cells, ~60 px across
+    dots3 = np.where(np.isin(discs, [1, 2, 3]), discs, 0)
+    assert looks_dense([tissue[None]], [painted]) and not looks_dense([blobs[None]], [dots3])
+    # ignored pixels are not counted as what lies around the painted objects
+    assert looks_dense([tissue[None]], [painted], ignore=[np.zeros_like(painted, bool)])
+    tr = Trainer([tissue], [painted], cfg)
+    assert tr.samples[0].zoom == 1.0 and tr.samples[0].labels.shape == (240, 240)
+    assert tr.scale_config["unshrunk"] and tr.scale_config["zoom"] == 1.0
+    assert "dense tissue kept at full resolution" in tr.note
+    # the same cells with the diameter given: shrunk to the target
+    given = Trainer([tissue], [painted], TrainConfig(**{**cfg.__dict__, "diameter": 64.0}))
+    assert given.samples[0].zoom == 0.5 and not given.scale_config["unshrunk"]
+    # three painted discs on a background: zoomed to the target as before (their edges are not thin walls)
+    dots = Trainer([blobs], [dots3], cfg)
+    assert dots.samples[0].zoom == pytest.approx(32 / 54, rel=0.1) and not dots.scale_config["unshrunk"]
+    assert "and the images are zoomed by it" in dots.note
 
 
 def test_zoom_limits_and_errors():

@@ -155,6 +155,17 @@ def annotation_statistics(images: list[np.ndarray], labels: list[np.ndarray],
     return out
 
 
+def looks_dense(images: list[np.ndarray], labels: list[np.ndarray], ignore: list | None = None, seed: int = 0) -> bool:
+    """Whether the painted objects look like dense tissue: :func:`.segment.is_dense` of their
+    :func:`annotation_statistics` alone (the images as given; ``ignore``: per image a mask of
+    pixels to leave out, or None)."""
+    from .segment import is_dense
+
+    valid = [None if m is None or np.shape(m) != np.shape(lab) else ~np.asarray(m).astype(bool)
+             for lab, m in zip(labels, ignore or [None] * len(labels))]
+    return is_dense(0.0, annotation_statistics(images, labels, valid, seed))
+
+
 def border_statistics(images: list[np.ndarray], labels: list[np.ndarray], valid: list[np.ndarray | None] | None = None,
                       seed: int = 0) -> tuple[list[float] | None, float | None]:
     """How the image itself marks the painted objects' borders: (channel weights, ROC AUC).

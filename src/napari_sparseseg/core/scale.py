@@ -107,35 +107,54 @@ def image_diameters(labels: list[np.ndarray], background_id: int | None = None) 
 
 
 #: training warns that the painted objects' median diameter may be off when two standard errors
-#: of it span more than this factor (a handful of painted objects of different sizes)
+#: of it span more than this factor (a handful of painted objects of different sizes); such a
+#: diameter may enlarge images of dense tissue but does not shrink them (:func:`training_zooms`)
 UNCERTAIN_DIAMETER = 1.5
 
 
-def few_objects_note(labels: list[np.ndarray], diameters: list[float | None],
-                     background_id: int | None = None) -> str:
-    """A warning when the painted objects' median diameter says little about the objects' size,
-    e.g. "object diameter 27 px, from only 3 painted objects (6-42 px): it may be off by up to
-    3.0x ...". The median's standard error is read off the painted objects (half the spread between
+def diameter_uncertainty(labels: list[np.ndarray], background_id: int | None = None) -> float:
+    """How far off (a factor, at least 1) the painted objects' median diameter may be: two
+    standard errors of it. The error is read off the painted objects (half the spread between
     their quantiles at 0.5 -/+ 0.5/sqrt(n), distribution-free: sqrt(pi/2) sd / sqrt(n) for normal
-    log diameters), and is at least what a within-image spread of PRIOR_LOG_SD gives. A wrong
-    diameter zooms the images to the wrong scale (docs/benchmarks.md, "The object size from a few
-    painted objects"); moving it towards the target by that uncertainty was measured and is not
-    the default."""
-    used = common_diameter(diameters)
+    log diameters), and is at least what a within-image spread of PRIOR_LOG_SD gives. 1 without
+    any painted object."""
     logs = [v for v in _log_diameters(labels, background_id) if v.size]
-    if not used or not logs:
-        return ""
+    if not logs:
+        return 1.0
     residuals = np.concatenate([v - np.median(v) for v in logs])
     n = residuals.size
     half = 0.5 / math.sqrt(n)
     spread = float(np.quantile(residuals, 0.5 + half) - np.quantile(residuals, 0.5 - half)) / 2 if n > 1 else 0.0
-    factor = math.exp(2 * max(spread, math.sqrt(np.pi / 2) * PRIOR_LOG_SD / math.sqrt(n)))
+    return math.exp(2 * max(spread, math.sqrt(np.pi / 2) * PRIOR_LOG_SD / math.sqrt(n)))
+
+
+def uncertain_diameter(labels: list[np.ndarray], background_id: int | None = None) -> bool:
+    """Whether the painted objects say too little about their size to shrink dense tissue by it."""
+    return diameter_uncertainty(labels, background_id) >= UNCERTAIN_DIAMETER
+
+
+def few_objects_note(labels: list[np.ndarray], diameters: list[float | None],
+                     background_id: int | None = None, kept: bool = False) -> str:
+    """A warning when the painted objects' median diameter says little about the objects' size,
+    e.g. "object diameter 27 px, from only 3 painted objects (6-42 px): it may be off by up to
+    3.0x ..." (:func:`diameter_uncertainty`). A wrong diameter zooms the images to the wrong
+    scale (docs/benchmarks.md, "The object size from a few painted objects"); moving it towards
+    the target by that uncertainty was measured and is not the default. ``kept``: the images are
+    kept at full resolution instead of shrunk (:func:`training_zooms`), and the note says so."""
+    used = common_diameter(diameters)
+    logs = [v for v in _log_diameters(labels, background_id) if v.size]
+    if not used or not logs:
+        return ""
+    factor = diameter_uncertainty(labels, background_id)
     if factor < UNCERTAIN_DIAMETER:
         return ""
     d = np.exp(np.concatenate(logs))
+    n = d.size
     sizes = f" ({d.min():.0f}-{d.max():.0f} px)" if n > 1 else ""
+    how = ("so the images are not shrunk for it (dense tissue kept at full resolution)" if kept
+           else "and the images are zoomed by it")
     return (f"object diameter {used:.0f} px, from only {n} painted object{'s' * (n > 1)}{sizes}: it may be off by up "
-            f"to {factor:.1f}x, and the images are zoomed by it; set the object diameter if you know it")
+            f"to {factor:.1f}x, {how}; set the object diameter if you know it")
 
 
 #: coordinate channels: embedding units across one object of the target diameter (objects are
@@ -195,28 +214,37 @@ def mixed_sizes(diameters: list[float | None]) -> bool:
     return bool(d.size > 1 and d.max() / d.min() > MIXED_SIZES)
 
 
-def training_zooms(diameters: list[float | None], ndim: int, user_diameter: float | None = None) -> list[float]:
+def training_zooms(diameters: list[float | None], ndim: int, user_diameter: float | None = None,
+                   keep_resolution: bool = False) -> list[float]:
     """Each training image's zoom: from the user's diameter, else from its own objects (images
-    without an annotated object take the common one)."""
+    without an annotated object take the common one). ``keep_resolution``: images are enlarged
+    but not shrunk. The trainer asks for it for dense tissue whose size only a few painted cells
+    give (:func:`uncertain_diameter`): shrinking drops detail no later step gets back (a cell wall
+    a few pixels thin fades out) on the word of a few cells, while enlarging only costs time."""
     if user_diameter is not None:
         return [zoom_for(user_diameter, ndim)] * len(diameters)
     common = common_diameter(diameters)
     if common is None:
         return [1.0] * len(diameters)
-    return [zoom_for(d if d else common, ndim) for d in diameters]
+    zooms = [zoom_for(d if d else common, ndim) for d in diameters]
+    return [max(z, 1.0) for z in zooms] if keep_resolution else zooms
 
 
 def scale_config(diameters: list[float | None], ndim: int, user_diameter: float | None = None,
-                 voxel_size=None) -> dict[str, Any]:
+                 voxel_size=None, keep_resolution: bool = False) -> dict[str, Any]:
     """What a model stores about scales (``config["scale"]``). ``voxel_size`` (z, y, x): the
-    training stacks' (the default for stacks segmented without one), None where not known."""
+    training stacks' (the default for stacks segmented without one), None where not known.
+    ``keep_resolution``: the painted objects' diameter does not shrink images (:func:`training_zooms`)."""
     common = user_diameter if user_diameter is not None else common_diameter(diameters)
+    unshrunk = keep_resolution and user_diameter is None
+    zoom = zoom_for(common, ndim) if common else 1.0
     v = check_voxel_size(voxel_size)
     return {
         "voxel_size": None if v is None else list(v),
         "target_diameter": TARGET_DIAMETER[ndim],
         "diameter": common,
-        "zoom": zoom_for(common, ndim) if common else 1.0,
+        "zoom": max(zoom, 1.0) if unshrunk else zoom,
+        "unshrunk": bool(unshrunk and zoom < 1.0),
         "train_diameters": [None if d is None else round(d, 2) for d in diameters],
         "mixed": user_diameter is None and mixed_sizes(diameters),
         "size_model": None,
@@ -268,6 +296,8 @@ def diameter_note(config: dict[str, Any], ndim: int, zoom: float, diameter: floa
     painted = scale.get("diameter") if isinstance(scale, dict) else None
     # the painted objects' diameter (at a zoom limit the training images were zoomed the same way)
     if painted and math.isclose(zoom, model_zoom(config), rel_tol=1e-6):
+        if scale.get("unshrunk"):  # a few painted objects' diameter does not shrink images
+            return f"object diameter {painted:.0f} px, the training scale, at full resolution (few painted cells)"
         seen = painted
     return f"object diameter {seen:.0f} px, the training scale"
 

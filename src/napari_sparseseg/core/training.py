@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import checkpoint, scale as scales
-from .annotation import annotation_statistics
+from .annotation import annotation_statistics, looks_dense
 from .data import CropSampler, heldout_objects, hold_out, prepare
 from .device import resolve_device, resolve_precision, tune_allocator
 from .errors import SparseSegError
@@ -286,12 +286,17 @@ class Trainer:
             labels = [np.where(np.asarray(m).astype(bool), 0, lab) if m is not None and np.shape(m) == lab.shape
                       else lab for lab, m in zip(labels, ignore)]
         diameters = scales.image_diameters(labels, cfg.background_id)
-        note = "" if cfg.diameter else scales.few_objects_note(labels, diameters, cfg.background_id)
-        self.note = " ".join(filter(None, [self.note, note]))
         zooms = scales.training_zooms(diameters, ndim, cfg.diameter)
+        # dense tissue is not shrunk on the word of a few painted cells (scale.training_zooms)
+        unshrunk = (cfg.diameter is None and any(z < 1 for z in zooms)
+                    and scales.uncertain_diameter(labels, cfg.background_id)
+                    and looks_dense(imgs, labels, ignore, cfg.seed))
+        note = "" if cfg.diameter else scales.few_objects_note(labels, diameters, cfg.background_id, unshrunk)
+        self.note = " ".join(filter(None, [self.note, note]))
+        zooms = scales.training_zooms(diameters, ndim, cfg.diameter, unshrunk)
         voxels = _voxel_sizes(cfg, voxel_sizes, init, ndim, names)
         z_zooms = [scales.z_zoom(z, v) for z, v in zip(zooms, voxels)]
-        self.scale_config = scales.scale_config(diameters, ndim, cfg.diameter, _common_voxel_size(voxels))
+        self.scale_config = scales.scale_config(diameters, ndim, cfg.diameter, _common_voxel_size(voxels), unshrunk)
         self.samples = prepare(imgs, labels, zooms, cfg.background_id, names, ignore, z_zooms)
         keep = (init.config.get("heldout_objects") or None) if (resume and init is not None) else None
         self.heldout = hold_out(self.samples, cfg.foreground_holdout if cfg.foreground else 0.0, cfg.seed, keep)
