@@ -155,14 +155,16 @@ def annotation_statistics(images: list[np.ndarray], labels: list[np.ndarray],
     return out
 
 
-def looks_dense(images: list[np.ndarray], labels: list[np.ndarray], ignore: list | None = None, seed: int = 0) -> bool:
+def looks_dense(images: list[np.ndarray], labels: list[np.ndarray], ignore: list | None = None, seed: int = 0,
+                background_id: int | None = None) -> bool:
     """Whether the painted objects look like dense tissue: :func:`.segment.is_dense` of their
     :func:`annotation_statistics` alone (the images as given; ``ignore``: per image a mask of
-    pixels to leave out, or None)."""
+    pixels to leave out, or None; pixels labeled ``background_id`` are not an object)."""
     from .segment import is_dense
 
-    valid = [None if m is None or np.shape(m) != np.shape(lab) else ~np.asarray(m).astype(bool)
-             for lab, m in zip(labels, ignore or [None] * len(labels))]
+    if background_id is not None:
+        labels = [np.where(np.asarray(lab) == background_id, 0, lab) for lab in labels]
+    valid = [None if m is None else ~np.asarray(m).astype(bool) for m in ignore or [None] * len(labels)]
     return is_dense(0.0, annotation_statistics(images, labels, valid, seed))
 
 

@@ -74,6 +74,19 @@ def _resize_last(t: torch.Tensor, n: int, scale: float) -> torch.Tensor:
     return F.interpolate(flat, size=size, mode=mode).reshape(*lead, *size)
 
 
+def check_shapes(images: list[np.ndarray], labels: list[np.ndarray], names: list[str] | None = None,
+                 ignore: list[np.ndarray | None] | None = None) -> None:
+    """Raise a SparseSegError naming the image whose labels (or ignore mask) do not match its
+    spatial shape; images are (C, *S)."""
+    names = names or [f"image {i}" for i in range(len(images))]
+    for img, lab, name, ign in zip(images, labels, names, ignore or [None] * len(images)):
+        if img.shape[1:] != lab.shape:
+            raise SparseSegError(
+                f"{name}: image has spatial shape {img.shape[1:]} but its labels have shape {lab.shape}")
+        if ign is not None and np.shape(ign) != lab.shape:
+            raise SparseSegError(f"{name}: ignore mask has shape {np.shape(ign)} but the labels have shape {lab.shape}")
+
+
 def prepare(
     images: list[np.ndarray],
     labels: list[np.ndarray],
@@ -96,21 +109,12 @@ def prepare(
     zooms = list(zooms) if isinstance(zooms, (list, tuple)) else [float(zooms)] * len(images)
     ignore = ignore or [None] * len(images)
     z_zooms = z_zooms or [1.0] * len(images)
+    check_shapes(images, labels, names, ignore)
     samples = []
     n_objects = 0
     for img, lab, name, zoom, ign, zz in zip(images, labels, names, zooms, ignore, z_zooms):
-        if img.shape[1:] != lab.shape:
-            raise SparseSegError(
-                f"{name}: image has spatial shape {img.shape[1:]} but its labels have shape {lab.shape}"
-            )
         lab = lab.astype(np.int64)
-        valid = np.ones(lab.shape, dtype=bool)
-        if ign is not None:
-            if ign.shape != lab.shape:
-                raise SparseSegError(
-                    f"{name}: ignore mask has shape {ign.shape} but the labels have shape {lab.shape}"
-                )
-            valid = ~np.asarray(ign).astype(bool)
+        valid = np.ones(lab.shape, dtype=bool) if ign is None else ~np.asarray(ign).astype(bool)
         if background_id is not None:
             lab = np.where(lab == background_id, 0, lab)
         user_ids = np.unique(lab)

@@ -23,7 +23,7 @@ import torch
 
 from . import checkpoint, scale as scales
 from .annotation import annotation_statistics, looks_dense
-from .data import CropSampler, heldout_objects, hold_out, prepare
+from .data import CropSampler, check_shapes, heldout_objects, hold_out, prepare
 from .device import resolve_device, resolve_precision, tune_allocator
 from .errors import SparseSegError
 from .io import normalize, to_channels_first
@@ -288,9 +288,10 @@ class Trainer:
         diameters = scales.image_diameters(labels, cfg.background_id)
         zooms = scales.training_zooms(diameters, ndim, cfg.diameter)
         # dense tissue is not shrunk on the word of a few painted cells (scale.training_zooms)
+        check_shapes(imgs, labels, names, ignore)
         unshrunk = (cfg.diameter is None and any(z < 1 for z in zooms)
                     and scales.uncertain_diameter(labels, cfg.background_id)
-                    and looks_dense(imgs, labels, ignore, cfg.seed))
+                    and looks_dense(imgs, labels, ignore, cfg.seed, cfg.background_id))
         note = "" if cfg.diameter else scales.few_objects_note(labels, diameters, cfg.background_id, unshrunk)
         self.note = " ".join(filter(None, [self.note, note]))
         zooms = scales.training_zooms(diameters, ndim, cfg.diameter, unshrunk)
