@@ -118,7 +118,11 @@ def diameter_uncertainty(labels: list[np.ndarray], background_id: int | None = N
     their quantiles at 0.5 -/+ 0.5/sqrt(n), distribution-free: sqrt(pi/2) sd / sqrt(n) for normal
     log diameters), and is at least what a within-image spread of PRIOR_LOG_SD gives. 1 without
     any painted object."""
-    logs = [v for v in _log_diameters(labels, background_id) if v.size]
+    return _uncertainty([v for v in _log_diameters(labels, background_id) if v.size])
+
+
+def _uncertainty(logs: list[np.ndarray]) -> float:
+    """:func:`diameter_uncertainty` of the images' log diameters (those with an object)."""
     if not logs:
         return 1.0
     residuals = np.concatenate([v - np.median(v) for v in logs])
@@ -145,7 +149,7 @@ def few_objects_note(labels: list[np.ndarray], diameters: list[float | None],
     logs = [v for v in _log_diameters(labels, background_id) if v.size]
     if not used or not logs:
         return ""
-    factor = diameter_uncertainty(labels, background_id)
+    factor = _uncertainty(logs)
     if factor < UNCERTAIN_DIAMETER:
         return ""
     d = np.exp(np.concatenate(logs))
