@@ -13,11 +13,16 @@ block painted (a label zarr of the stack's shape) and reports the same peaks: tr
 the regions around the painted objects. Without ``--model`` a 3D model of the default architecture is trained for
 a few steps (its weights do not matter for speed or memory). Sizes: 0.25, 1, 4 GiB and so on; the
 default is small enough for a quick run on a laptop CPU.
+
+Long runs can be stopped and continued: with ``--tmp DIR`` the stack written before is reused and
+``sparseseg segment`` resumes at its first unfinished block; each run's seconds and peaks so far
+are kept in ``DIR/peaks-<size>-<workers>.json`` (every 10 s), so the parts of a run can be added up.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -44,6 +49,10 @@ def make_stack(path: Path, size_gib: float, seed: int = 0, labels: Path | None =
     yx = int(min(2048, max(128, round((voxels / 64) ** 0.5 / 64) * 64)))
     z = max(16, int(round(voxels / yx / yx)))
     shape = (z, yx, yx)
+    done = path / "complete.json"  # written last: a stack (and labels) from an earlier run, whole
+    if done.exists() and json.loads(done.read_text()) == {"shape": list(shape), "seed": seed,
+                                                          "labels": str(labels), "painted": painted}:
+        return shape
     arr = zarr.create_array(str(path), shape=shape, chunks=(32, 128, 128), dtype="uint8", overwrite=True)
     rng = np.random.default_rng(seed)
     pool = [synthetic_cells(GEN_BLOCK, radius=(6.0, 10.0), seed=seed + k) for k in range(2)]
@@ -60,6 +69,7 @@ def make_stack(path: Path, size_gib: float, seed: int = 0, labels: Path | None =
             gt = gt[flips][crop]
             ids = [j for j in np.unique(gt[:, 64:-64, 64:-64]) if j > 0][:painted]  # whole, away from the edges
             lab[region] = np.where(np.isin(gt, ids), gt, 0).astype("uint16")
+    done.write_text(json.dumps({"shape": list(shape), "seed": seed, "labels": str(labels), "painted": painted}))
     return shape
 
 
@@ -78,12 +88,13 @@ def tiny_model(folder: Path, base_channels: int | None = None, depth: int = 4) -
     return folder
 
 
-def run(cmd: list[str], env: dict) -> tuple[float, dict, str]:
+def run(cmd: list[str], env: dict, record: Path | None = None) -> tuple[float, dict, str]:
     """(seconds, peaks, output) of ``cmd``; peaks of the process tree in bytes: ``rss`` (resident
     set sizes summed: shared pages such as torch's libraries count once per process), ``pss``
     (proportional set sizes summed: every page counted once, what the tree occupies) and
-    ``largest`` (the RSS of its largest process)."""
-    t0 = time.perf_counter()
+    ``largest`` (the RSS of its largest process). With ``record``, the seconds and peaks so far are
+    written there every 10 s, so a run stopped part way (and resumed later) still has its figures."""
+    t0 = last = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     root = psutil.Process(proc.pid)
     peaks = {"rss": 0, "pss": 0, "largest": 0}
@@ -100,6 +111,9 @@ def run(cmd: list[str], env: dict) -> tuple[float, dict, str]:
             pass
         for k, v in (("rss", rss), ("pss", pss), ("largest", largest)):
             peaks[k] = max(peaks[k], v)
+        if record is not None and time.perf_counter() - last > 10:
+            last = time.perf_counter()
+            record.write_text(json.dumps({"cmd": cmd, "seconds": last - t0, **peaks}))
         time.sleep(0.2)
     out = proc.stdout.read()
     if proc.returncode != 0:
@@ -145,7 +159,7 @@ def main() -> None:
             cmd += ["--block-shape", *map(str, args.block_shape)]
         if args.clustering:
             cmd += ["--clustering", args.clustering]
-        secs, peak, out = run(cmd, env)
+        secs, peak, out = run(cmd, env, tmp / f"peaks-{args.size_gib:g}-{w}.json")
         rows.append((f"blockwise, {w} worker(s)", secs, peak, out.strip().splitlines()[-1]))
     if args.train:
         cmd = [sys.executable, "-m", "napari_sparseseg.cli", "train", "--images", str(stack), "--labels", str(labels),

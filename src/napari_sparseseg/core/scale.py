@@ -261,6 +261,31 @@ def model_voxel_size(config: dict[str, Any]) -> list[float] | None:
     return scale.get("voxel_size") if isinstance(scale, dict) else None
 
 
+def training_voxel_sizes(voxel_size, given: list | None, init_config: dict[str, Any] | None, ndim: int,
+                         names: list[str]) -> list:
+    """Each training stack's voxel size: ``voxel_size`` for all if given, else the one each states
+    (``given``), else that of the model being fine-tuned (``init_config``); None per stack where
+    none is known (and always in 2D)."""
+    if ndim != 3:
+        if voxel_size is not None:
+            raise SparseSegError(f"voxel_size {tuple(voxel_size)}: the images are 2D; a voxel size applies to 3D "
+                                 "stacks only")
+        return [None] * len(names)
+    if voxel_size is not None:
+        return [check_voxel_size(voxel_size, "voxel_size")] * len(names)
+    given = given or [None] * len(names)
+    if len(given) != len(names):
+        raise SparseSegError(f"{len(given)} voxel size(s) for {len(names)} image(s); they must pair up")
+    fallback = None if init_config is None else model_voxel_size(init_config)
+    return [check_voxel_size(v, f"{n}: voxel size") if v is not None else fallback for v, n in zip(given, names)]
+
+
+def common_voxel_size(voxels: list) -> list[float] | None:
+    """What a model stores as its training voxel size: the per-axis median of the known ones."""
+    known = [v for v in voxels if v is not None]
+    return [float(a) for a in np.median(np.array(known, float), axis=0)] if known else None
+
+
 def stack_z_zoom(zoom: float, voxel_size, config: dict[str, Any], ndim: int) -> float:
     """The z zoom for a stack at y/x ``zoom``: from its ``voxel_size`` if known, else the model's
     training voxel size (none: 1); 1 for 2D images."""

@@ -190,28 +190,6 @@ def _patch_shape(ndim: int, shapes: list[tuple[int, ...]], divisor: tuple[int, .
     return tuple(int(math.ceil(min(d, b) / v) * v) for d, b, v in zip(default, biggest, divisor))
 
 
-def _voxel_sizes(cfg: TrainConfig, given: list | None, init, ndim: int, names: list[str]) -> list:
-    """Each training stack's voxel size: the config's for all, else the one each states (``given``),
-    else the model being fine-tuned's; None per stack where none is known (and always in 2D)."""
-    if ndim != 3:
-        if cfg.voxel_size is not None:
-            raise SparseSegError(f"voxel_size {tuple(cfg.voxel_size)}: the images are 2D; a voxel size applies to 3D stacks only")
-        return [None] * len(names)
-    if cfg.voxel_size is not None:
-        return [scales.check_voxel_size(cfg.voxel_size, "voxel_size")] * len(names)
-    given = given or [None] * len(names)
-    if len(given) != len(names):
-        raise SparseSegError(f"{len(given)} voxel size(s) for {len(names)} image(s); they must pair up")
-    fallback = None if init is None else scales.model_voxel_size(init.config)
-    return [scales.check_voxel_size(v, f"{n}: voxel size") if v is not None else fallback for v, n in zip(given, names)]
-
-
-def _common_voxel_size(voxels: list) -> list[float] | None:
-    """What the model stores as its training voxel size: the per-axis median of the known ones."""
-    known = [v for v in voxels if v is not None]
-    return [float(a) for a in np.median(np.array(known, float), axis=0)] if known else None
-
-
 class Trainer:
     """Trains a model on sparse labels with the method of ``config.method`` ("auto": per dimensionality). Images: arrays (Y, X[, C]) or (Z, Y, X[, C]) / (C, ...);
     labels: (Y, X) or (Z, Y, X) integer arrays, 0 = unlabeled.
@@ -295,9 +273,11 @@ class Trainer:
         note = "" if cfg.diameter else scales.few_objects_note(labels, diameters, cfg.background_id, unshrunk)
         self.note = " ".join(filter(None, [self.note, note]))
         zooms = scales.training_zooms(diameters, ndim, cfg.diameter, unshrunk)
-        voxels = _voxel_sizes(cfg, voxel_sizes, init, ndim, names)
+        voxels = scales.training_voxel_sizes(cfg.voxel_size, voxel_sizes, None if init is None else init.config,
+                                             ndim, names)
         z_zooms = [scales.z_zoom(z, v) for z, v in zip(zooms, voxels)]
-        self.scale_config = scales.scale_config(diameters, ndim, cfg.diameter, _common_voxel_size(voxels), unshrunk)
+        self.scale_config = scales.scale_config(diameters, ndim, cfg.diameter, scales.common_voxel_size(voxels),
+                                                unshrunk)
         self.samples = prepare(imgs, labels, zooms, cfg.background_id, names, ignore, z_zooms)
         keep = (init.config.get("heldout_objects") or None) if (resume and init is not None) else None
         self.heldout = hold_out(self.samples, cfg.foreground_holdout if cfg.foreground else 0.0, cfg.seed, keep)
