@@ -159,6 +159,32 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_block_is_predict
     assert not (root / "img.zarr" / "labels").exists()
 
 
+def test_a_work_folder_on_a_disk_too_small_is_refused_before_any_block_and_a_resume_counts_what_is_left(
+        oracle, tmp_path, monkeypatch):
+    import napari_sparseseg.core.blockwise as BW
+
+    root, lab = oracle
+    outputs = oracle_outputs(lab)
+    calls, work, out = tmp_path / "calls", tmp_path / "work", tmp_path / "seg.zarr"
+    asked = []
+    # the oracle's store: 6 embeddings + foreground, float16, 24 x 64 x 64 voxels in 8 blocks
+    need_all = 24 * 64 * 64 * 7 * 2 * BW.STORE_KEPT
+    monkeypatch.setattr(BW, "free_bytes", lambda path: asked.append(Path(path)) or int(0.6 * need_all))
+    with pytest.raises(SparseSegError, match=r"work: the prediction store needs about 1\.0 MiB more \(7 float16 "
+                                             r"channels per voxel at the model's scale, 0\.1 M voxels left\), but only "
+                                             r"0\.6 MiB are free there; free space, give a work folder on a larger disk "
+                                             r"\(--work DIR"):
+        run(root, outputs, out, work=work, predictor=OraclePredictor(root / "outputs.npy", calls))
+    assert not calls.exists() and asked == [work]
+    # 5 of 8 blocks predicted before a crash: the 3 left need 3/8 of the store, which fits
+    monkeypatch.setattr(BW, "free_bytes", lambda path: 10 * need_all)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(root, outputs, out, work=work, predictor=OraclePredictor(root / "outputs.npy", calls, fail_after=5))
+    monkeypatch.setattr(BW, "free_bytes", lambda path: int(0.6 * need_all))
+    run(root, outputs, out, work=work, predictor=OraclePredictor(root / "outputs.npy", calls))
+    assert adapted_rand_error(lab, zarr.open_array(str(out))[:])[0] == 0.0
+
+
 def test_local_cluster_gives_the_same_labels(oracle, tmp_path):
     root, lab = oracle
     outputs = oracle_outputs(lab, noise=0.3, seed=3)
@@ -347,6 +373,31 @@ def test_cli_blockwise_errors(tiny, tmp_path, capsys):
         capsys, base + ["--images", zin, "--out", str(tmp_path / "old.zarr")])
     assert "a labels image belongs to the image it labels" in _err(
         capsys, base + ["--images", zin, "--out", str(root / "ome.zarr" / "labels" / "x")])
+
+
+def test_cli_work_puts_the_intermediate_results_in_a_folder_inside_the_one_given(tiny, tmp_path, capsys,
+                                                                                 monkeypatch):
+    import napari_sparseseg.core.blockwise as BW
+
+    root, _ = tiny
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (scratch / "keep.txt").write_text("the user's")
+    asked = []
+    monkeypatch.setattr(BW, "free_bytes", lambda path: asked.append(Path(path)) or 0)
+    base = ["segment", "--model", str(root / "model"), "--images", str(root / "img.zarr"), "--workers", "0",
+            "--block-shape", "12", "32", "32", "--out", str(tmp_path / "o.zarr"), "--work", str(scratch)]
+    err = _err(capsys, base)
+    assert f"{scratch / '.o.zarr.sparseseg-work'}: the prediction store needs about" in err and "are free there" in err
+    assert asked == [scratch / ".o.zarr.sparseseg-work"]
+    monkeypatch.setattr(BW, "free_bytes", lambda path: 2**40)
+    assert main(base) == 0
+    assert zarr.open_array(str(tmp_path / "o.zarr")).shape == SHAPE
+    # the work folder inside it is removed after the run, the folder given and its files are not
+    assert [p.name for p in scratch.iterdir()] == ["keep.txt"]
+    assert not list(tmp_path.glob(".*sparseseg-work"))
+    (tmp_path / "afile").write_text("")
+    assert f"--work {tmp_path / 'afile'}: expected a folder" in _err(capsys, base[:-1] + [str(tmp_path / "afile")])
 
 
 def test_cli_ctrl_c_then_same_command_resumes(tiny, tmp_path):

@@ -45,6 +45,9 @@ BLOCKWISE_METHODS = ("auto", "mws", "multicut")
 CONNECT_TIMEOUT = "30s"
 #: what the CLI's --out may end with to be a single file (else a folder for <stem>.zarr)
 TIFF_SUFFIXES = (".tif", ".tiff")
+#: what zarr's default compression keeps of the float16 prediction store: 68-72 % on the
+#: predictions of three suite models (ovule, gala, nuclei 3D; docs/large-data.md), with a margin
+STORE_KEPT = 0.75
 
 
 @dataclass
@@ -72,6 +75,31 @@ def default_work(out: Path) -> Path:
     """The work folder: beside the output (beside the whole zarr when the output lies inside one)."""
     root = zarr_root(out) or out
     return root.with_name(f".{root.name}.sparseseg-work" if root != out else f".{out.name}.sparseseg-work")
+
+
+def free_bytes(path: Path) -> int:
+    """Free space on the disk of ``path``."""
+    return shutil.disk_usage(path).free
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 / 10 else f"{n / 2**20:.1f} MiB"
+
+
+def check_scratch(job: Job, n_channels: int) -> None:
+    """Before any block: the prediction store's blocks not yet predicted (``n_channels`` float16
+    channels, compressed as :data:`STORE_KEPT`) must fit the free space of the work folder's disk,
+    else a clear error instead of a disk that fills part way through."""
+    done = {p.stem for p in job.path("done", "predict").glob("*.json")}
+    left = sum(int(np.prod([r.stop - r.start for r in B.block_region(i, job.scaled, job.block)]))
+               for i in range(job.n_blocks()) if str(i) not in done)
+    need, free = left * n_channels * 2 * STORE_KEPT, free_bytes(Path(job.work))
+    if free < need:
+        raise SparseSegError(
+            f"{job.work}: the prediction store needs about {_size(need)} more ({n_channels} float16 channels per voxel "
+            f"at the model's scale, {left / 1e6:.1f} M voxels left), but only {_size(free)} are free there; free space, "
+            "give a work folder on a larger disk (--work DIR, on storage every worker sees; work= in Python) or "
+            "segment a coarser resolution level (--level)")
 
 
 def _zoom(model_path: str, config: dict, volume: Volume, bounds, diameter: float | None, device: str) -> float:
@@ -232,6 +260,7 @@ def segment_blockwise(
               halo, int(opts["min_size"]), opts.get("max_size"), z_zoom)
     cfg = predictor.config
     n_channels = cfg["out_channels"] + int(bool(cfg.get("foreground"))) + int(cfg.get("affinities", 0))
+    check_scratch(job, n_channels)
     _make_array(work / "prediction.zarr", (n_channels, *scaled), (n_channels, *block), "float16")
     _make_array(work / "fragments.zarr", scaled, block, "uint32")
     seconds: dict[str, float] = {}
