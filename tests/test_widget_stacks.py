@@ -6,8 +6,10 @@ import pytest
 
 napari = pytest.importorskip("napari")
 
+import napari_sparseseg._napari.layers as L  # noqa: E402
 import napari_sparseseg._napari.widget as W  # noqa: E402
 from napari_sparseseg import load_model  # noqa: E402
+from napari_sparseseg.core.errors import SparseSegError  # noqa: E402
 from test_widget import TIMEOUT, _train  # noqa: E402
 
 
@@ -33,8 +35,36 @@ def test_3d_stack_trains_previews_a_slab_and_segments(qtbot, make_napari_viewer,
         seg = viewer.layers["cells 3D segmentation"]
         assert seg.data.shape == stack.data.shape
         np.testing.assert_allclose([seg.scale, seg.translate], [stack.scale, stack.translate])
+        # a quick look at what is in view: zoomed in on one slice -> that part, 8 slices on each side
+        viewer.dims.set_point(0, 2.0 + 0.5 * 20)  # world z of slice 20
+        viewer.camera.zoom, viewer.camera.center = 40.0, (0.0, 16.0, 12.0)
+        viewer.window._qt_viewer.canvas.on_draw(None)  # what a shown canvas does when it redraws
+        region = L.view_region(viewer, stack)
+        assert (region[0].start, region[0].stop) == (12, 29)
+        assert 0 < region[1].start < region[1].stop < stack.data.shape[1]  # a part of the slice, not all of it
+        assert region[2].stop - region[2].start < stack.data.shape[2]
+        w.segment.view_btn.clicked.emit()
+        qtbot.waitUntil(lambda: "cells 3D segmentation (box)" in viewer.layers and w.segment.worker is None,
+                        timeout=TIMEOUT)
+        look = viewer.layers["cells 3D segmentation (box)"]
+        assert look.data.shape == tuple(r.stop - r.start for r in region)
+        np.testing.assert_allclose(look.translate, np.asarray(stack.translate)
+                                   + np.array([r.start for r in region]) * stack.scale)
+        assert not errors
     finally:
         w.cleanup_model_folder()
+
+
+def test_view_region_of_a_2d_multiscale_image_and_of_one_out_of_view(make_napari_viewer):
+    viewer = make_napari_viewer()
+    base = np.zeros((256, 512), np.uint8)
+    image = viewer.add_image([base, base[::2, ::2], base[::4, ::4]], name="pyramid", multiscale=True)
+    image.corner_pixels = np.array([[10, 20], [40, 60]])  # what napari sets on a draw, at level 2
+    image._data_level = 2
+    assert L.view_region(viewer, image) == (slice(40, 164), slice(80, 244))  # in full-resolution pixels
+    image.corner_pixels = np.array([[0, 0], [0, 0]])
+    with pytest.raises(SparseSegError, match="image 'pyramid' is not in view: pan or zoom"):
+        L.view_region(viewer, image)
 
 
 def test_whole_stack_block_by_block_into_a_lazy_layer(qtbot, make_napari_viewer, tmp_path, errors, monkeypatch):

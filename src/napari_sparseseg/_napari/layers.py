@@ -55,6 +55,34 @@ def box_region(shapes, image, slab: int = 8) -> tuple[slice, ...]:
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
 
+def view_region(viewer, image, slab: int = 8) -> tuple[slice, ...]:
+    """The part of ``image`` shown in the canvas, in its full-resolution pixel grid (spatial axes):
+    the visible extent of the displayed axes (napari's ``corner_pixels``, set when the canvas
+    draws; for a pyramid at the level shown), and on a stack shown slice by slice ``slab`` slices
+    on each side of the current one."""
+    from ..core.errors import SparseSegError
+
+    shape = spatial_shape(image)
+    n = len(shape)
+    corners = np.asarray(image.corner_pixels, float)[:, -n:]
+    factor = np.ones(n)
+    if getattr(image, "multiscale", False):
+        factor = np.asarray(image.downsample_factors[image.data_level], float)[-n:]
+    lo, hi = corners[0] * factor, (corners[1] + 1) * factor
+    first = viewer.dims.ndim - n  # world axis of the first spatial axis (layers are right-aligned)
+    here = np.asarray(image.world_to_data(viewer.dims.point), float)[-n:]
+    for ax in range(n):
+        if ax + first not in viewer.dims.displayed:
+            lo[ax], hi[ax] = round(here[ax]) - slab, round(here[ax]) + slab + 1
+    lo, hi = np.maximum(np.floor(lo), 0).astype(int), np.minimum(np.ceil(hi), shape).astype(int)
+    shown = [ax for ax in range(n) if ax + first in viewer.dims.displayed]
+    # out of view, napari clips the canvas to the image's edge: one pixel (at the level shown) wide
+    if np.any(hi - lo < 2) or np.any(corners[1, shown] - corners[0, shown] < 1):
+        raise SparseSegError(f"image '{image.name}' is not in view: pan or zoom the canvas onto the part to segment "
+                             "(or draw a box and choose it under 'only inside')")
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
 def image_region(layer, region: tuple[slice, ...] | None) -> np.ndarray:
     """The layer's pixels (all of them, or only ``region``; a lazy layer reads just that)."""
     data = level0(layer)

@@ -79,6 +79,9 @@ class SegmentPanel(QWidget):
                                                  "object); 0: off; -1: auto")
         self.pca = CheckBox(value=False, text="show embeddings (PCA as RGB)")
         self.run_btn = PushButton(text="Segment")
+        self.view_btn = PushButton(text="Segment what is in view",
+                                   tooltip="a quick look: only the part of the image shown in the canvas is read and "
+                                           "segmented (on a stack, 8 slices on each side of the current one)")
         self.stack_btn = PushButton(text="Segment whole stack (block by block)",
                                     tooltip="3D stacks opened from a zarr / OME-Zarr / TIFF file, of any size: the "
                                             "stack is read and segmented block by block in the background into a "
@@ -95,10 +98,11 @@ class SegmentPanel(QWidget):
                             ("agreement", self.agreement), ("affinities (CRAC)", self.affinities),
                              ("split large (CRAC)", self.split_ratio), ("keep dropped objects", self.rescue),
                              ("drop faint segments", self.min_contrast),
-                             (None, self.pca), (None, self.run_btn),
+                             (None, self.pca), (None, self.run_btn), (None, self.view_btn),
                             (None, self.stack_btn), (None, self.status)))
         lay.addStretch()
         self.run_btn.changed.connect(self.run)
+        self.view_btn.changed.connect(lambda *_: self.run(in_view=True))
         self.stack_btn.changed.connect(self.segment_stack)
         for knob in (self.bias, self.min_size, self.max_size, self.background, self.fg_threshold, self.agreement,
                      self.method, self.affinities, self.split_ratio, self.rescue, self.min_contrast):
@@ -179,7 +183,9 @@ class SegmentPanel(QWidget):
     def diameter_value(self) -> float | None:
         return float(self.diameter.value) or None
 
-    def run(self) -> None:
+    def run(self, *_, in_view: bool = False) -> None:
+        """Segment the image, or only the bounding box of the chosen Shapes layer, or (``in_view``)
+        only what the canvas shows."""
         image, model = self.image.value, self.session.model
         if image is None:
             L.notify_error("Select an image to segment.")
@@ -191,7 +197,10 @@ class SegmentPanel(QWidget):
             ndim = len(L.spatial_shape(image))
             chans = 3 if getattr(image, "rgb", False) else 1
             checkpoint.check_compatible(model.config, ndim, chans, f"image '{image.name}'")
-            region = None if self.region.value is None else L.box_region(self.region.value, image)
+            if in_view:
+                region = L.view_region(self.viewer, image)
+            else:
+                region = None if self.region.value is None else L.box_region(self.region.value, image)
         except SparseSegError as err:
             L.notify_error(str(err))
             return
