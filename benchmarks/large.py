@@ -6,7 +6,7 @@
 Writes a synthetic uint8 stack (cells, generated block by block, never whole in memory) as zarr,
 runs ``sparseseg segment`` on it in a subprocess per worker count and samples the resident memory
 of the whole process tree (CLI, dask scheduler/nanny and worker processes) every 0.2 s with psutil
-(RSS summed, PSS summed and the largest process).
+(RSS summed, PSS summed and the largest process), and every 10 s the disk its work folder holds.
 ``--whole`` also runs the whole-image path on the same stack written as TIFF (everything in
 memory), for comparison. ``--train SECONDS`` trains on the stack with a few objects of its first
 block painted (a label zarr of the stack's shape) and reports the same peaks: training reads only
@@ -88,16 +88,22 @@ def tiny_model(folder: Path, base_channels: int | None = None, depth: int = 4) -
     return folder
 
 
-def run(cmd: list[str], env: dict, record: Path | None = None) -> tuple[float, dict, str]:
+def disk_bytes(folder: Path) -> int:
+    """Bytes of the files under ``folder`` (0 if it does not exist)."""
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
+
+
+def run(cmd: list[str], env: dict, record: Path | None = None, work: Path | None = None) -> tuple[float, dict, str]:
     """(seconds, peaks, output) of ``cmd``; peaks of the process tree in bytes: ``rss`` (resident
     set sizes summed: shared pages such as torch's libraries count once per process), ``pss``
     (proportional set sizes summed: every page counted once, what the tree occupies) and
     ``largest`` (the RSS of its largest process). With ``record``, the seconds and peaks so far are
-    written there every 10 s, so a run stopped part way (and resumed later) still has its figures."""
+    written there every 10 s, so a run stopped part way (and resumed later) still has its figures.
+    With ``work`` (the run's work folder), ``disk`` is the most it held, measured every 10 s."""
     t0 = last = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     root = psutil.Process(proc.pid)
-    peaks = {"rss": 0, "pss": 0, "largest": 0}
+    peaks = {"rss": 0, "pss": 0, "largest": 0, "disk": 0}
     while proc.poll() is None:
         rss = pss = largest = 0
         try:
@@ -111,9 +117,12 @@ def run(cmd: list[str], env: dict, record: Path | None = None) -> tuple[float, d
             pass
         for k, v in (("rss", rss), ("pss", pss), ("largest", largest)):
             peaks[k] = max(peaks[k], v)
-        if record is not None and time.perf_counter() - last > 10:
+        if time.perf_counter() - last > 10:
             last = time.perf_counter()
-            record.write_text(json.dumps({"cmd": cmd, "seconds": last - t0, **peaks}))
+            if work is not None:
+                peaks["disk"] = max(peaks["disk"], disk_bytes(work))
+            if record is not None:
+                record.write_text(json.dumps({"cmd": cmd, "seconds": last - t0, **peaks}))
         time.sleep(0.2)
     out = proc.stdout.read()
     if proc.returncode != 0:
@@ -159,7 +168,7 @@ def main() -> None:
             cmd += ["--block-shape", *map(str, args.block_shape)]
         if args.clustering:
             cmd += ["--clustering", args.clustering]
-        secs, peak, out = run(cmd, env, tmp / f"peaks-{args.size_gib:g}-{w}.json")
+        secs, peak, out = run(cmd, env, tmp / f"peaks-{args.size_gib:g}-{w}.json", tmp / f".{out.name}.sparseseg-work")
         rows.append((f"blockwise, {w} worker(s)", secs, peak, out.strip().splitlines()[-1]))
     if args.train:
         cmd = [sys.executable, "-m", "napari_sparseseg.cli", "train", "--images", str(stack), "--labels", str(labels),
@@ -174,11 +183,12 @@ def main() -> None:
         tifffile.imwrite(tmp / "stack.tif", zarr.open_array(str(stack))[:])
         secs, peak, out = run(base + ["--images", str(tmp / "stack.tif"), "--out", str(tmp / "whole")], env)
         rows.append(("whole image (in memory)", secs, peak, out.strip().splitlines()[-1]))
-    print("\n| run | seconds | voxels/s | peak RSS (GiB) | peak PSS (GiB) | largest process (GiB) |")
-    print("|---|---|---|---|---|---|")
+    print("\n| run | seconds | voxels/s | peak RSS (GiB) | peak PSS (GiB) | largest process (GiB) "
+          "| work folder (GiB) |")
+    print("|---|---|---|---|---|---|---|")
     for name, secs, peak, _ in rows:
         print(f"| {name} | {secs:.1f} | {n / secs:.3g} | {peak['rss'] / 2**30:.2f} | {peak['pss'] / 2**30:.2f} "
-              f"| {peak['largest'] / 2**30:.2f} |")
+              f"| {peak['largest'] / 2**30:.2f} | {peak['disk'] / 2**30:.2f} |")
     for name, *_, last in rows:
         print(f"{name}: {last}")
 
