@@ -17,8 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b = parser.add_argument_group(
         "blockwise (stacks larger than memory)",
         "used for zarr / OME-Zarr input, or for any input with --block-shape, --scheduler or --work "
-        "(docs/large-data.md); --out then names a .zarr, a .tif or a labels group inside an OME-Zarr image (<image>.zarr/labels/<name>), "
-        "or a folder for <stem>.zarr")
+        "(docs/large-data.md); --out then names a .zarr, a .tif or a labels group inside an OME-Zarr image "
+        "(<image>.zarr/labels/<name>), or a folder for <stem>.zarr")
     b.add_argument("--block-shape", type=int, nargs="+", default=None, metavar="N",
                    help="block in model-scale pixels, one size per spatial axis (default 48 128 128 in 3D)")
     b.add_argument("--workers", type=int, default=None,
@@ -76,11 +76,10 @@ def segment(args, files: list[Path]) -> int:
             res = segment_blockwise(
                 args.model, path, dst, level=args.level, block_shape=args.block_shape, workers=workers,
                 scheduler=args.scheduler, method=args.clustering, device=args.device, precision=args.precision,
-                diameter=args.diameter,
-                voxel_size=args.voxel_size, progress=progress, fg_threshold=args.fg_threshold, bias=args.bias, min_size=args.min_size,
-                max_size=args.max_size, background=args.background, agreement=args.agreement,
-                affinity_source=args.affinities, split_ratio=args.split_ratio, rescue=args.rescue,
-                min_contrast=args.min_contrast, work=work)
+                diameter=args.diameter, voxel_size=args.voxel_size, progress=progress, fg_threshold=args.fg_threshold,
+                bias=args.bias, min_size=args.min_size, max_size=args.max_size, background=args.background,
+                agreement=args.agreement, affinity_source=args.affinities, split_ratio=args.split_ratio,
+                rescue=args.rescue, min_contrast=args.min_contrast, work=work)
         except KeyboardInterrupt:
             print(f"interrupted (Ctrl-C); finished blocks are kept in {work}: run the same command "
                   "again to resume", file=sys.stderr)

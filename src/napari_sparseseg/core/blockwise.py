@@ -97,9 +97,9 @@ def check_scratch(job: Job, n_channels: int) -> None:
     if free < need:
         raise SparseSegError(
             f"{job.work}: the prediction store needs about {_size(need)} more ({n_channels} float16 channels per voxel "
-            f"at the model's scale, {left / 1e6:.1f} M voxels left), but only {_size(free)} are free there; free space, "
-            "give a work folder on a larger disk (--work DIR, on storage every worker sees; work= in Python) or "
-            "segment a coarser resolution level (--level)")
+            f"at the model's scale, {left / 1e6:.1f} M voxels left), but only {_size(free)} are free there; "
+            "free space, give a work folder on a larger disk (--work DIR, on storage every worker sees; work= in "
+            "Python) or segment a coarser resolution level (--level)")
 
 
 def _zoom(model_path: str, config: dict, volume: Volume, bounds, diameter: float | None, device: str) -> float:
