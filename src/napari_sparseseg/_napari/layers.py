@@ -70,12 +70,11 @@ def view_region(viewer, image, slab: int = 8) -> tuple[slice, ...]:
         factor = np.asarray(image.downsample_factors[image.data_level], float)[-n:]
     lo, hi = corners[0] * factor, (corners[1] + 1) * factor
     first = viewer.dims.ndim - n  # world axis of the first spatial axis (layers are right-aligned)
-    here = np.asarray(image.world_to_data(viewer.dims.point), float)[-n:]
-    for ax in range(n):
-        if ax + first not in viewer.dims.displayed:
-            lo[ax], hi[ax] = round(here[ax]) - slab, round(here[ax]) + slab + 1
-    lo, hi = np.maximum(np.floor(lo), 0).astype(int), np.minimum(np.ceil(hi), shape).astype(int)
     shown = [ax for ax in range(n) if ax + first in viewer.dims.displayed]
+    here = np.asarray(image.world_to_data(viewer.dims.point), float)[-n:]
+    for ax in set(range(n)) - set(shown):
+        lo[ax], hi[ax] = round(here[ax]) - slab, round(here[ax]) + slab + 1
+    lo, hi = np.maximum(np.floor(lo), 0).astype(int), np.minimum(np.ceil(hi), shape).astype(int)
     # out of view, napari clips the canvas to the image's edge: one pixel (at the level shown) wide
     if np.any(hi - lo < 2) or np.any(corners[1, shown] - corners[0, shown] < 1):
         raise SparseSegError(f"image '{image.name}' is not in view: pan or zoom the canvas onto the part to segment "

@@ -272,7 +272,8 @@ class Trainer:
                     and looks_dense(imgs, labels, ignore, cfg.seed, cfg.background_id))
         note = "" if cfg.diameter else scales.few_objects_note(labels, diameters, cfg.background_id, unshrunk)
         self.note = " ".join(filter(None, [self.note, note]))
-        zooms = scales.training_zooms(diameters, ndim, cfg.diameter, unshrunk)
+        if unshrunk:
+            zooms = scales.training_zooms(diameters, ndim, cfg.diameter, keep_resolution=True)
         voxels = scales.training_voxel_sizes(cfg.voxel_size, voxel_sizes, None if init is None else init.config,
                                              ndim, names)
         z_zooms = [scales.z_zoom(z, v) for z, v in zip(zooms, voxels)]
