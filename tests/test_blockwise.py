@@ -194,6 +194,114 @@ def test_local_cluster_gives_the_same_labels(oracle, tmp_path):
     assert np.array_equal(a, b)
 
 
+# -- the prediction store holds a few slabs ---------------------------------------------------------
+@pytest.mark.parametrize("grid, block, halo", [((1, 2, 7), (16, 32, 32), (4, 27, 27)), ((9, 3, 3), (8, 64, 64), (4, 27, 27)),
+                                               ((12, 2, 2), (4, 64, 64), (6, 9, 9)), ((3, 20), (256, 64), (27, 27))])
+def test_slab_plan_clusters_a_block_only_after_its_halo_is_predicted_and_deletes_only_what_nothing_reads(grid, block,
+                                                                                                            halo):
+    from napari_sparseseg.core.schedule import slab_plan
+
+    plan = slab_plan(grid, block, halo)
+    n, ids = int(np.prod(grid)), np.arange(int(np.prod(grid))).reshape(grid)
+    axis = int(np.argmax(grid))
+    reach = -(-halo[axis] // block[axis])
+    slab_of = {int(i): int(np.unravel_index(i, grid)[axis]) for i in ids.ravel()}
+    assert plan.rolling and plan.axis == axis
+    predicted, clustered, freed, stored, peak = {}, {}, {}, set(), 0
+    for w, wave in enumerate(plan.waves):
+        for i in wave.cluster:  # every slab its halo reaches was predicted in an earlier wave, none deleted yet
+            for s in range(max(0, slab_of[i] - reach), min(grid[axis], slab_of[i] + reach + 1)):
+                assert all(predicted.get(j, w) < w and j not in freed for j in np.take(ids, s, axis=axis).ravel())
+            clustered[i] = w
+        predicted.update(dict.fromkeys(wave.predict, w))
+        stored |= set(wave.predict)
+        peak = max(peak, len(stored))
+        for i in wave.free:  # deleted only after every clustering that reads it
+            readers = [j for j in range(n) if abs(slab_of[j] - slab_of[i]) <= reach]
+            assert all(clustered.get(j, w + 1) <= w for j in readers)
+            freed[i] = w
+        stored -= set(wave.free)
+    assert sorted(predicted) == sorted(clustered) == sorted(freed) == list(range(n))
+    assert peak == plan.peak_blocks == (2 * reach + 2) * n // grid[axis] < n
+    # everything first, nothing deleted: when kept, or when slabs would save nothing
+    for keep, g in ((True, grid), (False, tuple(min(v, 2 * reach + 2) for v in grid))):
+        plan = slab_plan(g, block, halo, keep=keep)
+        assert not plan.rolling and [len(w.free) for w in plan.waves] == [0, 0]
+        assert plan.waves[0].predict == plan.waves[1].cluster == list(range(int(np.prod(g))))
+
+
+LONG = (16, 64, 224)  # 14 blocks of 16 x 32 x 32: 7 slabs along x, 2 blocks each
+
+
+@pytest.fixture(scope="module")
+def long_stack(tmp_path_factory):
+    root = tmp_path_factory.mktemp("long")
+    img, lab = synthetic_cells(LONG, radius=(6, 10), seed=2)
+    config = {"format": FORMAT, "version": 1, "method": "spoco", "offsets": default_offsets(3),
+              "loss": {"delta_var": 0.5, "delta_dist": 2.0}, "object_area_median": 40, "foreground": {"c": 1.0},
+              "normalization": {"low": 1.0, "high": 99.8}, "scale": {"zoom": 1.0},
+              "network": {**OraclePredictor.config, "in_channels": 1}}
+    (root / "model").mkdir()
+    (root / "model" / "config.json").write_text(json.dumps(config))
+    zarr.create_array(str(root / "img.zarr"), shape=LONG, chunks=(8, 32, 32), dtype=img.dtype)[:] = img
+    np.save(root / "outputs.npy", oracle_outputs(lab, noise=0.1, seed=4))
+    return root, lab
+
+
+def stored_blocks(work: Path) -> int:
+    store = work / "prediction.zarr" / "c"
+    return sum(1 for p in store.rglob("*") if p.is_file()) if store.exists() else 0
+
+
+def test_the_prediction_store_holds_a_few_slabs_and_gives_the_labels_of_storing_everything(long_stack, tmp_path):
+    root, lab = long_stack
+    kw = dict(method="mws", block_shape=(16, 32, 32))
+    calls, work = tmp_path / "calls", tmp_path / "work"
+    ref = segment_blockwise(root / "model", root / "img.zarr", tmp_path / "ref.zarr", keep_work=True,
+                            work=tmp_path / "kept", predictor=OraclePredictor(root / "outputs.npy"), **kw)
+    assert ref.blocks == 14 and stored_blocks(tmp_path / "kept") == 14  # kept: the whole store
+    assert "predict" in ref.seconds and "cluster" in ref.seconds
+    peak, seen = [0], []
+
+    def progress(step, done, total):
+        seen.append((step, done, total))
+        peak[0] = max(peak[0], stored_blocks(work))
+
+    # a crash after 9 blocks: the slabs already clustered are deleted, and not predicted again
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        segment_blockwise(root / "model", root / "img.zarr", tmp_path / "seg.zarr", work=work, progress=progress,
+                          predictor=OraclePredictor(root / "outputs.npy", calls, fail_after=9), **kw)
+    assert 0 < stored_blocks(work) <= 8 and len(list((work / "done" / "cluster").glob("*.json"))) >= 2
+    calls.unlink()
+    res = segment_blockwise(root / "model", root / "img.zarr", tmp_path / "seg.zarr", work=work, progress=progress,
+                            predictor=OraclePredictor(root / "outputs.npy", calls), **kw)
+    assert int(calls.read_text()) == 5, "blocks predicted before the crash were predicted again"
+    assert peak[0] == 8, "4 slabs of 2 blocks at most: the one predicted and the three one clustering reads"
+    assert "predict+cluster" in res.seconds and not work.exists()
+    assert ("predict", 14, 14) in seen and ("cluster", 14, 14) in seen
+    assert all(done <= total for _, done, total in seen)
+    a, b = (zarr.open_array(str(tmp_path / n))[:] for n in ("ref.zarr", "seg.zarr"))
+    assert np.array_equal(a, b)
+    assert adapted_rand_error(lab, b)[0] < 0.2  # and the labels are the objects (noisy embeddings)
+
+
+def test_auto_decides_from_blocks_spread_over_the_stack_when_slabs_are_deleted(long_stack, tmp_path):
+    """With slabs deleted as they go, "auto" reads the foreground of a slab's worth of blocks spread
+    over the stack before it clusters any: a stack the head calls foreground but for a few columns
+    is dense tissue either way (on a LocalCluster: each wave predicts and clusters at once)."""
+    root, lab = long_stack
+    outputs = np.load(root / "outputs.npy")
+    outputs[D] = 6.0
+    outputs[D, :, :, :24] = -6.0  # most of the first slab only is background
+    np.save(tmp_path / "dense.npy", outputs)
+    for keep in (True, False):
+        res = segment_blockwise(root / "model", root / "img.zarr", tmp_path / f"auto-{keep}.zarr", method="auto",
+                                block_shape=(16, 32, 32), keep_work=keep, work=tmp_path / f"w{keep}",
+                                predictor=OraclePredictor(tmp_path / "dense.npy"), workers=0 if keep else 2)
+        assert res.method == "multicut"
+        assert (zarr.open_array(str(tmp_path / f"auto-{keep}.zarr"))[:] > 0).all()
+
+
 # -- lazy input ------------------------------------------------------------------------------------
 def write_ome(path: Path, image: np.ndarray, zarr_format: int = 2) -> None:
     """A two-level OME-Zarr image (NGFF 0.4 on zarr v2, 0.5 on v3), axes z, y, x."""

@@ -17,7 +17,7 @@ from test_checkpoint import _model
 
 from napari_sparseseg import SparseSegError, TrainConfig, Trainer
 from napari_sparseseg.cli import main
-from napari_sparseseg.core import blocks, blockwise, checkpoint, clustering, io
+from napari_sparseseg.core import blocks, blockwise, checkpoint, clustering, io, schedule
 from napari_sparseseg.core.methods import get_method
 from napari_sparseseg.core.package import PACKAGE_CONFIG, read_package
 
@@ -215,9 +215,9 @@ def test_blockwise_work_array_of_another_shape_is_not_overwritten(tmp_path):
 
 
 def test_an_unreachable_scheduler_is_named(monkeypatch):
-    monkeypatch.setattr(blockwise, "CONNECT_TIMEOUT", "1s")
+    monkeypatch.setattr(schedule, "CONNECT_TIMEOUT", "1s")
     with pytest.raises(SparseSegError, match=r"scheduler 'tcp://127.0.0.1:9': could not connect \("):
-        blockwise._client(1, "tcp://127.0.0.1:9")
+        schedule.client(1, "tcp://127.0.0.1:9")
 
 
 # --- napari layers into engine calls (layers, no viewer) ----------------------------------------

@@ -15,6 +15,9 @@ exists returns at once, so a stopped run started again skips it. Steps:
 3. ``stitch`` (in the caller): fragments of neighbouring blocks that overlap on their shared faces
    are merged by a multicut (elf), then size limits apply to whole objects -> ``lookup.npy``.
 4. ``write``: fragments -> global ids, resized to the image grid, into the output zarr.
+
+Steps 1 and 2 go slab by slab (:mod:`.schedule`): a block's prediction is deleted
+(:func:`free_prediction`) once every clustering that reads it is done.
 """
 
 from __future__ import annotations
@@ -262,7 +265,8 @@ def _mark(job: Job, stage: str, i: int, info: dict) -> None:
     os.replace(tmp, path)
 
 
-def _done(job: Job, stage: str, i: int) -> dict | None:
+def done(job: Job, stage: str, i: int) -> dict | None:
+    """What block ``i`` recorded when it finished ``stage``, or None if it has not."""
     path = _marker(job, stage, i)
     return json.loads(path.read_text()) if path.exists() else None
 
@@ -271,7 +275,7 @@ def predict_block(job: Job, i: int) -> dict:
     """Step 1 for block ``i``; returns (and records) its voxel and foreground counts."""
     import zarr
 
-    if (info := _done(job, "predict", i)) is not None:
+    if (info := done(job, "predict", i)) is not None:
         return info
     full = job.scaled
     inner = block_region(i, full, job.block)
@@ -295,6 +299,18 @@ def predict_block(job: Job, i: int) -> dict:
     info = {"voxels": int(np.prod(out.shape[1:])), "foreground": n_fg}
     _mark(job, "predict", i, info)
     return info
+
+
+def free_prediction(job: Job, ids: list[int]) -> None:
+    """Delete the stored prediction of blocks ``ids`` (no clustering reads it any more): zarr drops
+    a chunk written with nothing but its fill value."""
+    import zarr
+
+    if not ids:
+        return
+    arr = zarr.open_array(str(job.path("prediction.zarr")), mode="r+", config={"write_empty_chunks": False})
+    for i in ids:
+        arr[(slice(None),) + block_region(i, job.scaled, job.block)] = 0
 
 
 def read_prediction(job: Job, region: tuple[slice, ...]):
@@ -322,7 +338,7 @@ def cluster_block(job: Job, i: int) -> dict:
     from .agglomeration import image_share
     from .segment import Embedded, cluster, drop_faint_segments, keep_dropped
 
-    if (info := _done(job, "cluster", i)) is not None:
+    if (info := done(job, "cluster", i)) is not None:
         return info
     full = job.scaled
     inner = block_region(i, full, job.block)
@@ -403,7 +419,7 @@ def write_block(job: Job, out: str, i: int, lookup: np.ndarray | None = None) ->
     """Step 4 for block ``i`` of the image grid: final ids into the zarr array at ``out``."""
     import zarr
 
-    if (info := _done(job, "write", i)) is not None:
+    if (info := done(job, "write", i)) is not None:
         return info
     counts = json.loads(job.path("counts.json").read_text())
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)

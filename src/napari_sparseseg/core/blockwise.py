@@ -2,7 +2,8 @@
 
 :func:`segment_blockwise` reads the stack lazily, normalises it with percentiles of the whole
 stack, predicts block by block with a halo into a float16 zarr store, clusters each block with a
-halo by the same clustering the whole-image path runs (:func:`.segment.cluster`), stitches the
+halo by the same clustering the whole-image path runs (:func:`.segment.cluster`; slab by slab,
+deleting the prediction no clustering needs any more, :mod:`.schedule`), stitches the
 blocks' fragments into globally consistent ids (:mod:`.stitching`, python-elf's multicut) and
 writes the labels block by block (zarr, an OME-Zarr ``labels/<name>`` group, or TIFF). The steps
 are in :mod:`.blocks`.
@@ -27,11 +28,12 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from . import blocks as B
+from . import schedule as S
 from .blocks import Job, ModelPredictor, ProgressFn, Volume
 from .errors import SparseSegError
 
@@ -41,8 +43,6 @@ from .errors import SparseSegError
 BLOCK = {2: (1024, 1024), 3: (48, 128, 128)}
 #: clustering methods that run blockwise: graph methods on local pixel neighbourhoods
 BLOCKWISE_METHODS = ("auto", "mws", "multicut")
-#: how long to try to reach a dask scheduler given by its address
-CONNECT_TIMEOUT = "30s"
 #: what the CLI's --out may end with to be a single file (else a folder for <stem>.zarr)
 TIFF_SUFFIXES = (".tif", ".tiff")
 #: what zarr's default compression keeps of the float16 prediction store: 68-72 % on the
@@ -86,18 +86,20 @@ def _size(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 / 10 else f"{n / 2**20:.1f} MiB"
 
 
-def check_scratch(job: Job, n_channels: int) -> None:
+def check_scratch(job: Job, n_channels: int, at_once: int, rolling: bool) -> None:
     """Before any block: the prediction store's blocks not yet predicted (``n_channels`` float16
-    channels, compressed as :data:`STORE_KEPT`) must fit the free space of the work folder's disk,
-    else a clear error instead of a disk that fills part way through."""
-    done = {p.stem for p in job.path("done", "predict").glob("*.json")}
-    left = sum(int(np.prod([r.stop - r.start for r in B.block_region(i, job.scaled, job.block)]))
-               for i in range(job.n_blocks()) if str(i) not in done)
-    need, free = left * n_channels * 2 * STORE_KEPT, free_bytes(Path(job.work))
+    channels, compressed as :data:`STORE_KEPT`; at most ``at_once`` blocks stored at once where
+    slabs are deleted as they are clustered, :mod:`.schedule`) must fit the free space of the work
+    folder's disk, else a clear error instead of a disk that fills part way through."""
+    left = [int(np.prod([r.stop - r.start for r in B.block_region(i, job.scaled, job.block)]))
+            for i in range(job.n_blocks()) if B.done(job, "predict", i) is None]
+    voxels = sum(sorted(left, reverse=True)[:at_once])
+    need, free = voxels * n_channels * 2 * STORE_KEPT, free_bytes(Path(job.work))
     if free < need:
+        what = "stored at once, a few slabs of blocks" if rolling else "left"
         raise SparseSegError(
             f"{job.work}: the prediction store needs about {_size(need)} more ({n_channels} float16 channels per voxel "
-            f"at the model's scale, {left / 1e6:.1f} M voxels left), but only {_size(free)} are free there; "
+            f"at the model's scale, {voxels / 1e6:.1f} M voxels {what}), but only {_size(free)} are free there; "
             "free space, give a work folder on a larger disk (--work DIR, on storage every worker sees; work= in "
             "Python) or segment a coarser resolution level (--level)")
 
@@ -184,7 +186,10 @@ def segment_blockwise(
     :func:`.segment.cluster` (both look at each block with its halo, against the stack's intensity
     spread). ``voxel_size``
     (z, y, x): the stack's (default: what the file states, else the model's training voxel size).
-    ``progress(step, done, total)`` is called after each block of each step.
+    ``progress(step, done, total)`` is called after each block of each step (predict and cluster
+    advance together, slab by slab). ``work``: the work folder (default: beside ``out``);
+    ``keep_work``: keep it, with the prediction of every block (then predicted before any is
+    clustered, as for stacks of a few slabs: :func:`.schedule.slab_plan`).
     """
     import zarr
 
@@ -260,20 +265,30 @@ def segment_blockwise(
               halo, int(opts["min_size"]), opts.get("max_size"), z_zoom)
     cfg = predictor.config
     n_channels = cfg["out_channels"] + int(bool(cfg.get("foreground"))) + int(cfg.get("affinities", 0))
-    check_scratch(job, n_channels)
+    plan = S.slab_plan(B.grid(scaled, block), block, halo, keep=keep_work)
+    ids = list(range(job.n_blocks()))
+    # "auto" decides the clustering once for the stack, from the foreground of every block, or of a
+    # slab's worth of blocks spread over it when the prediction of every block is never stored at once
+    decide = method == "auto" and background == "foreground" and thr is not None
+    sample = sorted({int(round(v)) for v in np.linspace(0, len(ids) - 1, len(plan.waves[0].predict))})
+    sample = sample if decide and plan.rolling else []
+    check_scratch(job, n_channels, plan.peak_blocks + len(sample), plan.rolling)
     _make_array(work / "prediction.zarr", (n_channels, *scaled), (n_channels, *block), "float16")
     _make_array(work / "fragments.zarr", scaled, block, "uint32")
     seconds: dict[str, float] = {}
-    ids = list(range(job.n_blocks()))
-    client = _client(workers, scheduler)
+    client = S.client(workers, scheduler)
     try:
         t = time.perf_counter()
-        stats = execute(partial(B.predict_block, job), ids, client, "predict", progress)
-        seconds["predict"] = time.perf_counter() - t
-        if method == "auto":  # decided once for the stack, as the whole-image path decides per image
+        steps = S.Progress(progress, {"predict": len(ids), "cluster": len(ids)})
+        predict, cluster_ = partial(B.predict_block, job), partial(B.cluster_block, job)
+        first = sample if plan.rolling else plan.waves[0].predict
+        stats = S.execute([("predict", predict, first)], client, steps)["predict"]
+        if not plan.rolling:
+            seconds["predict"], t = time.perf_counter() - t, time.perf_counter()
+        if method == "auto":  # as the whole-image path decides per image
             if background == "none":
                 method = "multicut"
-            elif background == "foreground" and thr is not None:
+            elif decide:
                 frac = sum(s["foreground"] for s in stats) / max(1, sum(s["voxels"] for s in stats))
                 method = "multicut" if is_dense(frac, config.get("annotation")) else "mws"
                 if method == "multicut" and background_arg in (None, "auto"):
@@ -286,9 +301,11 @@ def segment_blockwise(
             # as the whole-image path: objects the head dropped, and faint ones it kept, when "auto"
             # let the head decide
             job.rescue, job.faint, job.image_spread = factor, faint, _normalized_spread(volume, bounds)
-        t = time.perf_counter()
-        counts = [s["fragments"] for s in execute(partial(B.cluster_block, job), ids, client, "cluster", progress)]
-        seconds["cluster"] = time.perf_counter() - t
+        for wave in plan.waves[0 if plan.rolling else 1:]:
+            S.execute([("predict", predict, wave.predict), ("cluster", cluster_, wave.cluster)], client, steps)
+            B.free_prediction(job, wave.free)
+        seconds["predict+cluster" if plan.rolling else "cluster"] = time.perf_counter() - t
+        counts = [B.done(job, "cluster", i)["fragments"] for i in ids]
         (work / "counts.json").write_text(json.dumps(counts))
         t = time.perf_counter()
         if progress is not None:
@@ -303,13 +320,14 @@ def segment_blockwise(
         arr_path = _create_output(target, volume, block, dtype, image, ome_axes)
         t = time.perf_counter()
         out_ids = list(range(int(np.prod(B.grid(volume.shape, block)))))
-        execute(partial(B.write_block, job, str(arr_path)), out_ids, client, "write", progress)
+        S.execute([("write", partial(B.write_block, job, str(arr_path)), out_ids)], client,
+                  S.Progress(progress, {"write": len(out_ids)}))
         if tiff:
             _to_tiff(zarr.open_array(str(arr_path), mode="r"), out)
         seconds["write"] = time.perf_counter() - t
     finally:
         if client is not None:
-            _close(client, scheduler)
+            S.close(client, scheduler)
     if not keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return BlockwiseResult(out, n_objects, zoom, method, len(ids), volume.shape, seconds)
@@ -324,59 +342,6 @@ def _normalized_spread(volume: Volume, bounds: np.ndarray) -> list[float]:
 
 
 # -- execution ------------------------------------------------------------------------------------
-def _client(workers: int, scheduler: str | None):
-    """A dask.distributed client: on ``scheduler`` (an address) if given, else on a LocalCluster
-    of ``workers`` single-threaded processes; None for ``workers == 0`` (run in this process)."""
-    if scheduler:
-        from distributed import Client
-
-        try:
-            return Client(scheduler, timeout=CONNECT_TIMEOUT)
-        except OSError as err:
-            raise SparseSegError(f"scheduler {scheduler!r}: could not connect ({err})") from err
-    if workers == 0:
-        return None
-    from distributed import Client, LocalCluster
-
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
-    return Client(cluster)
-
-
-def execute(fn: Callable, ids: list[int], client, stage: str, progress: ProgressFn | None = None) -> list:
-    """``fn(i)`` for every block id, on the cluster's workers (or here without ``client``); results in
-    the order of ``ids``. The first failing block stops the run (finished blocks stay recorded)."""
-    total = len(ids)
-    results: dict[int, Any] = {}
-    if progress is not None:
-        progress(stage, 0, total)
-    if client is None:
-        for n, i in enumerate(ids, 1):
-            results[i] = fn(i)
-            if progress is not None:
-                progress(stage, n, total)
-        return [results[i] for i in ids]
-    from distributed import as_completed
-
-    futures = client.map(fn, ids, pure=False)
-    key = {f.key: i for f, i in zip(futures, ids)}
-    try:
-        for n, fut in enumerate(as_completed(futures), 1):
-            results[key[fut.key]] = fut.result()
-            if progress is not None:
-                progress(stage, n, total)
-    finally:
-        client.cancel([f for f in futures if not f.done()])
-    return [results[i] for i in ids]
-
-
-def _close(client, scheduler: str | None) -> None:
-    """Close the client, and the LocalCluster if we started it (never a scheduler we were given)."""
-    cluster = None if scheduler else client.cluster
-    client.close()
-    if cluster is not None:
-        cluster.close()
-
-
 def _ome_axes(image: Path, level: int, ndim: int) -> tuple[list, list] | None:
     """The spatial axes and scale of the OME-Zarr image ``image`` at ``level``, or None."""
     import zarr
