@@ -302,6 +302,43 @@ def test_auto_decides_from_blocks_spread_over_the_stack_when_slabs_are_deleted(l
         assert (zarr.open_array(str(tmp_path / f"auto-{keep}.zarr"))[:] > 0).all()
 
 
+def test_a_running_cluster_given_by_its_address_runs_the_blocks_and_is_left_running(oracle, tmp_path):
+    """--scheduler ADDRESS (e.g. a dask-jobqueue cluster on SLURM): the blocks run on its workers, and
+    the cluster is not ours to close."""
+    from distributed import Client, LocalCluster
+
+    root, lab = oracle
+    outputs = oracle_outputs(lab, noise=0.3, seed=3)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}) as cluster:
+        with Client(cluster.scheduler_address) as client:
+            run(root, outputs, tmp_path / "a.zarr", scheduler=cluster.scheduler_address)
+            assert len(client.scheduler_info()["workers"]) == 2
+            ran = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
+            assert {"predict_block", "cluster_block", "write_block"} <= set(ran), ran
+            run(root, outputs, tmp_path / "b.zarr", scheduler=cluster.scheduler_address)  # and again
+    run(root, outputs, tmp_path / "c.zarr")
+    a, b, c = (zarr.open_array(str(tmp_path / n))[:] for n in ("a.zarr", "b.zarr", "c.zarr"))
+    assert np.array_equal(a, c) and np.array_equal(b, c)
+
+
+def test_a_local_cluster_leaves_the_port_of_dasks_dashboard_alone(recwarn):
+    """Two runs at once (or the user's own dask on 8787): no 'Port 8787 is already in use' warning."""
+    import socket
+
+    from napari_sparseseg.core import schedule
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", 8787))
+            sock.listen()
+        except OSError:
+            pass  # someone holds it already: as good
+        client = schedule.client(1, None)
+        schedule.close(client, None)
+    assert not [w for w in recwarn if "8787" in str(w.message)]
+
+
 # -- lazy input ------------------------------------------------------------------------------------
 def write_ome(path: Path, image: np.ndarray, zarr_format: int = 2) -> None:
     """A two-level OME-Zarr image (NGFF 0.4 on zarr v2, 0.5 on v3), axes z, y, x."""

@@ -101,7 +101,10 @@ def client(workers: int, scheduler: str | None):
         return None
     from distributed import Client, LocalCluster
 
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    # no dashboard; the scheduler's health endpoint on a free local port, not dask's 8787 (which
+    # another run, or the user's own dask, may hold: a warning otherwise)
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                           scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
     return Client(cluster)
 
 
