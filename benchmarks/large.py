@@ -16,7 +16,8 @@ default is small enough for a quick run on a laptop CPU.
 
 Long runs can be stopped and continued: with ``--tmp DIR`` the stack written before is reused and
 ``sparseseg segment`` resumes at its first unfinished block; each run's seconds and peaks so far
-are kept in ``DIR/peaks-<size>-<workers>.json`` (every 10 s), so the parts of a run can be added up.
+are kept in ``DIR/peaks-<size>-<workers>.json`` (every 10 s), so the parts of a run can be added up. ``--keep-work`` runs the same segmentation keeping every
+block's prediction (the whole store), to compare the work folder's peak with the slab-by-slab default.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -141,6 +143,9 @@ def main() -> None:
     p.add_argument("--clustering", default=None, help="sparseseg segment's --clustering (default: its own, auto)")
     p.add_argument("--whole", action="store_true", help="also run the whole-image path (TIFF input)")
     p.add_argument("--tmp", type=Path, default=None, help="folder for the stack and outputs (default: a temp dir)")
+    p.add_argument("--keep-work", action="store_true",
+                   help="keep every block's prediction (segment_blockwise(keep_work=True), which predicts the whole "
+                        "stack before clustering it): the work folder the slab-by-slab default saves")
     p.add_argument("--train", type=float, default=None, metavar="SECONDS",
                    help="also train for SECONDS on the stack with a few objects painted")
     args = p.parse_args()
@@ -162,14 +167,23 @@ def main() -> None:
             "--quiet"]
     rows = []
     for w in args.workers:
-        out = tmp / f"seg-{args.size_gib:g}-{w}.zarr"
+        out = tmp / f"seg-{args.size_gib:g}-{w}{'-kept' * args.keep_work}.zarr"
         cmd = base + ["--images", str(stack), "--out", str(out), "--workers", str(w)]
         if args.block_shape:
             cmd += ["--block-shape", *map(str, args.block_shape)]
         if args.clustering:
             cmd += ["--clustering", args.clustering]
-        secs, peak, out = run(cmd, env, tmp / f"peaks-{args.size_gib:g}-{w}.json", tmp / f".{out.name}.sparseseg-work")
-        rows.append((f"blockwise, {w} worker(s)", secs, peak, out.strip().splitlines()[-1]))
+        work, name = tmp / f".{out.name}.sparseseg-work", f"blockwise, {w} worker(s)"
+        if args.keep_work:  # the same run through the Python API, which can keep the whole store
+            work, name = tmp / f"kept-{args.size_gib:g}-{w}", name + ", whole store kept"
+            kw = dict(workers=w, keep_work=True, work=str(work), method=args.clustering or "auto",
+                      block_shape=args.block_shape)
+            cmd = [sys.executable, "-c", "import sys; from napari_sparseseg.core.blockwise import segment_blockwise as s; "
+                   f"r = s(sys.argv[1], sys.argv[2], sys.argv[3], **{kw!r}); print(r)", str(model), str(stack), str(out)]
+        secs, peak, log = run(cmd, env, tmp / f"peaks-{args.size_gib:g}-{w}{'-kept' * args.keep_work}.json", work)
+        if args.keep_work:
+            shutil.rmtree(work, ignore_errors=True)
+        rows.append((name, secs, peak, log.strip().splitlines()[-1]))
     if args.train:
         cmd = [sys.executable, "-m", "napari_sparseseg.cli", "train", "--images", str(stack), "--labels", str(labels),
                "--out", str(tmp / f"trained-{args.size_gib:g}"), "--time-limit", str(args.train), "--device", "cpu",
