@@ -230,6 +230,13 @@ def test_slab_plan_clusters_a_block_only_after_its_halo_is_predicted_and_deletes
         assert plan.waves[0].predict == plan.waves[1].cluster == list(range(int(np.prod(g))))
 
 
+def test_the_prediction_stores_inner_chunks_tile_the_block_at_about_a_quarter_of_it():
+    assert B.inner_chunks((48, 128, 128)) == (12, 32, 32)
+    assert B.inner_chunks((1024, 1024)) == (64, 64)  # at most 64
+    assert B.inner_chunks((50, 100, 100)) == (25, 25, 25)  # divisors: the chunks tile the block
+    assert B.inner_chunks((7, 1, 3)) == (7, 1, 1)  # a prime length: the whole block
+
+
 LONG = (16, 64, 224)  # 14 blocks of 16 x 32 x 32: 7 slabs along x, 2 blocks each
 
 
@@ -260,6 +267,8 @@ def test_the_prediction_store_holds_a_few_slabs_and_gives_the_labels_of_storing_
     ref = segment_blockwise(root / "model", root / "img.zarr", tmp_path / "ref.zarr", keep_work=True,
                             work=tmp_path / "kept", predictor=OraclePredictor(root / "outputs.npy"), **kw)
     assert ref.blocks == 14 and stored_blocks(tmp_path / "kept") == 14  # kept: the whole store
+    store = zarr.open_array(str(tmp_path / "kept" / "prediction.zarr"))
+    assert store.shards == (7, 16, 32, 32) and store.chunks == (7, 4, 8, 8)  # a file per block, read in parts
     assert "predict" in ref.seconds and "cluster" in ref.seconds
     peak, seen = [0], []
 

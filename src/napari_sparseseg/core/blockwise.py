@@ -273,7 +273,8 @@ def segment_blockwise(
     sample = sorted({int(round(v)) for v in np.linspace(0, len(ids) - 1, len(plan.waves[0].predict))})
     sample = sample if decide and plan.rolling else []
     check_scratch(job, n_channels, plan.peak_blocks + len(sample), plan.rolling)
-    _make_array(work / "prediction.zarr", (n_channels, *scaled), (n_channels, *block), "float16")
+    _make_array(work / "prediction.zarr", (n_channels, *scaled), (n_channels, *B.inner_chunks(block)), "float16",
+                shards=(n_channels, *block))
     _make_array(work / "fragments.zarr", scaled, block, "uint32")
     seconds: dict[str, float] = {}
     client = S.client(workers, scheduler)
