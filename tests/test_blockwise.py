@@ -170,7 +170,7 @@ def test_a_work_folder_on_a_disk_too_small_is_refused_before_any_block_and_a_res
     # the oracle's store: 6 embeddings + foreground, float16, 24 x 64 x 64 voxels in 8 blocks
     need_all = 24 * 64 * 64 * 7 * 2 * BW.STORE_KEPT
     monkeypatch.setattr(BW, "free_bytes", lambda path: asked.append(Path(path)) or int(0.6 * need_all))
-    with pytest.raises(SparseSegError, match=r"work: the prediction store needs about 1\.0 MiB more \(7 float16 "
+    with pytest.raises(SparseSegError, match=r"work: the prediction store needs about 1\.1 MiB more \(7 float16 "
                                              r"channels per voxel at the model's scale, 0\.1 M voxels left\), but only "
                                              r"0\.6 MiB are free there; free space, give a work folder on a larger disk "
                                              r"\(--work DIR"):
@@ -292,6 +292,22 @@ def test_the_prediction_store_holds_a_few_slabs_and_gives_the_labels_of_storing_
     a, b = (zarr.open_array(str(tmp_path / n))[:] for n in ("ref.zarr", "seg.zarr"))
     assert np.array_equal(a, b)
     assert adapted_rand_error(lab, b)[0] < 0.2  # and the labels are the objects (noisy embeddings)
+
+
+def test_the_free_space_check_counts_the_slabs_stored_at_once(long_stack, tmp_path, monkeypatch):
+    import napari_sparseseg.core.blockwise as BW
+
+    root, _ = long_stack
+    # 8 of 14 blocks (4 slabs of 2; "mws" samples nothing) of 16 x 32 x 32 voxels, 7 float16 channels
+    need = 8 * 16 * 32 * 32 * 7 * 2 * BW.STORE_KEPT
+    monkeypatch.setattr(BW, "free_bytes", lambda path: int(0.9 * need))
+    kw = dict(method="mws", block_shape=(16, 32, 32), predictor=OraclePredictor(root / "outputs.npy"))
+    with pytest.raises(SparseSegError, match=r"needs about 1\.4 MiB more \(7 float16 channels per voxel at the model's "
+                                             r"scale, 0\.1 M voxels stored at once, a few slabs of blocks\), but only 1\.3 "
+                                             r"MiB are free there"):
+        segment_blockwise(root / "model", root / "img.zarr", tmp_path / "seg.zarr", work=tmp_path / "w", **kw)
+    monkeypatch.setattr(BW, "free_bytes", lambda path: int(1.01 * need))  # enough for 8 blocks, not for 14
+    segment_blockwise(root / "model", root / "img.zarr", tmp_path / "seg.zarr", work=tmp_path / "w", **kw)
 
 
 def test_auto_decides_from_blocks_spread_over_the_stack_when_slabs_are_deleted(long_stack, tmp_path):

@@ -28,8 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--level", type=int, default=0, help="OME-Zarr resolution level to segment (0: full resolution)")
     b.add_argument("--work", default=None, metavar="DIR",
                    help="folder in which the run keeps its intermediate results (.<out>.sparseseg-work, removed when "
-                        "it finishes; about 40 bytes per voxel at the model's scale), on storage every worker sees "
-                        "(default: beside --out); give it again to resume")
+                        "it finishes; about 43 bytes per voxel at the model's scale, for a few slabs of blocks at a "
+                        "time), on storage every worker sees (default: beside --out); give it again to resume")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

@@ -45,9 +45,9 @@ BLOCK = {2: (1024, 1024), 3: (48, 128, 128)}
 BLOCKWISE_METHODS = ("auto", "mws", "multicut")
 #: what the CLI's --out may end with to be a single file (else a folder for <stem>.zarr)
 TIFF_SUFFIXES = (".tif", ".tiff")
-#: what zarr's default compression keeps of the float16 prediction store: 68-72 % on the
+#: what zarr's default compression keeps of the float16 prediction store: 74-75 % on the
 #: predictions of three suite models (ovule, gala, nuclei 3D; docs/large-data.md), with a margin
-STORE_KEPT = 0.75
+STORE_KEPT = 0.8
 
 
 @dataclass

@@ -4,7 +4,7 @@ Execution: a dask.distributed cluster (a LocalCluster of single-threaded process
 scheduler given by its address) or this process. Tasks exchange only paths (:mod:`.blocks`).
 
 Order: predicting the whole stack before clustering any of it would keep the prediction of every
-block on disk at once (about 40 bytes per model-scale voxel, docs/large-data.md). Instead the
+block on disk at once (about 43 bytes per model-scale voxel, docs/large-data.md). Instead the
 blocks go in *slabs* (blocks that share their index along the axis with the most blocks), in
 waves: a wave predicts the next slab while it clusters a slab whose clustering halo is already
 predicted, and after the wave the prediction of every slab that no clustering needs any more is
