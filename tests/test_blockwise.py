@@ -195,24 +195,32 @@ def test_local_cluster_gives_the_same_labels(oracle, tmp_path):
 
 
 # -- the prediction store holds a few slabs ---------------------------------------------------------
-@pytest.mark.parametrize("grid, block, halo", [((1, 2, 7), (16, 32, 32), (4, 27, 27)), ((9, 3, 3), (8, 64, 64), (4, 27, 27)),
-                                               ((12, 2, 2), (4, 64, 64), (6, 9, 9)), ((3, 20), (256, 64), (27, 27))])
-def test_slab_plan_clusters_a_block_only_after_its_halo_is_predicted_and_deletes_only_what_nothing_reads(grid, block,
-                                                                                                            halo):
+@pytest.mark.parametrize("grid, block, halo, min_blocks", [
+    ((1, 2, 7), (16, 32, 32), (4, 27, 27), 1), ((9, 3, 3), (8, 64, 64), (4, 27, 27), 1),
+    ((12, 2, 2), (4, 64, 64), (6, 9, 9), 1), ((3, 20), (256, 64), (27, 27), 1),
+    ((1, 2, 14), (16, 32, 32), (4, 27, 27), 4), ((2, 3, 31), (8, 16, 16), (4, 20, 20), 12)])
+def test_slab_plan_clusters_a_block_only_after_its_halo_is_predicted_and_deletes_only_what_nothing_reads(
+        grid, block, halo, min_blocks):
     from napari_sparseseg.core.schedule import slab_plan
 
-    plan = slab_plan(grid, block, halo)
+    plan = slab_plan(grid, block, halo, min_blocks=min_blocks)
     n, ids = int(np.prod(grid)), np.arange(int(np.prod(grid))).reshape(grid)
     axis = int(np.argmax(grid))
-    reach = -(-halo[axis] // block[axis])
-    slab_of = {int(i): int(np.unravel_index(i, grid)[axis]) for i in ids.ravel()}
+    per_index = n // grid[axis]
+    k = plan.thickness  # blocks along the axis per slab: enough blocks for min_blocks
+    assert k * per_index >= min_blocks and (k - 1) * per_index < max(min_blocks, 1)
+    reach = -(-halo[axis] // (k * block[axis]))
+    slab_of = {int(i): int(np.unravel_index(i, grid)[axis]) // k for i in ids.ravel()}
     assert plan.rolling and plan.axis == axis
+    assert len({wave_slab for wave_slab in slab_of.values()}) == -(-grid[axis] // k) > 2 * reach + 2
     predicted, clustered, freed, stored, peak = {}, {}, {}, set(), 0
     for w, wave in enumerate(plan.waves):
         for i in wave.cluster:  # every slab its halo reaches was predicted in an earlier wave, none deleted yet
-            for s in range(max(0, slab_of[i] - reach), min(grid[axis], slab_of[i] + reach + 1)):
-                assert all(predicted.get(j, w) < w and j not in freed for j in np.take(ids, s, axis=axis).ravel())
+            for j in range(n):
+                if abs(slab_of[j] - slab_of[i]) <= reach:
+                    assert predicted.get(j, w) < w and j not in freed
             clustered[i] = w
+        assert len({slab_of[i] for i in wave.predict}) <= 1  # a slab per wave
         predicted.update(dict.fromkeys(wave.predict, w))
         stored |= set(wave.predict)
         peak = max(peak, len(stored))
@@ -222,19 +230,12 @@ def test_slab_plan_clusters_a_block_only_after_its_halo_is_predicted_and_deletes
             freed[i] = w
         stored -= set(wave.free)
     assert sorted(predicted) == sorted(clustered) == sorted(freed) == list(range(n))
-    assert peak == plan.peak_blocks == (2 * reach + 2) * n // grid[axis] < n
+    assert peak == plan.peak_blocks <= (2 * reach + 2) * k * per_index < n
     # everything first, nothing deleted: when kept, or when slabs would save nothing
-    for keep, g in ((True, grid), (False, tuple(min(v, 2 * reach + 2) for v in grid))):
-        plan = slab_plan(g, block, halo, keep=keep)
+    for keep, g in ((True, grid), (False, tuple(min(v, (2 * reach + 2) * k) for v in grid))):
+        plan = slab_plan(g, block, halo, keep=keep, min_blocks=min_blocks)
         assert not plan.rolling and [len(w.free) for w in plan.waves] == [0, 0]
         assert plan.waves[0].predict == plan.waves[1].cluster == list(range(int(np.prod(g))))
-
-
-def test_the_prediction_stores_inner_chunks_tile_the_block_at_about_a_quarter_of_it():
-    assert B.inner_chunks((48, 128, 128)) == (12, 32, 32)
-    assert B.inner_chunks((1024, 1024)) == (64, 64)  # at most 64
-    assert B.inner_chunks((50, 100, 100)) == (25, 25, 25)  # divisors: the chunks tile the block
-    assert B.inner_chunks((7, 1, 3)) == (7, 1, 1)  # a prime length: the whole block
 
 
 LONG = (16, 64, 224)  # 14 blocks of 16 x 32 x 32: 7 slabs along x, 2 blocks each
@@ -310,10 +311,13 @@ def test_the_free_space_check_counts_the_slabs_stored_at_once(long_stack, tmp_pa
     segment_blockwise(root / "model", root / "img.zarr", tmp_path / "seg.zarr", work=tmp_path / "w", **kw)
 
 
-def test_auto_decides_from_blocks_spread_over_the_stack_when_slabs_are_deleted(long_stack, tmp_path):
+def test_auto_decides_from_blocks_spread_over_the_stack_when_slabs_are_deleted(long_stack, tmp_path, monkeypatch):
     """With slabs deleted as they go, "auto" reads the foreground of a slab's worth of blocks spread
     over the stack before it clusters any: a stack the head calls foreground but for a few columns
     is dense tissue either way (on a LocalCluster: each wave predicts and clusters at once)."""
+    from napari_sparseseg.core import schedule
+
+    monkeypatch.setattr(schedule, "TASKS_PER_THREAD", 1)  # slabs of one block column on two workers
     root, lab = long_stack
     outputs = np.load(root / "outputs.npy")
     outputs[D] = 6.0
@@ -323,8 +327,17 @@ def test_auto_decides_from_blocks_spread_over_the_stack_when_slabs_are_deleted(l
         res = segment_blockwise(root / "model", root / "img.zarr", tmp_path / f"auto-{keep}.zarr", method="auto",
                                 block_shape=(16, 32, 32), keep_work=keep, work=tmp_path / f"w{keep}",
                                 predictor=OraclePredictor(tmp_path / "dense.npy"), workers=0 if keep else 2)
-        assert res.method == "multicut"
+        assert res.method == "multicut" and ("predict+cluster" in res.seconds) is not keep
         assert (zarr.open_array(str(tmp_path / f"auto-{keep}.zarr"))[:] > 0).all()
+
+
+def test_slabs_hold_enough_blocks_for_every_worker(long_stack, tmp_path):
+    """Two workers, 4 blocks each per wave: slabs of 4 block columns (8 blocks); 7 columns make 2
+    slabs, too few to save anything, so everything is predicted first."""
+    root, _ = long_stack
+    res = segment_blockwise(root / "model", root / "img.zarr", tmp_path / "seg.zarr", method="mws",
+                            block_shape=(16, 32, 32), predictor=OraclePredictor(root / "outputs.npy"), workers=2)
+    assert "predict+cluster" not in res.seconds and res.blocks == 14
 
 
 def test_a_running_cluster_given_by_its_address_runs_the_blocks_and_is_left_running(oracle, tmp_path):

@@ -265,20 +265,21 @@ def segment_blockwise(
               halo, int(opts["min_size"]), opts.get("max_size"), z_zoom)
     cfg = predictor.config
     n_channels = cfg["out_channels"] + int(bool(cfg.get("foreground"))) + int(cfg.get("affinities", 0))
-    plan = S.slab_plan(B.grid(scaled, block), block, halo, keep=keep_work)
     ids = list(range(job.n_blocks()))
-    # "auto" decides the clustering once for the stack, from the foreground of every block, or of a
-    # slab's worth of blocks spread over it when the prediction of every block is never stored at once
-    decide = method == "auto" and background == "foreground" and thr is not None
-    sample = sorted({int(round(v)) for v in np.linspace(0, len(ids) - 1, len(plan.waves[0].predict))})
-    sample = sample if decide and plan.rolling else []
-    check_scratch(job, n_channels, plan.peak_blocks + len(sample), plan.rolling)
-    _make_array(work / "prediction.zarr", (n_channels, *scaled), (n_channels, *B.inner_chunks(block)), "float16",
-                shards=(n_channels, *block))
-    _make_array(work / "fragments.zarr", scaled, block, "uint32")
     seconds: dict[str, float] = {}
     client = S.client(workers, scheduler)
     try:
+        plan = S.slab_plan(B.grid(scaled, block), block, halo, keep=keep_work,
+                           min_blocks=S.TASKS_PER_THREAD * S.threads(client))
+        # "auto" decides the clustering once for the stack, from the foreground of every block, or of a
+        # slab's worth of blocks spread over it when the prediction of every block is never stored at once
+        decide = method == "auto" and background == "foreground" and thr is not None
+        sample = sorted({int(round(v)) for v in np.linspace(0, len(ids) - 1, len(plan.waves[0].predict))})
+        sample = sample if decide and plan.rolling else []
+        check_scratch(job, n_channels, plan.peak_blocks + len(sample), plan.rolling)
+        _make_array(work / "prediction.zarr", (n_channels, *scaled), (n_channels, *B.inner_chunks(block)), "float16",
+                    shards=(n_channels, *block))
+        _make_array(work / "fragments.zarr", scaled, block, "uint32")
         t = time.perf_counter()
         steps = S.Progress(progress, {"predict": len(ids), "cluster": len(ids)})
         predict, cluster_ = partial(B.predict_block, job), partial(B.cluster_block, job)

@@ -5,7 +5,8 @@ scheduler given by its address) or this process. Tasks exchange only paths (:mod
 
 Order: predicting the whole stack before clustering any of it would keep the prediction of every
 block on disk at once (about 43 bytes per model-scale voxel, docs/large-data.md). Instead the
-blocks go in *slabs* (blocks that share their index along the axis with the most blocks), in
+blocks go in *slabs* (blocks that share their index along the axis with the most blocks, or one of
+a few consecutive indices: enough blocks for every worker of the cluster), in
 waves: a wave predicts the next slab while it clusters a slab whose clustering halo is already
 predicted, and after the wave the prediction of every slab that no clustering needs any more is
 deleted. The store then holds a few slabs (four where the halo reaches into the neighbouring
@@ -26,6 +27,9 @@ from .errors import SparseSegError
 CONNECT_TIMEOUT = "30s"
 
 ProgressFn = Callable[[str, int, int], None]
+#: a slab holds at least this many blocks per worker thread: each wave then keeps every worker busy
+#: (a wave ends when its slowest block does; more blocks per wave, less waiting at its end)
+TASKS_PER_THREAD = 4
 
 
 # -- the order ------------------------------------------------------------------------------------
@@ -45,26 +49,31 @@ class Plan:
     waves: list[Wave]
     peak_blocks: int
     axis: int | None  # the slab axis; None: everything predicted first, nothing deleted
+    thickness: int = 1  # blocks along the axis per slab
 
     @property
     def rolling(self) -> bool:
         return self.axis is not None
 
 
-def slab_plan(grid: tuple[int, ...], block: tuple[int, ...], halo: tuple[int, ...], keep: bool = False) -> Plan:
+def slab_plan(grid: tuple[int, ...], block: tuple[int, ...], halo: tuple[int, ...], keep: bool = False,
+              min_blocks: int = 1) -> Plan:
     """The waves for a grid of ``grid`` blocks of ``block`` voxels whose clustering reads ``halo``
-    voxels around each block. ``keep`` (or a grid too small for slabs to save anything): one wave
-    that predicts every block, one that clusters every block, nothing deleted."""
+    voxels around each block, with slabs of at least ``min_blocks`` blocks (enough tasks for every
+    worker in each wave: :data:`TASKS_PER_THREAD`). ``keep`` (or a grid too small for slabs to save
+    anything): one wave that predicts every block, one that clusters every block, nothing deleted."""
     n = int(np.prod(grid))
     ids = np.arange(n).reshape(grid)
     axis = int(np.argmax(grid))  # the first of the axes with the most blocks
-    n_slabs = int(grid[axis])
-    reach = -(-int(halo[axis]) // int(block[axis]))  # slabs on each side a slab's clustering reads
+    thickness = max(1, -(-int(min_blocks) // (n // int(grid[axis]))))
+    n_slabs = -(-int(grid[axis]) // thickness)
+    reach = -(-int(halo[axis]) // (thickness * int(block[axis])))  # slabs on each side a clustering reads
     window = 2 * reach + 2  # slabs stored at once: those one clustering reads, and the one predicted
     if keep or n_slabs <= window:
         everything = ids.ravel().tolist()
         return Plan([Wave(everything, [], []), Wave([], everything, [])], n, None)
-    slab = [np.take(ids, s, axis=axis).ravel().tolist() for s in range(n_slabs)]
+    slab = [np.take(ids, range(s * thickness, min((s + 1) * thickness, grid[axis])), axis=axis).ravel().tolist()
+            for s in range(n_slabs)]
     waves, stored, peak = [], 0, 0
     clustered = freed = 0  # slabs clustered (deleted) so far: always a prefix
     for w in range(n_slabs + reach + 1):
@@ -83,7 +92,7 @@ def slab_plan(grid: tuple[int, ...], block: tuple[int, ...], halo: tuple[int, ..
         waves.append(Wave(predict, todo, free))
         if clustered == n_slabs:
             break
-    return Plan(waves, peak, axis)
+    return Plan(waves, peak, axis, thickness)
 
 
 # -- the execution --------------------------------------------------------------------------------
@@ -106,6 +115,11 @@ def client(workers: int, scheduler: str | None):
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
                            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
     return Client(cluster)
+
+
+def threads(client_) -> int:
+    """Worker threads of the cluster (0 in this process: blocks run one after another, no wave waits)."""
+    return 0 if client_ is None else max(1, sum(client_.nthreads().values()))
 
 
 def close(client_, scheduler: str | None) -> None:
