@@ -55,19 +55,24 @@ def oracle_outputs(labels: np.ndarray, noise: float = 0.0, seed: int = 0) -> np.
     return np.concatenate([emb, fg])
 
 
-@pytest.fixture(scope="module")
-def oracle(tmp_path_factory):
-    """(root, labels): a config-only model folder ``root/model``, the image ``root/img.zarr``."""
-    root = tmp_path_factory.mktemp("oracle")
-    img, lab = synthetic_cells(SHAPE, radius=(6, 10), seed=1)
+def oracle_stack(root: Path, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """A config-only model folder ``root/model`` and synthetic cells ``root/img.zarr``; their labels."""
+    img, lab = synthetic_cells(shape, radius=(6, 10), seed=seed)
     config = {"format": FORMAT, "version": 1, "method": "spoco", "offsets": default_offsets(3),
               "loss": {"delta_var": 0.5, "delta_dist": 2.0}, "object_area_median": 40, "foreground": {"c": 1.0},
               "normalization": {"low": 1.0, "high": 99.8}, "scale": {"zoom": 1.0},
               "network": {**OraclePredictor.config, "in_channels": 1}}
     (root / "model").mkdir()
     (root / "model" / "config.json").write_text(json.dumps(config))
-    z = zarr.create_array(str(root / "img.zarr"), shape=SHAPE, chunks=(8, 32, 32), dtype=img.dtype)
-    z[:] = img
+    zarr.create_array(str(root / "img.zarr"), shape=shape, chunks=(8, 32, 32), dtype=img.dtype)[:] = img
+    return lab
+
+
+@pytest.fixture(scope="module")
+def oracle(tmp_path_factory):
+    """(root, labels): a config-only model folder ``root/model``, the image ``root/img.zarr``."""
+    root = tmp_path_factory.mktemp("oracle")
+    lab = oracle_stack(root, SHAPE, seed=1)
     return root, lab
 
 
@@ -244,14 +249,7 @@ LONG = (16, 64, 224)  # 14 blocks of 16 x 32 x 32: 7 slabs along x, 2 blocks eac
 @pytest.fixture(scope="module")
 def long_stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("long")
-    img, lab = synthetic_cells(LONG, radius=(6, 10), seed=2)
-    config = {"format": FORMAT, "version": 1, "method": "spoco", "offsets": default_offsets(3),
-              "loss": {"delta_var": 0.5, "delta_dist": 2.0}, "object_area_median": 40, "foreground": {"c": 1.0},
-              "normalization": {"low": 1.0, "high": 99.8}, "scale": {"zoom": 1.0},
-              "network": {**OraclePredictor.config, "in_channels": 1}}
-    (root / "model").mkdir()
-    (root / "model" / "config.json").write_text(json.dumps(config))
-    zarr.create_array(str(root / "img.zarr"), shape=LONG, chunks=(8, 32, 32), dtype=img.dtype)[:] = img
+    lab = oracle_stack(root, LONG, seed=2)
     np.save(root / "outputs.npy", oracle_outputs(lab, noise=0.1, seed=4))
     return root, lab
 
