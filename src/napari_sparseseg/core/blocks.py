@@ -320,15 +320,16 @@ def predict_block(job: Job, i: int) -> dict:
 
 
 def free_prediction(job: Job, ids: list[int]) -> None:
-    """Delete the stored prediction of blocks ``ids`` (no clustering reads it any more): zarr drops
-    a chunk written with nothing but its fill value."""
+    """Delete the stored prediction of blocks ``ids`` (no clustering reads it any more): each block
+    is one file of the store (a shard), removed as zarr names it; reading it gives zeros after."""
     import zarr
 
     if not ids:
         return
-    arr = zarr.open_array(str(job.path("prediction.zarr")), mode="r+", config={"write_empty_chunks": False})
+    root = job.path("prediction.zarr")
+    meta = zarr.open_array(str(root), mode="r").metadata
     for i in ids:
-        arr[(slice(None),) + block_region(i, job.scaled, job.block)] = 0
+        (root / meta.encode_chunk_key((0, *np.unravel_index(i, grid(job.scaled, job.block))))).unlink(missing_ok=True)
 
 
 def read_prediction(job: Job, region: tuple[slice, ...]):
