@@ -16,8 +16,9 @@ default is small enough for a quick run on a laptop CPU.
 
 Long runs can be stopped and continued: with ``--tmp DIR`` the stack written before is reused and
 ``sparseseg segment`` resumes at its first unfinished block; each run's seconds and peaks so far
-are kept in ``DIR/peaks-<size>-<workers>.json`` (every 10 s), so the parts of a run can be added up. ``--keep-work`` runs the same segmentation keeping every
-block's prediction (the whole store), to compare the work folder's peak with the slab-by-slab default.
+are kept in ``DIR/peaks-<size>-<workers>.json`` (every 10 s), so the parts of a run can be added up.
+``--keep-work`` runs the same segmentation keeping every block's prediction (the whole store), to
+compare the work folder's peak with the slab-by-slab default.
 """
 
 from __future__ import annotations

@@ -49,8 +49,7 @@ def main() -> None:
         data = zarr.open_array(str(tmp / "work" / "prediction.zarr"))[:]
         if res.zoom != 1.0 or data.shape[1:] != crop.shape:
             raise SystemExit(f"the model zooms this stack ({res.zoom:g}): give a stack at the model's scale")
-        offsets = read_config(args.model).get("offsets") or [[1, 1, 1]]
-        halo = tuple(max(abs(o[a]) for o in offsets) for a in range(3))
+        halo = B.cluster_halo(read_config(args.model), 3)
         inner = B.block_region(13, data.shape[1:], block)
         region = (slice(None),) + B.grow(inner, halo, data.shape[1:])
         n = data.shape[0]

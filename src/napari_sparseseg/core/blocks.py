@@ -201,6 +201,12 @@ def block_region(i: int, shape, block) -> tuple[slice, ...]:
     return tuple(slice(int(k) * b, min((int(k) + 1) * b, s)) for k, b, s in zip(idx, block, shape))
 
 
+def cluster_halo(config: dict, ndim: int) -> tuple[int, ...]:
+    """The halo a block's clustering reads per axis: the model's longest offset along it (at least 1)."""
+    offsets = config.get("offsets") or []
+    return tuple(max([abs(o[a]) for o in offsets] + [1]) for a in range(ndim))
+
+
 def inner_chunks(block: tuple[int, ...]) -> tuple[int, ...]:
     """The prediction store's inner chunk per axis: the smallest divisor of the block's length that
     reaches :data:`INNER_FRACTION` of it (or :data:`INNER_MAX`), so that the chunks tile the shard."""

@@ -91,8 +91,9 @@ def check_scratch(job: Job, n_channels: int, at_once: int, rolling: bool) -> Non
     channels, compressed as :data:`STORE_KEPT`; at most ``at_once`` blocks stored at once where
     slabs are deleted as they are clustered, :mod:`.schedule`) must fit the free space of the work
     folder's disk, else a clear error instead of a disk that fills part way through."""
+    done = {p.stem for p in job.path("done", "predict").glob("*.json")}
     left = [int(np.prod([r.stop - r.start for r in B.block_region(i, job.scaled, job.block)]))
-            for i in range(job.n_blocks()) if B.done(job, "predict", i) is None]
+            for i in range(job.n_blocks()) if str(i) not in done]
     voxels = sum(sorted(left, reverse=True)[:at_once])
     need, free = voxels * n_channels * 2 * STORE_KEPT, free_bytes(Path(job.work))
     if free < need:
@@ -257,8 +258,7 @@ def segment_blockwise(
     block = tuple(min(b, s) for b, s in zip(block, scaled))
     predictor = predictor or ModelPredictor(model, device, precision)
     thr = fg_threshold if fg_threshold is not None else foreground_threshold(config)
-    offsets = config.get("offsets") or []
-    halo = tuple(max([abs(o[a]) for o in offsets] + [1]) for a in range(ndim))
+    halo = B.cluster_halo(config, ndim)
     cluster_overrides = dict(overrides, background=background, min_size=0, agreement=0)
     _, opts = resolve(config, "mws", zoom, z_zoom, background=background, min_size=user_min, max_size=user_max)
     job = Job(volume, str(work), predictor, bounds.tolist(), zoom, block, config, method, cluster_overrides, thr,
@@ -274,8 +274,8 @@ def segment_blockwise(
         # "auto" decides the clustering once for the stack, from the foreground of every block, or of a
         # slab's worth of blocks spread over it when the prediction of every block is never stored at once
         decide = method == "auto" and background == "foreground" and thr is not None
-        sample = sorted({int(round(v)) for v in np.linspace(0, len(ids) - 1, len(plan.waves[0].predict))})
-        sample = sample if decide and plan.rolling else []
+        sample = sorted({int(round(v)) for v in np.linspace(0, len(ids) - 1, len(plan.waves[0].predict))}
+                        ) if decide and plan.rolling else []
         check_scratch(job, n_channels, plan.peak_blocks + len(sample), plan.rolling)
         _make_array(work / "prediction.zarr", (n_channels, *scaled), (n_channels, *B.inner_chunks(block)), "float16",
                     shards=(n_channels, *block))
@@ -343,7 +343,7 @@ def _normalized_spread(volume: Volume, bounds: np.ndarray) -> list[float]:
     return (np.maximum(spread, 1e-6) / np.maximum(np.diff(np.asarray(bounds), axis=1)[:, 0], 1e-6)).tolist()
 
 
-# -- execution ------------------------------------------------------------------------------------
+# -- output ---------------------------------------------------------------------------------------
 def _ome_axes(image: Path, level: int, ndim: int) -> tuple[list, list] | None:
     """The spatial axes and scale of the OME-Zarr image ``image`` at ``level``, or None."""
     import zarr

@@ -21,12 +21,12 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .blocks import ProgressFn
 from .errors import SparseSegError
 
 #: how long to try to reach a dask scheduler given by its address
 CONNECT_TIMEOUT = "30s"
 
-ProgressFn = Callable[[str, int, int], None]
 #: a slab holds at least this many blocks per worker thread: each wave then keeps every worker busy
 #: (a wave ends when its slowest block does; more blocks per wave, less waiting at its end)
 TASKS_PER_THREAD = 4
