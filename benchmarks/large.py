@@ -16,7 +16,9 @@ default is small enough for a quick run on a laptop CPU.
 
 Long runs can be stopped and continued: with ``--tmp DIR`` the stack written before is reused and
 ``sparseseg segment`` resumes at its first unfinished block; each run's seconds and peaks so far
-are kept in ``DIR/peaks-<size>-<workers>.json`` (every 10 s), so the parts of a run can be added up.
+are kept in ``DIR/peaks-<size>-<workers>.json`` (every 10 s, with the current memory and disk once a minute);
+a resumed run keeps the earlier parts there and its table row adds them up (seconds summed, peaks the
+highest of any part).
 ``--keep-work`` runs the same segmentation keeping every block's prediction (the whole store), to
 compare the work folder's peak with the slab-by-slab default.
 """
@@ -102,8 +104,16 @@ def run(cmd: list[str], env: dict, record: Path | None = None, work: Path | None
     (proportional set sizes summed: every page counted once, what the tree occupies) and
     ``largest`` (the RSS of its largest process). With ``record``, the seconds and peaks so far are
     written there every 10 s, so a run stopped part way (and resumed later) still has its figures.
-    With ``work`` (the run's work folder), ``disk`` is the most it held, measured every 10 s."""
-    t0 = last = time.perf_counter()
+    With ``work`` (the run's work folder), ``disk`` is the most it held, measured every 10 s. Once a
+    minute the current values are appended to ``series`` (seconds, rss, pss, largest, disk), to see
+    whether memory stays flat over a long run. A ``record`` left by an earlier part of the same run
+    (stopped, then resumed) is kept under ``parts`` and counted in the returned figures."""
+    parts = []
+    if record is not None and record.exists():
+        old = json.loads(record.read_text())
+        parts = [*old.pop("parts", []), old]
+    t0 = last = minute = time.perf_counter()
+    series: list[list[float]] = []
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     root = psutil.Process(proc.pid)
     peaks = {"rss": 0, "pss": 0, "largest": 0, "disk": 0}
@@ -122,15 +132,26 @@ def run(cmd: list[str], env: dict, record: Path | None = None, work: Path | None
             peaks[k] = max(peaks[k], v)
         if time.perf_counter() - last > 10:
             last = time.perf_counter()
-            if work is not None:
-                peaks["disk"] = max(peaks["disk"], disk_bytes(work))
+            disk = disk_bytes(work) if work is not None else 0
+            peaks["disk"] = max(peaks["disk"], disk)
+            if last - minute > 60:
+                minute = last
+                series.append([round(last - t0, 1), rss, pss, largest, disk])
             if record is not None:
-                record.write_text(json.dumps({"cmd": cmd, "seconds": last - t0, **peaks}))
+                tmp = record.with_suffix(".tmp")  # replaced whole: a run killed mid-write keeps the last record
+                tmp.write_text(json.dumps({"cmd": cmd, "seconds": last - t0, **peaks, "series": series,
+                                           "parts": parts}))
+                os.replace(tmp, record)
         time.sleep(0.2)
     out = proc.stdout.read()
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{out}")
-    return time.perf_counter() - t0, peaks, out
+    seconds = time.perf_counter() - t0 + sum(part["seconds"] for part in parts)
+    for part in parts:
+        peaks = {k: max(v, part.get(k, 0)) for k, v in peaks.items()}
+    if parts:
+        print(f"{len(parts) + 1} parts: seconds and peaks over all of them")
+    return seconds, peaks, out
 
 
 def main() -> None:

@@ -129,6 +129,39 @@ def test_the_free_space_check_counts_the_slabs_stored_at_once(long_stack, tmp_pa
     segment_blockwise(root / "model", root / "img.zarr", tmp_path / "seg.zarr", work=tmp_path / "w", **kw)
 
 
+def test_a_resumed_run_counts_the_slabs_already_stored_as_space_it_holds(long_stack, tmp_path, monkeypatch):
+    """A run stopped with a few slabs stored needs only the blocks beyond those: the 4 GiB benchmark,
+    resumed with 32 GiB of its slabs on a disk of 37 GiB free, was refused for 43 GiB more."""
+    import napari_sparseseg.core.blockwise as BW
+
+    root, _ = long_stack
+    block = 16 * 32 * 32 * 7 * 2 * BW.STORE_KEPT  # bytes per block: 7 float16 channels
+    kw = dict(method="mws", block_shape=(16, 32, 32), work=tmp_path / "w")
+    monkeypatch.setattr(BW, "free_bytes", lambda path: int(8.5 * block))  # 4 slabs of 2 blocks at most
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        segment_blockwise(root / "model", root / "img.zarr", tmp_path / "seg.zarr",
+                          predictor=OraclePredictor(root / "outputs.npy", tmp_path / "calls", fail_after=9), **kw)
+    held = stored_blocks(tmp_path / "w")
+    assert 4 <= held < 8, held
+    # what the disk has free now, less than 8 blocks, more than the blocks still to be stored
+    monkeypatch.setattr(BW, "free_bytes", lambda path: int((8.5 - held) * block))
+    res = segment_blockwise(root / "model", root / "img.zarr", tmp_path / "seg.zarr",
+                            predictor=OraclePredictor(root / "outputs.npy"), **kw)
+    assert res.blocks == 14
+    # and a disk that cannot take the blocks still to be stored is refused, naming both figures
+    monkeypatch.setattr(BW, "free_bytes", lambda path: int(8.5 * block))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        segment_blockwise(root / "model", root / "img.zarr", tmp_path / "seg2.zarr",
+                          predictor=OraclePredictor(root / "outputs.npy", tmp_path / "calls2", fail_after=9), **kw)
+    held = stored_blocks(tmp_path / "w")
+    monkeypatch.setattr(BW, "free_bytes", lambda path: int((7.5 - held) * block))
+    with pytest.raises(SparseSegError, match=rf"needs about .* more \(7 float16 channels per voxel at the model's "
+                                             rf"scale, 0\.1 M voxels stored at once, a few slabs of blocks, "
+                                             rf"{held * 16 * 32 * 32 / 1e6:.1f} M of them stored already\)"):
+        segment_blockwise(root / "model", root / "img.zarr", tmp_path / "seg2.zarr",
+                          predictor=OraclePredictor(root / "outputs.npy"), **kw)
+
+
 def test_auto_decides_from_blocks_spread_over_the_stack_when_slabs_are_deleted(long_stack, tmp_path, monkeypatch):
     """With slabs deleted as they go, "auto" reads the foreground of a slab's worth of blocks spread
     over the stack before it clusters any: a stack the head calls foreground but for a few columns

@@ -325,17 +325,29 @@ def predict_block(job: Job, i: int) -> dict:
     return info
 
 
+def _shard_files(job: Job, ids) -> dict[int, Path]:
+    """The file of each block of ``ids`` in the prediction store (a shard per block), as zarr names it."""
+    import zarr
+
+    root = job.path("prediction.zarr")
+    meta = zarr.open_array(str(root), mode="r").metadata
+    return {i: root / meta.encode_chunk_key((0, *np.unravel_index(i, grid(job.scaled, job.block)))) for i in ids}
+
+
 def free_prediction(job: Job, ids: list[int]) -> None:
     """Delete the stored prediction of blocks ``ids`` (no clustering reads it any more): each block
     is one file of the store (a shard), removed as zarr names it; reading it gives zeros after."""
-    import zarr
-
     if not ids:
         return
-    root = job.path("prediction.zarr")
-    meta = zarr.open_array(str(root), mode="r").metadata
-    for i in ids:
-        (root / meta.encode_chunk_key((0, *np.unravel_index(i, grid(job.scaled, job.block))))).unlink(missing_ok=True)
+    for path in _shard_files(job, ids).values():
+        path.unlink(missing_ok=True)
+
+
+def stored(job: Job) -> list[int]:
+    """The blocks whose prediction the store holds now (predicted, not deleted); none before it exists."""
+    if not job.path("prediction.zarr", "zarr.json").exists():
+        return []
+    return [i for i, path in _shard_files(job, range(job.n_blocks())).items() if path.exists()]
 
 
 def read_prediction(job: Job, region: tuple[slice, ...]):

@@ -86,23 +86,32 @@ def _size(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 / 10 else f"{n / 2**20:.1f} MiB"
 
 
-def check_scratch(job: Job, n_channels: int, at_once: int, rolling: bool) -> None:
-    """Before any block: the prediction store's blocks not yet predicted (``n_channels`` float16
-    channels, compressed as :data:`STORE_KEPT`; at most ``at_once`` blocks stored at once where
-    slabs are deleted as they are clustered, :mod:`.schedule`) must fit the free space of the work
-    folder's disk, else a clear error instead of a disk that fills part way through."""
+def check_scratch(job: Job, n_channels: int, plan: S.Plan, sample: list[int]) -> None:
+    """Before any block: the most the prediction store will hold at once (``n_channels`` float16
+    channels, compressed as :data:`STORE_KEPT`; the blocks ``sample`` first, then ``plan``'s waves,
+    :mod:`.schedule`), less the blocks it holds already (a resumed run), must fit the free space of
+    the work folder's disk, else a clear error instead of a disk that fills part way through."""
     done = {p.stem for p in job.path("done", "predict").glob("*.json")}
-    left = [int(np.prod([r.stop - r.start for r in B.block_region(i, job.scaled, job.block)]))
-            for i in range(job.n_blocks()) if str(i) not in done]
-    voxels = sum(sorted(left, reverse=True)[:at_once])
-    need, free = voxels * n_channels * 2 * STORE_KEPT, free_bytes(Path(job.work))
+    size = [int(np.prod([r.stop - r.start for r in B.block_region(i, job.scaled, job.block)]))
+            for i in range(job.n_blocks())]
+    held = set(B.stored(job))
+    now = set(held) | {i for i in sample if str(i) not in done}
+    peak = sum(size[i] for i in now)
+    for wave in plan.waves:
+        now |= {i for i in wave.predict if str(i) not in done}
+        peak = max(peak, sum(size[i] for i in now))
+        now -= set(wave.free)
+    stored_now = sum(size[i] for i in held)
+    need, free = (peak - stored_now) * n_channels * 2 * STORE_KEPT, free_bytes(Path(job.work))
     if free < need:
-        what = "stored at once, a few slabs of blocks" if rolling else "left"
+        what = (f"{peak / 1e6:.1f} M voxels stored at once, a few slabs of blocks"
+                + (f", {stored_now / 1e6:.1f} M of them stored already" if stored_now else "")
+                if plan.rolling else f"{(peak - stored_now) / 1e6:.1f} M voxels left")
         raise SparseSegError(
             f"{job.work}: the prediction store needs about {_size(need)} more ({n_channels} float16 channels per voxel "
-            f"at the model's scale, {voxels / 1e6:.1f} M voxels {what}), but only {_size(free)} are free there; "
-            "free space, give a work folder on a larger disk (--work DIR, on storage every worker sees; work= in "
-            "Python) or segment a coarser resolution level (--level)")
+            f"at the model's scale, {what}), but only {_size(free)} are free there; free space, give a work folder on "
+            "a larger disk (--work DIR, on storage every worker sees; work= in Python) or segment a coarser "
+            "resolution level (--level)")
 
 
 def _zoom(model_path: str, config: dict, volume: Volume, bounds, diameter: float | None, device: str) -> float:
@@ -276,7 +285,7 @@ def segment_blockwise(
         decide = method == "auto" and background == "foreground" and thr is not None
         sample = sorted({int(round(v)) for v in np.linspace(0, len(ids) - 1, len(plan.waves[0].predict))}
                         ) if decide and plan.rolling else []
-        check_scratch(job, n_channels, plan.peak_blocks + len(sample), plan.rolling)
+        check_scratch(job, n_channels, plan, sample)
         _make_array(work / "prediction.zarr", (n_channels, *scaled), (n_channels, *B.inner_chunks(block)), "float16",
                     shards=(n_channels, *block))
         _make_array(work / "fragments.zarr", scaled, block, "uint32")
