@@ -95,7 +95,7 @@ def check_scratch(job: Job, n_channels: int, plan: S.Plan, sample: list[int]) ->
     size = [int(np.prod([r.stop - r.start for r in B.block_region(i, job.scaled, job.block)]))
             for i in range(job.n_blocks())]
     held = set(B.stored(job))
-    now = set(held) | {i for i in sample if str(i) not in done}
+    now = held | {i for i in sample if str(i) not in done}
     peak = sum(size[i] for i in now)
     for wave in plan.waves:
         now |= {i for i in wave.predict if str(i) not in done}
