@@ -39,6 +39,35 @@ import numpy as np
 import psutil
 
 GEN_BLOCK = (32, 256, 256)
+#: how many synthetic blocks the stack is made of (flipped at random)
+POOL = 2
+
+
+def stack_shape(size_gib: float) -> tuple[int, int, int]:
+    """The (z, y, x) shape, y = x, of a uint8 stack of about ``size_gib`` GiB."""
+    voxels = size_gib * 2**30
+    yx = int(min(2048, max(128, round((voxels / 64) ** 0.5 / 64) * 64)))
+    return max(16, int(round(voxels / yx / yx))), yx, yx
+
+
+def stack_plan(shape: tuple[int, ...], seed: int = 0) -> list[tuple[tuple[slice, ...], int, tuple[slice, ...]]]:
+    """What :func:`make_stack` puts in each block of :data:`GEN_BLOCK` (C order): the block's
+    region, which of the :data:`POOL` synthetic blocks fills it and the flips applied to that."""
+    rng = np.random.default_rng(seed)
+    grid = [range(0, s, b) for s, b in zip(shape, GEN_BLOCK)]
+    plan = []
+    for corner in ((a, b, c) for a in grid[0] for b in grid[1] for c in grid[2]):
+        region = tuple(slice(o, min(o + g, s)) for o, g, s in zip(corner, GEN_BLOCK, shape))
+        k = int(rng.integers(POOL))
+        plan.append((region, k, tuple(slice(None, None, -1) if rng.random() < 0.5 else slice(None) for _ in range(3))))
+    return plan
+
+
+def stack_pool(seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The synthetic blocks (image, labels) the stack is made of."""
+    from napari_sparseseg.core.samples import synthetic_cells
+
+    return [synthetic_cells(GEN_BLOCK, radius=(6.0, 10.0), seed=seed + k) for k in range(POOL)]
 
 
 def make_stack(path: Path, size_gib: float, seed: int = 0, labels: Path | None = None,
@@ -48,24 +77,15 @@ def make_stack(path: Path, size_gib: float, seed: int = 0, labels: Path | None =
     ``labels``, a label zarr of the same shape with ``painted`` objects of the first block."""
     import zarr
 
-    from napari_sparseseg.core.samples import synthetic_cells
-
-    voxels = size_gib * 2**30
-    yx = int(min(2048, max(128, round((voxels / 64) ** 0.5 / 64) * 64)))
-    z = max(16, int(round(voxels / yx / yx)))
-    shape = (z, yx, yx)
+    shape = stack_shape(size_gib)
     done = path / "complete.json"  # written last: a stack (and labels) from an earlier run, whole
     if done.exists() and json.loads(done.read_text()) == {"shape": list(shape), "seed": seed,
                                                           "labels": str(labels), "painted": painted}:
         return shape
     arr = zarr.create_array(str(path), shape=shape, chunks=(32, 128, 128), dtype="uint8", overwrite=True)
-    rng = np.random.default_rng(seed)
-    pool = [synthetic_cells(GEN_BLOCK, radius=(6.0, 10.0), seed=seed + k) for k in range(2)]
-    grid = [range(0, s, b) for s, b in zip(shape, GEN_BLOCK)]
-    for i, (a, b, c) in enumerate((a, b, c) for a in grid[0] for b in grid[1] for c in grid[2]):
-        region = tuple(slice(o, min(o + g, s)) for o, g, s in zip((a, b, c), GEN_BLOCK, shape))
-        img, gt = pool[int(rng.integers(len(pool)))]
-        flips = tuple(slice(None, None, -1) if rng.random() < 0.5 else slice(None) for _ in range(3))
+    pool = stack_pool(seed)
+    for i, (region, k, flips) in enumerate(stack_plan(shape, seed)):
+        img, gt = pool[k]
         crop = tuple(slice(0, r.stop - r.start) for r in region)
         arr[region] = img[flips][crop]
         if labels is not None and i == 0:

@@ -369,8 +369,6 @@ def read_prediction(job: Job, region: tuple[slice, ...]):
 
 def cluster_block(job: Job, i: int) -> dict:
     """Step 2 for block ``i``: cluster it with its halo; returns (and records) its fragment count."""
-    import zarr
-
     from .checkpoint import Model
     from .agglomeration import image_share
     from .segment import Embedded, cluster, drop_faint_segments, keep_dropped
@@ -394,6 +392,16 @@ def cluster_block(job: Job, i: int) -> dict:
         pred.image_spread = np.asarray(job.image_spread, np.float64)
         seg = keep_dropped(model, pred, seg, job.rescue, give_way=job.min_size, **job.overrides)
         seg = drop_faint_segments(model, pred, seg, job.faint)
+    return store_fragments(job, i, seg, inner, outer)
+
+
+def store_fragments(job: Job, i: int, seg: np.ndarray, inner: tuple[slice, ...], outer: tuple[slice, ...]) -> dict:
+    """Record the segmentation ``seg`` of block ``i``'s region ``outer`` (the block ``inner`` with its
+    halo) as the block's fragments: local ids in ``fragments.zarr``, sizes and face bands in
+    ``blocks/<i>.npz``, the ``cluster`` marker. Returns (and records) the fragment count."""
+    import zarr
+
+    full = job.scaled
     inside = local(inner, outer)
     # ids present inside the block first (1..n): those are the block's fragments; ids met only in
     # the halo follow (n+1..) and take part in no merge
