@@ -32,6 +32,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from large import GEN_BLOCK, make_stack, run, stack_plan, stack_pool, tiny_model  # noqa: E402
 
+#: the output regions :func:`check` compares with the truth
+REGION = (48, 128, 128)
 #: ids of one generated block's objects are offset by its index times this (a pool block has fewer)
 ID_STRIDE = 1024
 
@@ -40,7 +42,7 @@ class Truth:
     """The true labels of any region of the stack :func:`large.make_stack` writes, from its plan."""
 
     def __init__(self, shape: tuple[int, ...], seed: int = 0):
-        self.shape, self.plan = shape, stack_plan(shape, seed)
+        self.plan = stack_plan(shape, seed)
         self.pool = [gt.astype(np.int64) for _, gt in stack_pool(seed)]
         if max(int(gt.max()) for gt in self.pool) >= ID_STRIDE:
             raise SystemExit(f"a synthetic block has {ID_STRIDE} objects or more; raise ID_STRIDE")
@@ -62,8 +64,8 @@ class Truth:
 _state: dict = {}
 
 
-def _init(job, shape, seed):
-    _state.update(job=job, truth=Truth(shape, seed))
+def _init(job, truth: Truth):
+    _state.update(job=job, truth=truth)
 
 
 def _fill(i: int) -> int:
@@ -76,12 +78,12 @@ def _fill(i: int) -> int:
     inner = B.block_region(i, job.scaled, job.block)
     outer = B.grow(inner, job.cluster_halo, job.scaled)
     B.store_fragments(job, i, truth(outer).astype(np.uint32), inner, outer)
-    B._mark(job, "predict", i, {"voxels": int(np.prod([r.stop - r.start for r in inner])), "foreground": 0})
+    B.mark(job, "predict", i, {"voxels": int(np.prod([r.stop - r.start for r in inner])), "foreground": 0})
     return i
 
 
 def check(out: Path, truth: Truth, n: int, seed: int = 1) -> tuple[int, int]:
-    """(exact, n): of ``n`` random 48 x 128 x 128 regions of the output, how many hold exactly the
+    """(exact, n): of ``n`` random :data:`REGION` regions of the output, how many hold exactly the
     true objects (one output id per true id and the other way round, background the same)."""
     import zarr
 
@@ -89,8 +91,8 @@ def check(out: Path, truth: Truth, n: int, seed: int = 1) -> tuple[int, int]:
     rng = np.random.default_rng(seed)
     exact = 0
     for _ in range(n):
-        corner = [int(rng.integers(0, max(1, s - b + 1))) for s, b in zip(arr.shape, (48, 128, 128))]
-        region = tuple(slice(c, min(c + b, s)) for c, b, s in zip(corner, (48, 128, 128), arr.shape))
+        corner = [int(rng.integers(0, max(1, s - b + 1))) for s, b in zip(arr.shape, REGION)]
+        region = tuple(slice(c, min(c + b, s)) for c, b, s in zip(corner, REGION, arr.shape))
         a, t = np.asarray(arr[region], np.int64).ravel(), truth(region).ravel()
         if np.array_equal(a > 0, t > 0):
             pairs = np.unique(np.stack([a[a > 0], t[t > 0]]), axis=1).shape[1]
@@ -135,8 +137,9 @@ def main() -> None:
 
         work.mkdir(parents=True, exist_ok=True)
         zarr.create_array(str(work / "fragments.zarr"), shape=shape, chunks=BLOCK[3], dtype="uint32", fill_value=0)
+    truth = Truth(shape, args.seed)  # the synthetic blocks are slow to make: once, for the fill and the check
     t, ids = time.perf_counter(), list(range(job.n_blocks()))
-    with Pool(args.fill_processes, initializer=_init, initargs=(job, shape, args.seed)) as pool:
+    with Pool(args.fill_processes, initializer=_init, initargs=(job, truth)) as pool:
         for k, _ in enumerate(pool.imap_unordered(_fill, ids, chunksize=8), 1):
             if k % 500 == 0 or k == len(ids):
                 print(f"true fragments of {k} / {len(ids)} blocks recorded", flush=True)
@@ -151,7 +154,7 @@ def main() -> None:
     record = tmp / f"peaks-stitch-{args.size_gib:g}-{args.workers}.json"
     record.unlink(missing_ok=True)  # a short run: no earlier part to add up
     secs, peak, log = run(cmd, env, record, work)
-    exact, tried = check(out, Truth(shape, args.seed), args.check)
+    exact, tried = check(out, truth, args.check)
     print("\n| stack | blocks | fragments | seconds (stitch + write) | peak RSS (GiB) | peak PSS (GiB) "
           "| largest process (GiB) | regions equal to the truth |")
     print("|---|---|---|---|---|---|---|---|")

@@ -281,7 +281,8 @@ def _marker(job: Job, stage: str, i: int) -> Path:
     return job.path("done", stage, f"{i}.json")
 
 
-def _mark(job: Job, stage: str, i: int, info: dict) -> None:
+def mark(job: Job, stage: str, i: int, info: dict) -> None:
+    """Record that block ``i`` finished ``stage`` with ``info`` (written whole: a crash leaves none or all)."""
     path = _marker(job, stage, i)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -321,7 +322,7 @@ def predict_block(job: Job, i: int) -> dict:
     zarr.open_array(str(job.path("prediction.zarr")), mode="r+")[(slice(None),) + inner] = out
     n_fg = 0 if fg is None or job.fg_threshold is None else int(np.count_nonzero(fg >= job.fg_threshold))
     info = {"voxels": int(np.prod(out.shape[1:])), "foreground": n_fg}
-    _mark(job, "predict", i, info)
+    mark(job, "predict", i, info)
     return info
 
 
@@ -428,7 +429,7 @@ def store_fragments(job: Job, i: int, seg: np.ndarray, inner: tuple[slice, ...],
     np.savez_compressed(tmp, sizes=sizes.astype(np.int64), **faces)
     os.replace(tmp, path)
     info = {"fragments": int(ids_in.size)}
-    _mark(job, "cluster", i, info)
+    mark(job, "cluster", i, info)
     return info
 
 
@@ -486,5 +487,5 @@ def write_block(job: Job, out: str, i: int, lookup: np.ndarray | None = None) ->
     arr = zarr.open_array(out, mode="r+")
     arr[region] = labels.astype(arr.dtype)
     info = {"objects": int(np.unique(labels[labels > 0]).size)}
-    _mark(job, "write", i, info)
+    mark(job, "write", i, info)
     return info
